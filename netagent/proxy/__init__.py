@@ -1,0 +1,1 @@
+"""kube-proxy replacement: one service model, interchangeable kernel backends."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: every test works in network namespaces it creates, named with a unique
+prefix, and removes them even when it fails. The host's root namespace is never touched."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from netagent import netns
+
+TEST_PREFIX = "nt"  # every test netns starts with this; a leftover one fails the session
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() != 0:
+        raise pytest.UsageError("netagent tests create network namespaces: run them as root")
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A short unique name prefix for this test (interface names are limited to 15 chars)."""
+    return f"{TEST_PREFIX}{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def make_netns(prefix: str) -> Iterator[Callable[[str], str]]:
+    """make_netns('node') creates netns '<prefix>-node' and returns its name; all removed after."""
+    created: list[str] = []
+
+    def make(suffix: str) -> str:
+        name = f"{prefix}-{suffix}"
+        netns.create(name)
+        created.append(name)
+        return name
+
+    yield make
+    for name in reversed(created):
+        netns.delete(name)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is not None:  # only the controlling process, after every worker finished
+        return
+    leftovers = netns.names(TEST_PREFIX)
+    if leftovers:
+        for name in leftovers:
+            netns.delete(name)
+        print(f"\nLEFTOVER NETNS (a test did not clean up): {leftovers}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
