@@ -176,7 +176,8 @@ CHECKS: tuple[Check, ...] = (
 )
 
 
-def run_checks(checks: tuple[Check, ...] = CHECKS) -> list[Outcome]:
+def run_checks(checks: tuple[Check, ...] | None = None) -> list[Outcome]:
+    checks = CHECKS if checks is None else checks
     scratch = f"na-doctor-{secrets.token_hex(3)}"
     try:
         netns.create(scratch)
