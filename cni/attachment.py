@@ -1,0 +1,121 @@
+"""ADD, DEL and CHECK of one attachment: a (container id, ifname) pair plugged into the bridge.
+
+ADD keeps an undo list of what it created and unwinds it on any failure, so a failed ADD leaves no
+veth, no pod address and no allocation behind. DEL needs neither the pod netns nor the node state:
+the host veth name is derived from the attachment key and deleting it removes the pod end too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from cni import errors, ipam, links, masq
+from cni.config import NetConf, Network, Request
+from cni.errors import CniError
+from cni.result import POD, add_result
+
+log = logging.getLogger(__name__)
+
+
+def add(request: Request, network: Network) -> dict[str, Any]:
+    conf = network.conf
+    store = ipam.Store(conf.data_dir, conf.name)
+    host_name = links.host_veth_name(request.container_id, request.ifname)
+    undo: list[Callable[[], object]] = []
+    with links.pod_iproute(request.netns) as (pod_ipr, pod_ns_fd), links.node_iproute() as node_ipr:
+        if links.find(pod_ipr, request.ifname) is not None:
+            raise CniError(errors.KERNEL_FAILURE, f"{request.ifname} already exists in {request.netns}")
+        try:
+            addresses = store.allocate(request.owner, network.ranges)
+            undo.append(lambda: store.release(request.owner))
+            gateways = [(r.gateway, r.subnet.prefixlen) for r in network.ranges]
+            bridge = links.ensure_bridge(node_ipr, conf.bridge, network.mtu, gateways)
+            links.enable_forwarding([r.subnet for r in network.ranges])
+            links.delete(node_ipr, host_name)  # the leftover of an ADD killed half-way, if any
+            alias = links.network_alias(conf.name)
+            host = links.create_veth(node_ipr, host_name, request.ifname, pod_ns_fd, network.mtu, alias)
+            undo.append(lambda: links.delete(node_ipr, host_name))
+            links.plug_into_bridge(node_ipr, host, bridge, conf.hairpin)
+            pod = links.configure_pod_interface(
+                pod_ipr,
+                request.ifname,
+                [(a, r.subnet.prefixlen) for a, r in zip(addresses, network.ranges, strict=True)],
+                [r.gateway for r in network.ranges],
+            )
+            if conf.ip_masq:
+                masq.apply(conf.name, [r.subnet for r in network.ranges], list(network.cluster_cidrs))
+        except BaseException:
+            _unwind(undo)
+            raise
+    return add_result(
+        conf.cni_version, bridge, host, pod, request.netns, network.mtu, addresses, network.ranges
+    )
+
+
+def delete(request: Request, conf: NetConf) -> None:
+    with links.node_iproute() as node_ipr:
+        links.delete(node_ipr, links.host_veth_name(request.container_id, request.ifname))
+    ipam.Store(conf.data_dir, conf.name).release(request.owner)
+
+
+def check(request: Request, conf: NetConf) -> None:
+    """Fail with CHECK_FAILED when the attachment drifted from prevResult."""
+    prev = conf.prev_result
+    if prev is None:
+        raise CniError(errors.INVALID_CONFIG, "CHECK needs prevResult in the network config")
+    interfaces = prev.get("interfaces", [])
+    expected_ips = [ip["address"] for ip in prev.get("ips", []) if _points_to(ip, interfaces, request)]
+    host_name = links.host_veth_name(request.container_id, request.ifname)
+    with links.pod_iproute(request.netns) as (pod_ipr, _), links.node_iproute() as node_ipr:
+        pod = links.find(pod_ipr, request.ifname)
+        if pod is None:
+            _drift(f"{request.ifname} is missing from {request.netns}")
+        for interface in interfaces:
+            if interface.get("name") == request.ifname and interface.get("mac") not in (None, pod.mac):
+                _drift(f"{request.ifname} has MAC {pod.mac}, prevResult says {interface['mac']}")
+        present = links.addresses_of(pod_ipr, pod.index)
+        for address in expected_ips:
+            if _normalized(address) not in present:
+                _drift(f"address {address} is missing from {request.ifname}")
+        routes = links.routes_of(pod_ipr, pod.index)
+        for route in prev.get("routes", []):
+            wanted = (str(ipaddress.ip_network(route["dst"], strict=False)), route.get("gw"))
+            if wanted not in routes and (wanted[0], None) not in routes:
+                _drift(f"route to {route['dst']} via {route.get('gw')} is missing")
+        host = links.find(node_ipr, host_name)
+        bridge = links.find(node_ipr, conf.bridge)
+        if host is None or bridge is None:
+            _drift(f"host veth {host_name} or bridge {conf.bridge} is missing")
+        if node_ipr.get_links(host.index)[0].get_attr("IFLA_MASTER") != bridge.index:
+            _drift(f"host veth {host_name} is not attached to {conf.bridge}")
+    store = ipam.Store(conf.data_dir, conf.name)
+    with store.locked():
+        held = {str(a) for a, owner in store.allocations().items() if owner == request.owner}
+    for address in expected_ips:
+        if address.split("/")[0] not in held:
+            _drift(f"address {address} is no longer allocated to this attachment")
+
+
+def _points_to(ip: dict[str, Any], interfaces: list[dict[str, Any]], request: Request) -> bool:
+    index = ip.get("interface", POD)
+    return 0 <= index < len(interfaces) and interfaces[index].get("name") == request.ifname
+
+
+def _normalized(cidr: str) -> str:
+    interface = ipaddress.ip_interface(cidr)
+    return f"{interface.ip}/{interface.network.prefixlen}"
+
+
+def _drift(msg: str) -> NoReturn:
+    raise CniError(errors.CHECK_FAILED, msg)
+
+
+def _unwind(undo: list[Callable[[], object]]) -> None:
+    for step in reversed(undo):
+        try:
+            step()
+        except Exception:  # keep unwinding: the original error is the one the runtime must see
+            log.exception("rollback step failed")
