@@ -1,0 +1,259 @@
+"""`netagent run`: the per-node agent process (what a DaemonSet pod runs).
+
+Startup order matters: the node lock first (a second agent must not touch anything), then the
+health/metrics endpoints, the CNI service (pods on this node need it even before the first sync),
+then the controllers. STATE_DIR/ready appears once every controller finished its first sync.
+Stopping (SIGTERM/SIGINT) stops the controllers and removes only the ready marker: kernel state is
+left in place on purpose, so a restarting agent never blips traffic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from netagent import nodestate
+from netagent.files import atomic_write
+from netagent.health import HealthServer, MetricsServer, SyncTracker
+from netagent.lock import AgentLock, LockHeldError
+
+log = logging.getLogger("netagent.agent")
+
+NETWORK_MODES = ("vxlan", "routes", "none")
+PROXY_BACKENDS = ("none", "iptables", "nftables", "ipvs", "ebpf")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    state_dir: str = nodestate.DEFAULT_STATE_DIR
+    kubeconfig: str | None = None
+    standalone: bool = False
+    pod_cidrs: tuple[str, ...] = ()
+    network: str = "vxlan"
+    underlay_iface: str | None = None
+    vxlan_vni: int = 1
+    vxlan_port: int = 4789
+    cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",)
+    service_cidr: str = "10.96.0.0/16"
+    proxy: str = "none"
+    healthz_bind: str = "0.0.0.0:10256"
+    metrics_bind: str = "127.0.0.1:10249"
+    min_sync_period: float = 1.0
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.state_dir, "agent.lock")
+
+    @property
+    def node_state_path(self) -> str:
+        return os.path.join(self.state_dir, "node.json")
+
+    @property
+    def cni_socket_path(self) -> str:
+        return os.path.join(self.state_dir, "cni.sock")
+
+    @property
+    def ready_path(self) -> str:
+        return os.path.join(self.state_dir, "ready")
+
+
+class Agent:
+    """Owns the agent's parts and their lifetime; run() blocks until stop() or a signal."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stopping = threading.Event()
+        self._lock = AgentLock(config.lock_path)
+        self._registry = _new_registry()
+        self.tracker = SyncTracker(self._registry)
+        self._stoppables: list[Any] = []  # started parts, stopped in reverse order
+
+    def run(self) -> None:
+        """Raises LockHeldError / OSError / ValueError with a user-facing message on startup failure."""
+        cfg = self.config
+        self._lock.acquire()
+        log.info("node %s: holding %s (pid %d)", cfg.node_name, cfg.lock_path, os.getpid())
+        try:
+            self._remove_ready_marker()
+            self._start_endpoints()
+            self._start_cni_service()
+            if cfg.standalone:
+                self._write_standalone_node_state()
+            else:
+                self._start_controllers()
+            self._wait_until_ready()
+            self.stopping.wait()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _start_endpoints(self) -> None:
+        cfg = self.config
+        if cfg.healthz_bind:
+            server = HealthServer(cfg.healthz_bind, self.tracker)
+            server.start()
+            self._stoppables.append(server)
+            log.info("healthz listening on %s", cfg.healthz_bind)
+        if cfg.metrics_bind:
+            metrics = MetricsServer(cfg.metrics_bind, self._registry)
+            metrics.start()
+            self._stoppables.append(metrics)
+            log.info("metrics listening on %s", cfg.metrics_bind)
+
+    def _start_cni_service(self) -> None:
+        try:
+            from netagent.cni_service import CniService
+        except ImportError:  # the CNI fast path is optional: the plugin falls back to in-process work
+            log.warning("CNI service not available in this build; the plugin will run standalone")
+            return
+        service = CniService(self.config.cni_socket_path)
+        service.start()
+        self._stoppables.append(service)
+        log.info("CNI service listening on %s", self.config.cni_socket_path)
+
+    def _write_standalone_node_state(self) -> None:
+        """No API server: pod CIDRs come from flags, no other nodes to reach, MTU = underlay MTU."""
+        cfg = self.config
+        self.tracker.expect("node")
+        state = nodestate.NodeState(
+            node_name=cfg.node_name,
+            pod_cidrs=cfg.pod_cidrs,
+            mtu=_standalone_mtu(cfg.underlay_iface),
+            cluster_cidrs=cfg.cluster_cidrs,
+        )
+        nodestate.write(state, cfg.node_state_path)
+        self.tracker.synced("node", 0.0)
+        log.info("standalone: wrote %s (pod CIDRs %s, MTU %d)", cfg.node_state_path,
+                 ",".join(state.pod_cidrs), state.mtu)
+
+    def _start_controllers(self) -> None:
+        raise NotImplementedError("API server mode is not implemented yet; use --standalone")
+
+    def _wait_until_ready(self) -> None:
+        while not self.stopping.is_set():
+            if self.tracker.ready():
+                atomic_write(self.config.ready_path, f"{os.getpid()}\n")
+                log.info("ready: first sync done, wrote %s", self.config.ready_path)
+                return
+            self.stopping.wait(0.05)
+
+    def _remove_ready_marker(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.ready_path)
+
+    def _shutdown(self) -> None:
+        self._remove_ready_marker()
+        for part in reversed(self._stoppables):
+            try:
+                part.stop()
+            except Exception:  # one part failing to stop must not keep the others running
+                log.exception("stopping %s failed", type(part).__name__)
+        self._stoppables.clear()
+        self._lock.release()
+        log.info("stopped; kernel state left in place")
+
+
+def _new_registry():
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry()
+
+
+def _standalone_mtu(underlay_iface: str | None) -> int:
+    from netagent.node_network import underlay_mtu
+
+    return underlay_mtu(underlay_iface)
+
+
+def _parse_pod_cidrs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    networks = [_parse_cidr(value, param) for value in values]
+    families = [net.version for net in networks]
+    if len(families) != len(set(families)):
+        raise click.BadParameter("give at most one IPv4 and one IPv6 pod CIDR", param=param)
+    return tuple(str(net) for net in networks)
+
+
+def _parse_cidrs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(str(_parse_cidr(value, param)) for value in values)
+
+
+def _parse_cidr(value: str, param: click.Parameter) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a network CIDR ({exc})", param=param) from None
+
+
+def _default_node_name() -> str:
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+@click.command("run")
+@click.option("--node-name", default=_default_node_name, show_default="$NODE_NAME or hostname",
+              help="This node's name (its Node object).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="Kubeconfig file [default: in-cluster config when KUBERNETES_SERVICE_HOST is set, "
+                   "else ~/.kube/config].")
+@click.option("--standalone", is_flag=True, help="Run without an API server (node state from flags).")
+@click.option("--pod-cidr", "pod_cidrs", multiple=True, callback=_parse_pod_cidrs,
+              help="Pod CIDR of this node in --standalone mode (repeat for dual-stack).")
+@click.option("--state-dir", default=nodestate.DEFAULT_STATE_DIR, show_default=True,
+              help="Holds node.json, cni.sock, agent.lock and the ready marker.")
+@click.option("--network", type=click.Choice(NETWORK_MODES), default="vxlan", show_default=True,
+              help="How pods on other nodes are reached.")
+@click.option("--underlay-iface", default=None,
+              help="Interface towards other nodes [default: the one holding the node IP / default route].")
+@click.option("--vxlan-vni", type=click.IntRange(1, 2**24 - 1), default=1, show_default=True)
+@click.option("--vxlan-port", type=click.IntRange(1, 65535), default=4789, show_default=True)
+@click.option("--cluster-cidr", "cluster_cidrs", multiple=True, callback=_parse_cidrs,
+              default=("10.244.0.0/16",), show_default=True, help="Pod network of the cluster (repeatable).")
+@click.option("--service-cidr", default="10.96.0.0/16", show_default=True)
+@click.option("--proxy", type=click.Choice(PROXY_BACKENDS), default="none", show_default=True,
+              help="kube-proxy replacement backend.")
+@click.option("--healthz-bind", default="0.0.0.0:10256", show_default=True,
+              help="HOST:PORT for /healthz ('' disables).")
+@click.option("--metrics-bind", default="127.0.0.1:10249", show_default=True,
+              help="HOST:PORT for /metrics ('' disables).")
+@click.option("--min-sync-period", type=click.FloatRange(0.0), default=1.0, show_default=True,
+              help="Seconds between two syncs of one controller (bursts are coalesced).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs: tuple[str, ...],
+            state_dir: str, network: str, underlay_iface: str | None, vxlan_vni: int, vxlan_port: int,
+            cluster_cidrs: tuple[str, ...], service_cidr: str, proxy: str, healthz_bind: str,
+            metrics_bind: str, min_sync_period: float, log_level: str) -> None:
+    """Run the node agent: node networking, CNI service and (optionally) the service proxy."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if standalone and not pod_cidrs:
+        raise click.UsageError("--standalone needs at least one --pod-cidr")
+    if not standalone and pod_cidrs:
+        raise click.UsageError("--pod-cidr is only used with --standalone (otherwise the Node's podCIDRs)")
+    _parse_cidr(service_cidr, click.Option(["--service-cidr"]))
+    config = AgentConfig(
+        node_name=node_name, state_dir=state_dir, kubeconfig=kubeconfig, standalone=standalone,
+        pod_cidrs=pod_cidrs, network=network, underlay_iface=underlay_iface, vxlan_vni=vxlan_vni,
+        vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, service_cidr=service_cidr, proxy=proxy,
+        healthz_bind=healthz_bind, metrics_bind=metrics_bind, min_sync_period=min_sync_period,
+    )
+    agent = Agent(config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: agent.stop())
+    try:
+        agent.run()
+    except LockHeldError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        log.debug("startup failed", exc_info=True)
+        raise click.ClickException(f"agent failed: {exc}") from None
