@@ -1,0 +1,268 @@
+"""A lab cluster's life: `up` builds underlay, nodes, API server and agents; `down` removes it all.
+
+`up` records every step in lab.json before taking it, and on any failure (including Ctrl-C) runs
+`down` itself, so a failed `up` leaves nothing behind. `down` does not depend on lab.json being
+complete either: it sweeps by name (the lab's netns, processes inside them or naming the lab's
+directory), so even an `up` killed with SIGKILL half-way is cleaned up completely.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from netns_lab import processes, topology
+from netns_lab.processes import ProcRef
+from netns_lab.state import Lab, LabError, LabState, NodeInfo
+
+from netagent import netns
+
+CLUSTER_CIDR = ipaddress.ip_network("10.244.0.0/16")
+SERVICE_CIDR = "10.96.0.0/16"
+API_PORT = 6443
+HEALTHZ_PORT = 10256
+METRICS_PORT = 10249
+NETWORKS = ("vxlan", "routes")
+PROXIES = ("none", "iptables", "nftables", "ipvs", "ebpf")
+DEFAULT_TIMEOUT = 90.0
+LOG_TAIL_LINES = 25
+
+Progress = Callable[[str], None]
+
+
+def _python_module(module: str, *args: str) -> list[str]:
+    """argv running one of our modules with this interpreter (works without the venv on PATH)."""
+    return [sys.executable, "-m", module, *args]
+
+
+def node_pod_cidr(index: int) -> str:
+    return str(list(CLUSTER_CIDR.subnets(new_prefix=24))[index])
+
+
+def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
+       timeout: float = DEFAULT_TIMEOUT, progress: Progress = print) -> LabState:
+    """Build the whole lab and return once every agent reported ready; on failure, leave nothing."""
+    lab = Lab(name)
+    if not 1 <= nodes <= topology.MAX_NODES:
+        raise LabError(f"--nodes must be between 1 and {topology.MAX_NODES}")
+    if lab.exists() or any(lab.owns_netns(n) for n in netns.names(f"{name}-")):
+        raise LabError(f"lab {name!r} already exists: run `netagent lab down --name {name}` first")
+    started = time.monotonic()
+    try:
+        state = _build(lab, nodes, network, proxy, timeout, progress)
+    except BaseException as e:
+        reason = str(e) if isinstance(e, LabError) else f"interrupted ({type(e).__name__})"
+        progress(f"lab up failed: {reason}")
+        progress("cleaning up")
+        down(name, progress=lambda _msg: None)
+        raise
+    progress(f"lab {name!r} ready: {nodes} nodes, network {network}, proxy {proxy} "
+             f"({time.monotonic() - started:.1f}s)")
+    return state
+
+
+def _build(lab: Lab, count: int, network: str, proxy: str, timeout: float, progress: Progress) -> LabState:
+    os.makedirs(lab.dir, exist_ok=True)
+    state = LabState(name=lab.name, network=network, proxy=proxy)
+    for index in range(1, count + 1):
+        node = f"n{index}"
+        state.nodes[node] = NodeInfo(name=node, netns=lab.node_netns(node), ip=topology.node_ip(index),
+                                     pod_cidr=node_pod_cidr(index), dir=lab.node_dir(node))
+    lab.save(state)
+
+    progress(f"underlay: netns {lab.underlay_netns}, bridge {topology.UNDERLAY_BRIDGE} "
+             f"{topology.UNDERLAY_GATEWAY}/{topology.UNDERLAY.prefixlen}")
+    topology.create_underlay(lab.underlay_netns)
+    for node in state.nodes.values():
+        topology.attach_node(lab.underlay_netns, node.netns, f"v{node.name}", node.ip)
+        progress(f"node {node.name}: netns {node.netns}, eth0 {node.ip}, podCIDR {node.pod_cidr}")
+
+    _start_apiserver(lab, state, timeout)
+    lab.save(state)
+    progress(f"API server: {state.api_url} (agents: {state.api_internal_url}); kubeconfig {lab.kubeconfig}")
+
+    from netns_lab import kube  # the kubernetes client costs ~0.3 s to import: only when needed
+
+    api = kube.connect(lab.kubeconfig)
+    for node in state.nodes.values():
+        kube.create_node(api, node.name, node.ip, node.pod_cidr)
+    _install_cni(state)
+    progress(f"CNI plugin installed on {', '.join(state.nodes)}")
+
+    for node in state.nodes.values():
+        node.agent = _start_agent(state, node)
+        node.responder = processes.spawn(
+            netns.exec_argv(node.netns, _python_module("netns_lab.responder", "--name", node.name)),
+            os.path.join(node.dir, "responder.log"))
+        lab.save(state)
+    progress(f"agents started (network {network}, proxy {proxy}); waiting for them to be ready")
+    _wait_for_agents(state, timeout, progress)
+    state.phase = "ready"
+    lab.save(state)
+    return state
+
+
+def _start_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
+    from netns_lab.apiserver import write_kubeconfig
+
+    argv = _python_module(
+        "netns_lab.apiserver", "--data", lab.api_data, "--listen", "127.0.0.1:0",
+        "--listen-netns", f"{lab.underlay_netns}={topology.UNDERLAY_GATEWAY}:{API_PORT}",
+        "--service-cidr", SERVICE_CIDR, "--ready-file", lab.api_ready,
+    )
+    state.apiserver = processes.spawn(argv, lab.api_log)
+    lab.save(state)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(lab.api_ready):
+        if not state.apiserver.alive():
+            raise LabError(f"the API server exited:\n{log_tail(lab.api_log)}")
+        if time.monotonic() > deadline:
+            raise LabError(f"the API server was not ready within {timeout:.0f}s:\n{log_tail(lab.api_log)}")
+        time.sleep(0.05)
+    state.api_url = _read_api_url(lab.api_ready)
+    state.api_internal_url = f"http://{topology.UNDERLAY_GATEWAY}:{API_PORT}"
+    write_kubeconfig(lab.kubeconfig, state.api_url)
+    for node in state.nodes.values():
+        write_kubeconfig(node.kubeconfig, state.api_internal_url)
+
+
+def _read_api_url(ready_file: str) -> str:
+    """The host-side URL the API server wrote into its ready file (its first listen address)."""
+    with open(ready_file) as f:
+        text = f.read().strip()
+    first = text.split()[0] if text else ""
+    if not first:
+        raise LabError(f"the API server's ready file {ready_file} is empty")
+    return first if first.startswith("http") else f"http://{first}"
+
+
+def _install_cni(state: LabState) -> None:
+    """`netagent install-cni` into each node's own dirs, all nodes at once."""
+    running = []
+    for node in state.nodes.values():
+        argv = _python_module(
+            "netagent.cli", "install-cni", "--bin-dir", node.cni_bin_dir, "--conf-dir", node.cni_conf_dir,
+            "--state-dir", node.state_dir, "--data-dir", node.ipam_dir, "--cluster-cidr", str(CLUSTER_CIDR),
+        )
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        running.append((node, proc))
+    failures = []
+    for node, proc in running:
+        output, _ = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"install-cni on {node.name} failed:\n{output.strip()}")
+    if failures:
+        raise LabError("\n".join(failures))
+
+
+def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
+    os.makedirs(node.state_dir, exist_ok=True)
+    argv = _python_module(
+        "netagent.cli", "run", "--node-name", node.name, "--kubeconfig", node.kubeconfig,
+        "--state-dir", node.state_dir, "--network", state.network, "--underlay-iface", topology.NODE_IFACE,
+        "--cluster-cidr", str(CLUSTER_CIDR), "--service-cidr", SERVICE_CIDR, "--proxy", state.proxy,
+        "--healthz-bind", f"{node.ip}:{HEALTHZ_PORT}", "--metrics-bind", f"{node.ip}:{METRICS_PORT}",
+    )
+    return processes.spawn(netns.exec_argv(node.netns, argv), node.agent_log)
+
+
+def _wait_for_agents(state: LabState, timeout: float, progress: Progress) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = dict(state.nodes)
+    while waiting:
+        for name, node in list(waiting.items()):
+            if os.path.exists(os.path.join(node.state_dir, "ready")):
+                progress(f"agent on {name} ready")
+                del waiting[name]
+            elif node.agent is None or not node.agent.alive():
+                raise LabError(f"the agent on {name} exited; its log ({node.agent_log}):\n"
+                               f"{log_tail(node.agent_log)}")
+        if waiting and time.monotonic() > deadline:
+            node = next(iter(waiting.values()))
+            raise LabError(f"agent(s) on {', '.join(waiting)} not ready within {timeout:.0f}s; "
+                           f"log of {node.name} ({node.agent_log}):\n{log_tail(node.agent_log)}")
+        time.sleep(0.1)
+
+
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError:
+        return "  (no log)"
+    return "".join("  | " + line for line in tail).rstrip() or "  (empty log)"
+
+
+def down(name: str, progress: Progress = print) -> None:
+    """Remove every process, netns and file of lab `name`; fine to run on a partial or absent lab."""
+    lab = Lab(name)
+    lab_netns = [n for n in netns.names(f"{name}-") if lab.owns_netns(n)]
+    recorded = _recorded_processes(lab)
+    for _ in range(5):  # processes may spawn children while being stopped: sweep until none is left
+        found = set(recorded) | set(_lab_processes(lab, lab_netns))
+        recorded = []
+        if not found:
+            break
+        processes.stop(found)
+    else:
+        raise LabError(f"processes of lab {name!r} keep reappearing; not removing its namespaces")
+    # Pods first: their veth peers live in the nodes, whose links go with them; the underlay last.
+    for ns_name in sorted(lab_netns, key=lambda n: (not n.startswith(f"{name}-p-"), n.endswith("-ul"), n)):
+        netns.delete(ns_name)
+    shutil.rmtree(lab.dir, ignore_errors=True)
+    progress(f"lab {name!r} removed ({len(lab_netns)} namespaces, {len(found)} processes)")
+
+
+def _recorded_processes(lab: Lab) -> list[ProcRef]:
+    try:
+        state = lab.load()
+    except (LabError, ValueError, KeyError, TypeError):  # absent, or torn by a killed `up`
+        return []
+    refs = [state.apiserver] + [p for n in state.nodes.values() for p in (n.agent, n.responder)]
+    refs += [pod.server for pod in state.pods.values()]
+    return [r for r in refs if r is not None]
+
+
+def _lab_processes(lab: Lab, lab_netns: list[str]) -> list[ProcRef]:
+    """Processes living in one of the lab's netns, or naming the lab's directory on their command line."""
+    inodes = set()
+    for ns_name in lab_netns:
+        st = os.stat(netns.path(ns_name))
+        inodes.add((st.st_dev, st.st_ino))
+    marker = lab.dir + "/"
+
+    def belongs(pid: int) -> bool:
+        if processes.netns_inode(pid) in inodes:
+            return True
+        return any(marker in arg or arg == lab.dir for arg in processes.cmdline(pid))
+
+    return processes.find(belongs)
+
+
+@dataclass(frozen=True)
+class AgentHealth:
+    node: str
+    running: bool
+    ready: bool
+    healthz: str
+
+
+def agent_health(state: LabState) -> list[AgentHealth]:
+    from netns_lab import probe
+
+    health = []
+    for node in state.nodes.values():
+        running = node.agent is not None and node.agent.alive()
+        try:
+            answer = probe.http_get(node.netns, node.ip, HEALTHZ_PORT, "/healthz", timeout=1.0)
+        except OSError as e:
+            answer = f"unreachable ({e.strerror or type(e).__name__})"
+        ready = os.path.exists(os.path.join(node.state_dir, "ready"))
+        health.append(AgentHealth(node.name, running, ready, answer))
+    return health

@@ -1,0 +1,186 @@
+"""The lab's side of the Kubernetes API, always through the official `kubernetes` client.
+
+The lab plays the parts a real cluster's control plane and kubelets play: node IPAM (a Node with its
+podCIDR), the kubelet's pod status (podIP, Ready), and `kubectl apply` for Services and
+EndpointSlices. Bodies are plain dicts in the API's own JSON shape, so a manifest passes through as
+written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.rest import ApiException
+from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
+from netns_lab.state import LabError, PodInfo
+
+NAMESPACE = "default"
+
+
+def connect(kubeconfig: str) -> k8s.ApiClient:
+    return k8s_config.new_client_from_config(config_file=kubeconfig)
+
+
+def api_error(e: ApiException) -> LabError:
+    return LabError(f"API server: {e.status} {e.reason}: {(e.body or '').strip()[:300]}")
+
+
+def create_node(api: k8s.ApiClient, name: str, address: str, pod_cidr: str) -> None:
+    """Register a Node the way node IPAM and the kubelet leave it: podCIDR, InternalIP, Ready."""
+    body = {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+        },
+    }
+    core = k8s.CoreV1Api(api)
+    try:
+        created = core.create_node(body)
+        if not created.status or not created.status.addresses:  # an API server that ignores status on create
+            body["metadata"]["resourceVersion"] = created.metadata.resource_version
+            core.replace_node_status(name, body)
+    except ApiException as e:
+        raise api_error(e) from None
+
+
+def register_pod(api: k8s.ApiClient, pod: PodInfo, host_ip: str) -> None:
+    """Create the Pod object the kubelet would report for a running, ready pod."""
+    body = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": NAMESPACE, "labels": dict(pod.labels)},
+        "spec": {
+            "nodeName": pod.node,
+            "containers": [{
+                "name": "responder", "image": "netagent-lab/responder",
+                "ports": [{"name": "http", "containerPort": RESPONDER_PORT, "protocol": "TCP"},
+                          {"name": "udp", "containerPort": RESPONDER_PORT, "protocol": "UDP"}],
+            }],
+        },
+        "status": {
+            "phase": "Running", "hostIP": host_ip,
+            "podIP": pod.ips[0], "podIPs": [{"ip": ip} for ip in pod.ips],
+            "conditions": [{"type": "Ready", "status": "True"},
+                           {"type": "ContainersReady", "status": "True"}],
+        },
+    }
+    core = k8s.CoreV1Api(api)
+    try:
+        created = core.create_namespaced_pod(NAMESPACE, body)
+        if not created.status or not created.status.pod_ip:
+            body["metadata"]["resourceVersion"] = created.metadata.resource_version
+            core.replace_namespaced_pod_status(pod.name, NAMESPACE, body)
+    except ApiException as e:
+        raise api_error(e) from None
+
+
+def delete_pod(api: k8s.ApiClient, name: str) -> None:
+    try:
+        k8s.CoreV1Api(api).delete_namespaced_pod(name, NAMESPACE)
+    except ApiException as e:
+        if e.status != 404:
+            raise api_error(e) from None
+
+
+def apply(api: k8s.ApiClient, docs: Iterable[dict]) -> list[str]:
+    """Create or replace each Service / EndpointSlice; returns one line per object for the user."""
+    applied = []
+    for doc in docs:
+        if not isinstance(doc, dict) or "metadata" not in doc or "name" not in (doc["metadata"] or {}):
+            raise LabError("every manifest needs metadata.name")
+        kind = (doc.get("apiVersion"), doc.get("kind"))
+        if kind == ("v1", "Service"):
+            applied.append(_apply_service(api, doc))
+        elif kind == ("discovery.k8s.io/v1", "EndpointSlice"):
+            applied.append(_apply_endpointslice(api, doc))
+        else:
+            raise LabError(f"unsupported manifest {kind[0]}/{kind[1]}: the lab applies v1 Service and "
+                           "discovery.k8s.io/v1 EndpointSlice")
+    return applied
+
+
+def _apply_service(api: k8s.ApiClient, doc: dict) -> str:
+    core = k8s.CoreV1Api(api)
+    name, namespace = doc["metadata"]["name"], doc["metadata"].get("namespace", NAMESPACE)
+    try:
+        try:
+            existing = core.read_namespaced_service(name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            svc = core.create_namespaced_service(namespace, doc)
+            return f"service/{name} created (clusterIP {svc.spec.cluster_ip})"
+        body = {**doc, "metadata": {**doc["metadata"], "resourceVersion": existing.metadata.resource_version}}
+        spec = body.setdefault("spec", {})
+        spec.setdefault("clusterIP", existing.spec.cluster_ip)  # immutable, as in a real cluster
+        spec.setdefault("clusterIPs", existing.spec.cluster_ips)
+        svc = core.replace_namespaced_service(name, namespace, body)
+        return f"service/{name} configured (clusterIP {svc.spec.cluster_ip})"
+    except ApiException as e:
+        raise api_error(e) from None
+
+
+def _apply_endpointslice(api: k8s.ApiClient, doc: dict) -> str:
+    discovery = k8s.DiscoveryV1Api(api)
+    name, namespace = doc["metadata"]["name"], doc["metadata"].get("namespace", NAMESPACE)
+    try:
+        try:
+            existing = discovery.read_namespaced_endpoint_slice(name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            discovery.create_namespaced_endpoint_slice(namespace, doc)
+            return f"endpointslice/{name} created"
+        body = {**doc, "metadata": {**doc["metadata"], "resourceVersion": existing.metadata.resource_version}}
+        discovery.replace_namespaced_endpoint_slice(name, namespace, body)
+        return f"endpointslice/{name} configured"
+    except ApiException as e:
+        raise api_error(e) from None
+
+
+@dataclass(frozen=True)
+class ServiceTarget:
+    """One TCP/UDP port of a ClusterIP service and the pod names that back it (ready endpoints)."""
+
+    service: str
+    cluster_ip: str
+    port: int
+    protocol: str
+    backends: frozenset[str]
+
+    @property
+    def label(self) -> str:
+        return f"svc/{self.service}:{self.port}/{self.protocol.lower()}"
+
+
+def service_targets(api: k8s.ApiClient) -> list[ServiceTarget]:
+    """Every IPv4 ClusterIP service port that has at least one ready endpoint backed by a pod."""
+    try:
+        services = k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE).items
+        slices = k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(NAMESPACE).items
+    except ApiException as e:
+        raise api_error(e) from None
+    backends: dict[str, set[str]] = {}
+    for eps in slices:
+        service = (eps.metadata.labels or {}).get("kubernetes.io/service-name")
+        for endpoint in eps.endpoints or []:
+            ready = endpoint.conditions is None or endpoint.conditions.ready is not False
+            if service and ready and endpoint.target_ref and endpoint.target_ref.kind == "Pod":
+                backends.setdefault(service, set()).add(endpoint.target_ref.name)
+    targets = []
+    for svc in services:
+        ip = svc.spec.cluster_ip
+        has_ipv4 = bool(ip) and ip != "None" and ipaddress.ip_address(ip).version == 4
+        if not has_ipv4 or not backends.get(svc.metadata.name):
+            continue
+        for port in svc.spec.ports or []:
+            if port.protocol in ("TCP", "UDP"):
+                targets.append(ServiceTarget(svc.metadata.name, ip, port.port, port.protocol,
+                                             frozenset(backends[svc.metadata.name])))
+    return targets

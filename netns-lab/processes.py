@@ -1,0 +1,124 @@
+"""The lab's background processes: start them detached, find them again, stop them for good.
+
+Every process the lab starts (API server, agents, responders in pods) outlives the command that
+started it, so it is recorded as a ProcRef: pid plus the kernel's start time, which together name one
+process even after pids wrap around. `lab down` does not trust the record alone (an `up` killed
+half-way may not have written it): it also sweeps /proc for anything living in one of the lab's
+network namespaces or naming the lab's directory on its command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProcRef:
+    pid: int
+    start_time: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    @classmethod
+    def from_json(cls, data: dict[str, int]) -> ProcRef:
+        return cls(pid=int(data["pid"]), start_time=int(data["start_time"]))
+
+    def alive(self) -> bool:
+        """True while this very process runs (not a zombie, not a later process reusing the pid)."""
+        stat = _stat_fields(self.pid)
+        return stat is not None and stat[1] != "Z" and int(stat[20]) == self.start_time
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat split after the command name (which may contain spaces): [state, ppid, ...]."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return [text[: text.index(" ")], *text[text.rindex(")") + 2 :].split()]
+
+
+def spawn(argv: Sequence[str], log_path: str, env: dict[str, str] | None = None) -> ProcRef:
+    """Start argv detached (own session, stdin closed, output appended to log_path)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env,
+        )
+    for _ in range(100):  # the start time exists as soon as the kernel created the task
+        stat = _stat_fields(proc.pid)
+        if stat is not None:
+            return ProcRef(proc.pid, int(stat[20]))
+        time.sleep(0.01)
+    raise RuntimeError(f"could not read the start time of {argv[0]} (pid {proc.pid})")
+
+
+def stop(procs: Iterable[ProcRef], grace: float = 3.0) -> None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL whatever is left."""
+    living = [p for p in procs if p.alive()]
+    for p in living:
+        _signal(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while living and time.monotonic() < deadline:
+        time.sleep(0.05)
+        living = [p for p in living if p.alive()]
+    for p in living:
+        _signal(p.pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while living and time.monotonic() < deadline:
+        time.sleep(0.02)
+        living = [p for p in living if p.alive()]
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def find(matches: Callable[[int], bool]) -> list[ProcRef]:
+    """Every live process (except this one and its ancestors) for which matches(pid) is true."""
+    spared = _self_and_ancestors()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spared:
+            continue
+        pid = int(entry)
+        stat = _stat_fields(pid)
+        if stat is None or stat[1] == "Z":
+            continue
+        try:
+            if matches(pid):
+                found.append(ProcRef(pid, int(stat[20])))
+        except OSError:  # it exited while we looked
+            continue
+    return found
+
+
+def _self_and_ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        stat = _stat_fields(pid)
+        if stat is None:
+            break
+        pid = int(stat[2])
+    return pids | {1}
+
+
+def netns_inode(pid: int) -> tuple[int, int]:
+    """The identity (device, inode) of the network namespace process `pid` lives in."""
+    st = os.stat(f"/proc/{pid}/ns/net")
+    return (st.st_dev, st.st_ino)
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [arg.decode(errors="replace") for arg in f.read().split(b"\0") if arg]
