@@ -9,6 +9,7 @@ directory), so even an `up` killed with SIGKILL half-way is cleaned up completel
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -57,7 +58,7 @@ def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
     try:
         state = _build(lab, nodes, network, proxy, timeout, progress)
     except BaseException as e:
-        reason = str(e) if isinstance(e, LabError) else f"interrupted ({type(e).__name__})"
+        reason = str(e) if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
         progress(f"lab up failed: {reason}")
         progress("cleaning up")
         down(name, progress=lambda _msg: None)
@@ -133,13 +134,12 @@ def _start_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
 
 
 def _read_api_url(ready_file: str) -> str:
-    """The host-side URL the API server wrote into its ready file (its first listen address)."""
-    with open(ready_file) as f:
-        text = f.read().strip()
-    first = text.split()[0] if text else ""
-    if not first:
-        raise LabError(f"the API server's ready file {ready_file} is empty")
-    return first if first.startswith("http") else f"http://{first}"
+    """The host-side URL from the API server's ready file ({"url": ..., "port": ..., "pid": ...})."""
+    try:
+        with open(ready_file) as f:
+            return json.load(f)["url"]
+    except (OSError, ValueError, KeyError) as e:
+        raise LabError(f"unreadable API server ready file {ready_file}: {e}") from None
 
 
 def _install_cni(state: LabState) -> None:

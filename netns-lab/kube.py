@@ -2,7 +2,8 @@
 
 The lab plays the parts a real cluster's control plane and kubelets play: node IPAM (a Node with its
 podCIDR), the kubelet's pod status (podIP, Ready), and `kubectl apply` for Services and
-EndpointSlices. Bodies are plain dicts in the API's own JSON shape, so a manifest passes through as
+EndpointSlices. The lab API server keeps the status given at create (no kubelet fills it in), so
+one create does it. Bodies are plain dicts in the API's own JSON shape, so a manifest passes through as
 written.
 """
 
@@ -40,12 +41,8 @@ def create_node(api: k8s.ApiClient, name: str, address: str, pod_cidr: str) -> N
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
         },
     }
-    core = k8s.CoreV1Api(api)
     try:
-        created = core.create_node(body)
-        if not created.status or not created.status.addresses:  # an API server that ignores status on create
-            body["metadata"]["resourceVersion"] = created.metadata.resource_version
-            core.replace_node_status(name, body)
+        k8s.CoreV1Api(api).create_node(body)
     except ApiException as e:
         raise api_error(e) from None
 
@@ -70,12 +67,8 @@ def register_pod(api: k8s.ApiClient, pod: PodInfo, host_ip: str) -> None:
                            {"type": "ContainersReady", "status": "True"}],
         },
     }
-    core = k8s.CoreV1Api(api)
     try:
-        created = core.create_namespaced_pod(NAMESPACE, body)
-        if not created.status or not created.status.pod_ip:
-            body["metadata"]["resourceVersion"] = created.metadata.resource_version
-            core.replace_namespaced_pod_status(pod.name, NAMESPACE, body)
+        k8s.CoreV1Api(api).create_namespaced_pod(NAMESPACE, body)
     except ApiException as e:
         raise api_error(e) from None
 
