@@ -1,0 +1,162 @@
+"""What every proxy backend shares: the sync loop (render -> diff -> one transaction) and the
+"what does the kernel hold" view `netagent proxy show` compares with the desired snapshot.
+
+A backend handles ONE IP family; dual-stack nodes run one per family. It runs its kernel tools
+(iptables-restore, nft) in the current netns, or in the named netns when given one (tests, tooling).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from netagent import netns as netns_mod
+from netagent.proxy.model import ServicePort
+from netagent.proxy.ruleset import RuleSet, RuleSetDiff, diff
+
+log = logging.getLogger(__name__)
+
+MASQUERADE_MARK = 0x4000  # the bit kube-proxy also uses: "SNAT this packet on the way out"
+
+
+class SyncError(RuntimeError):
+    """The kernel refused a transaction; nothing of it was applied."""
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    node_name: str
+    cluster_cidrs: tuple[str, ...] = ()  # traffic from outside these is masqueraded to cluster IPs
+
+    def cidrs(self, family: int) -> tuple[str, ...]:
+        return tuple(c for c in self.cluster_cidrs if ipaddress.ip_network(c, strict=False).version == family)
+
+
+@dataclass(frozen=True)
+class ChainFacts:
+    """The parts of a chain that decide where a connection ends up."""
+
+    jumps: tuple[str, ...] = ()
+    dnat_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """Service destinations ("TCP 10.96.0.1:443", "TCP nodeport 30080") -> entry chain, and chains."""
+
+    entries: Mapping[str, str] = field(default_factory=dict)
+    chains: Mapping[str, ChainFacts] = field(default_factory=dict)
+
+    def backends(self) -> dict[str, frozenset[str]]:
+        """Each destination with the endpoint addresses it can be DNATed to."""
+        return {dest: frozenset(self._reachable(chain, set())) for dest, chain in self.entries.items()}
+
+    def _reachable(self, chain: str, seen: set[str]) -> set[str]:
+        if chain in seen or chain not in self.chains:
+            return set()
+        seen.add(chain)
+        facts = self.chains[chain]
+        found = set(facts.dnat_to)
+        for target in facts.jumps:
+            found |= self._reachable(target, seen)
+        return found
+
+
+def destination(protocol: str, ip: str, port: int) -> str:
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"{protocol} {host}:{port}"
+
+
+def nodeport_destination(protocol: str, port: int) -> str:
+    return f"{protocol} nodeport {port}"
+
+
+def expected_backends(ports: Iterable[ServicePort]) -> dict[str, frozenset[str]]:
+    """What KernelView.backends() must equal when the kernel matches the snapshot."""
+    expected: dict[str, frozenset[str]] = {}
+    for p in ports:
+        if p.cluster_endpoints:
+            expected[destination(p.protocol, p.cluster_ip, p.port)] = frozenset(
+                e.address for e in p.cluster_endpoints
+            )
+        external = {e.address for e in p.external_endpoints}
+        if p.external_local:  # pods and the node itself take the cluster path even under eTP Local
+            external |= {e.address for e in p.cluster_endpoints}
+        if not external:
+            continue
+        for ip in p.external_ips:
+            expected[destination(p.protocol, ip, p.port)] = frozenset(external)
+        if p.node_port:
+            expected[nodeport_destination(p.protocol, p.node_port)] = frozenset(external)
+    return expected
+
+
+class Backend(ABC):
+    """Renders ServicePorts of one family into kernel rules and keeps the kernel in step."""
+
+    kind: str
+
+    def __init__(self, node: NodeContext, family: int = 4, netns: str | None = None) -> None:
+        self.node = node
+        self.family = family
+        self.netns = netns
+        self._applied: RuleSet | None = None  # None: unknown, read the kernel before the next sync
+
+    def sync(self, ports: Sequence[ServicePort]) -> RuleSetDiff:
+        """Make the kernel match `ports` in one transaction; returns what changed.
+
+        After a failure the kernel is unchanged (the transaction is atomic) and the next sync starts
+        again from what the kernel really holds.
+        """
+        desired = self.render([p for p in ports if p.family == self.family])
+        current = self._applied if self._applied is not None else self.read_kernel()
+        changes = diff(current, desired)
+        if changes:
+            try:
+                self.apply(self.transaction(current, desired, changes))
+            except SyncError:
+                self._applied = None
+                raise
+        self._applied = desired
+        return changes
+
+    @abstractmethod
+    def render(self, ports: Sequence[ServicePort]) -> RuleSet:
+        """The complete desired RuleSet for these ports (all of this backend's family)."""
+
+    @abstractmethod
+    def read_kernel(self) -> RuleSet:
+        """What the kernel holds now, chain contents None (unknown), objects and elements exact."""
+
+    @abstractmethod
+    def transaction(self, current: RuleSet, desired: RuleSet, changes: RuleSetDiff) -> str:
+        """The text of one atomic kernel transaction turning `current` into `desired`."""
+
+    @abstractmethod
+    def apply(self, transaction: str) -> None:
+        """Run the transaction; raise SyncError if the kernel refused it."""
+
+    @abstractmethod
+    def kernel_view(self) -> KernelView:
+        """The service destinations programmed in the kernel, for `netagent proxy show`."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Remove everything this backend ever created (tests, switching backends)."""
+
+    def run(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
+        """Run a kernel tool here or in self.netns; a failure becomes SyncError with its stderr."""
+        full = netns_mod.exec_argv(self.netns, argv) if self.netns else list(argv)
+        proc = subprocess.run(full, input=stdin, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise SyncError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+        return proc.stdout
+
+
+def balance_probabilities(count: int) -> list[float]:
+    """P(pick i | not picked 0..i-1) for uniform choice over `count` items tried in order."""
+    return [1.0 / (count - i) for i in range(count)]

@@ -1,0 +1,312 @@
+"""nftables backend: one table (`ip netagent` / `ip6 netagent`), verdict maps for O(1) lookup.
+
+  services           daddr . proto . port  vmap @service-ips        -> svc-x (cluster IP) / ext-x
+                     local daddr: proto . port vmap @service-nodeports -> ext-x
+  svc-x / ext-x      same policy as the iptables backend; `numgen random mod N vmap` picks an endpoint
+  sep-x              hairpin masquerade, affinity set update, dnat
+  reject-check       (filter hooks, new connections) destinations in @reject-ips / @reject-nodeports
+                     are rejected: nothing DNATed them, so nothing serves them.
+Session affinity uses one dynamic timeout set of client addresses per endpoint (named by endpoint and
+timeout, so a changed timeout is a new set). Every sync is one `nft -f` transaction: new objects,
+rewritten chains (flush + rules inside the transaction), element changes, then removals.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+
+from netagent.proxy.backend import (
+    MASQUERADE_MARK,
+    Backend,
+    ChainFacts,
+    KernelView,
+    SyncError,
+    destination,
+    nodeport_destination,
+)
+from netagent.proxy.model import Endpoint, ServicePort, short_hash
+from netagent.proxy.ruleset import RuleSet, RuleSetDiff
+
+TABLE = "netagent"
+SERVICE_IPS, SERVICE_NODEPORTS = "service-ips", "service-nodeports"
+REJECT_IPS, REJECT_NODEPORTS = "reject-ips", "reject-nodeports"
+ELEMENT_CONTAINERS = (SERVICE_IPS, SERVICE_NODEPORTS, REJECT_IPS, REJECT_NODEPORTS)
+MARK_MASQ, MASQ_OFF_CLUSTER = "mark-for-masquerade", "masq-off-cluster"
+BASE_CHAINS = {  # name -> base chain spec
+    "nat-prerouting": "type nat hook prerouting priority -100;",
+    "nat-output": "type nat hook output priority -100;",
+    "nat-postrouting": "type nat hook postrouting priority 100;",
+    "filter-input": "type filter hook input priority 0;",
+    "filter-forward": "type filter hook forward priority 0;",
+    "filter-output": "type filter hook output priority 0;",
+}
+
+
+def svc_chain(p: ServicePort) -> str:
+    return f"svc-{p.uid}"
+
+
+def ext_chain(p: ServicePort) -> str:
+    return f"ext-{p.uid}"
+
+
+def sep_chain(p: ServicePort, e: Endpoint) -> str:
+    return f"sep-{p.endpoint_uid(e)}"
+
+
+def affinity_set(p: ServicePort, e: Endpoint) -> str:
+    return f"aff-{short_hash(f'{p.endpoint_uid(e)}/{p.affinity_timeout}')}"
+
+
+class NftablesBackend(Backend):
+    kind = "nftables"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._nf_family = "ip6" if self.family == 6 else "ip"
+        self._addr_type = "ipv6_addr" if self.family == 6 else "ipv4_addr"
+        self._table = f"{self._nf_family} {TABLE}"
+
+    # -- rendering ------------------------------------------------------------------------------
+    def render(self, ports: Sequence[ServicePort]) -> RuleSet:
+        chains = self._fixed_chains()
+        objects = self._fixed_objects()
+        elements: dict[tuple[str, str], str] = {}
+        for p in ports:
+            proto = p.protocol.lower()
+            if p.cluster_endpoints:
+                elements[(SERVICE_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = f"goto {svc_chain(p)}"
+                chains[svc_chain(p)] = (f"jump {MASQ_OFF_CLUSTER}", *self._balance(p, p.cluster_endpoints))
+            else:
+                elements[(REJECT_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = ""
+            external = self._external_chain(p)
+            if external:
+                chains[ext_chain(p)] = external
+            for ip in p.external_ips:
+                if external:
+                    elements[(SERVICE_IPS, f"{ip} . {proto} . {p.port}")] = f"goto {ext_chain(p)}"
+                if not p.external_endpoints:
+                    elements[(REJECT_IPS, f"{ip} . {proto} . {p.port}")] = ""
+            if p.node_port:
+                if external:
+                    elements[(SERVICE_NODEPORTS, f"{proto} . {p.node_port}")] = f"goto {ext_chain(p)}"
+                if not p.external_endpoints:
+                    elements[(REJECT_NODEPORTS, f"{proto} . {p.node_port}")] = ""
+            for e in {*p.cluster_endpoints, *p.external_endpoints}:
+                chains[sep_chain(p, e)] = self._endpoint_chain(p, e)
+                if p.affinity_timeout:
+                    name = affinity_set(p, e)
+                    objects[name] = (
+                        f"set {name} {{ type {self._addr_type}; flags dynamic,timeout; "
+                        f"timeout {p.affinity_timeout}s; }}"
+                    )
+        return RuleSet(chains=chains, objects=objects, elements=elements)
+
+    def _fixed_objects(self) -> dict[str, str]:
+        key = f"{self._addr_type} . inet_proto . inet_service"
+        return {
+            SERVICE_IPS: f"map {SERVICE_IPS} {{ type {key} : verdict; }}",
+            SERVICE_NODEPORTS: f"map {SERVICE_NODEPORTS} {{ type inet_proto . inet_service : verdict; }}",
+            REJECT_IPS: f"set {REJECT_IPS} {{ type {key}; }}",
+            REJECT_NODEPORTS: f"set {REJECT_NODEPORTS} {{ type inet_proto . inet_service; }}",
+        }
+
+    def _fixed_chains(self) -> dict[str, tuple[str, ...]]:
+        ip, mark = self._nf_family, f"{MASQUERADE_MARK:#x}"
+        cidrs = self.node.cidrs(self.family)
+        check_new = ("ct state new jump reject-check",)
+        return {
+            "nat-prerouting": ("jump services",),
+            "nat-output": ("jump services",),
+            "nat-postrouting": (
+                f"meta mark & {mark} == 0 return",
+                f"meta mark set meta mark ^ {mark}",
+                "masquerade fully-random",
+            ),
+            "filter-input": check_new,
+            "filter-forward": check_new,
+            "filter-output": check_new,
+            "services": (
+                f"{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
+                f"fib daddr type local meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
+            ),
+            "reject-check": (
+                f"{ip} daddr . meta l4proto . th dport @{REJECT_IPS} reject",
+                f"fib daddr type local meta l4proto . th dport @{REJECT_NODEPORTS} reject",
+            ),
+            MARK_MASQ: (f"meta mark set meta mark | {mark}",),
+            MASQ_OFF_CLUSTER: (f"{ip} saddr != {{ {', '.join(cidrs)} }} jump {MARK_MASQ}",) if cidrs else (),
+        }
+
+    def _external_chain(self, p: ServicePort) -> tuple[str, ...] | None:
+        """ext-x rules, or None when external traffic has nowhere to go (it is rejected)."""
+        if not p.has_external:
+            return None
+        if not p.external_local:
+            return (
+                (f"jump {MARK_MASQ}", *self._balance(p, p.external_endpoints))
+                if p.external_endpoints
+                else None
+            )
+        rules: list[str] = []
+        cidrs = self.node.cidrs(self.family)
+        if p.cluster_endpoints:  # pods and the node take the cluster path; only outsiders need locality
+            if cidrs:
+                rules.append(f"{self._nf_family} saddr {{ {', '.join(cidrs)} }} goto {svc_chain(p)}")
+            rules += [f"fib saddr type local jump {MARK_MASQ}", f"fib saddr type local goto {svc_chain(p)}"]
+        rules += self._balance(p, p.external_endpoints)
+        return tuple(rules) if p.external_endpoints or p.cluster_endpoints else None
+
+    def _balance(self, p: ServicePort, endpoints: Sequence[Endpoint]) -> list[str]:
+        if not endpoints:
+            return []
+        rules = []
+        if p.affinity_timeout:
+            rules += [
+                f"{self._nf_family} saddr @{affinity_set(p, e)} goto {sep_chain(p, e)}" for e in endpoints
+            ]
+        if len(endpoints) == 1:
+            rules.append(f"goto {sep_chain(p, endpoints[0])}")
+        else:
+            choices = ", ".join(f"{i} : goto {sep_chain(p, e)}" for i, e in enumerate(endpoints))
+            rules.append(f"numgen random mod {len(endpoints)} vmap {{ {choices} }}")
+        return rules
+
+    def _endpoint_chain(self, p: ServicePort, e: Endpoint) -> tuple[str, ...]:
+        ip = self._nf_family
+        rules = [f"{ip} saddr {e.ip} jump {MARK_MASQ}"]  # hairpin: a pod reaching itself
+        if p.affinity_timeout:
+            rules.append(f"update @{affinity_set(p, e)} {{ {ip} saddr }}")
+        rules.append(f"meta l4proto {p.protocol.lower()} dnat to {e.address}")
+        return tuple(rules)
+
+    # -- kernel side ----------------------------------------------------------------------------
+    def _listing(self) -> list[dict]:
+        """The table as nft JSON objects; [] when the table does not exist yet."""
+        argv = ["nft", "-j", "list", "table", self._nf_family, TABLE]
+        try:
+            return json.loads(self.run(argv))["nftables"]
+        except SyncError as err:
+            if "No such file or directory" in str(err):
+                return []
+            raise
+
+    def read_kernel(self) -> RuleSet:
+        chains: dict[str, None] = {}
+        objects: dict[str, str] = {}
+        elements: dict[tuple[str, str], str] = {}
+        for item in self._listing():
+            if "chain" in item:
+                chains[item["chain"]["name"]] = None
+            for kind in ("set", "map"):
+                if kind in item:
+                    obj = item[kind]
+                    objects[obj["name"]] = kind
+                    if obj["name"] in ELEMENT_CONTAINERS:
+                        for elem in obj.get("elem", []):
+                            key, value = elem if kind == "map" else (elem, "")
+                            elements[(obj["name"], _key_text(key))] = _verdict_text(value)
+        return RuleSet(chains=chains, objects=objects, elements=elements)
+
+    def transaction(self, current: RuleSet, desired: RuleSet, changes: RuleSetDiff) -> str:
+        t = self._table
+        lines = [f"add table {t}"]
+        for name in changes.objects.added:
+            kind, declaration = desired.objects[name].split(" ", 1)
+            lines.append(f"add {kind} {t} {declaration}")
+        for name in changes.chains.added:
+            spec = f" {{ {BASE_CHAINS[name]} }}" if name in BASE_CHAINS else ""
+            lines.append(f"add chain {t} {name}{spec}")
+        for name in changes.chains.changed:
+            if name in BASE_CHAINS:
+                lines.append(f"add chain {t} {name} {{ {BASE_CHAINS[name]} }}")
+            lines.append(f"flush chain {t} {name}")
+        for name in (*changes.chains.added, *changes.chains.changed):
+            lines += [f"add rule {t} {name} {rule}" for rule in desired.chains[name] or ()]
+        for container, keys in _grouped((*changes.elements.removed, *changes.elements.changed)):
+            lines.append(f"delete element {t} {container} {{ {', '.join(keys)} }}")
+        for container, keys in _grouped((*changes.elements.added, *changes.elements.changed)):
+            values = [
+                f"{k} : {desired.elements[(container, k)]}" if desired.elements[(container, k)] else k
+                for k in keys
+            ]
+            lines.append(f"add element {t} {container} {{ {', '.join(values)} }}")
+        lines += [f"flush chain {t} {name}" for name in changes.chains.removed]
+        lines += [f"delete chain {t} {name}" for name in changes.chains.removed]
+        lines += [f"delete {current.objects[name].split()[0]} {t} {name}" for name in changes.objects.removed]
+        return "\n".join(lines) + "\n"
+
+    def apply(self, transaction: str) -> None:
+        self.run(["nft", "-f", "-"], stdin=transaction)
+
+    def kernel_view(self) -> KernelView:
+        entries: dict[str, str] = {}
+        chains: dict[str, ChainFacts] = {}
+        rules: dict[str, list[dict]] = {}
+        for item in self._listing():
+            if "map" in item and item["map"]["name"] in (SERVICE_IPS, SERVICE_NODEPORTS):
+                for key, value in item["map"].get("elem", []):
+                    parts = key["concat"]
+                    dest = (
+                        destination(parts[1].upper(), parts[0], int(parts[2]))
+                        if len(parts) == 3
+                        else nodeport_destination(parts[0].upper(), int(parts[1]))
+                    )
+                    entries[dest] = next(iter(value.values()))["target"]
+            elif "chain" in item:
+                rules.setdefault(item["chain"]["name"], [])
+            elif "rule" in item:
+                rules.setdefault(item["rule"]["chain"], []).append(item["rule"])
+        for name, chain_rules in rules.items():
+            found = list(_walk(chain_rules))
+            chains[name] = ChainFacts(
+                jumps=tuple(v["target"] for k, v in found if k in ("jump", "goto")),
+                dnat_to=tuple(_address(v) for k, v in found if k == "dnat"),
+            )
+        return KernelView(entries=entries, chains=chains)
+
+    def cleanup(self) -> None:
+        if self._listing():
+            self.run(["nft", "delete", "table", self._nf_family, TABLE])
+        self._applied = None
+
+
+def _grouped(keys: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    by_container: dict[str, list[str]] = {}
+    for container, key in keys:
+        by_container.setdefault(container, []).append(key)
+    yield from sorted(by_container.items())
+
+
+def _key_text(key: object) -> str:
+    """nft JSON element key -> the text form render() uses ("10.0.0.1 . tcp . 80")."""
+    if isinstance(key, dict) and "concat" in key:
+        return " . ".join(str(part) for part in key["concat"])
+    return str(key)
+
+
+def _verdict_text(value: object) -> str:
+    if isinstance(value, dict):
+        verdict, arg = next(iter(value.items()))
+        return f"{verdict} {arg['target']}" if isinstance(arg, dict) else verdict
+    return ""
+
+
+def _walk(node: object) -> Iterator[tuple[str, dict]]:
+    """Every jump/goto/dnat statement anywhere in nft JSON (including inside verdict maps)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("jump", "goto", "dnat") and isinstance(value, dict):
+                yield key, value
+            else:
+                yield from _walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item)
+
+
+def _address(dnat: dict) -> str:
+    addr = str(dnat.get("addr", ""))
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"{host}:{dnat['port']}" if "port" in dnat else host
