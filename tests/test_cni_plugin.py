@@ -1,0 +1,235 @@
+"""The netagent CNI plugin, driven as a runtime drives it, inside a netns standing in for the node.
+
+Behaviour is proven with real traffic between pod namespaces. Tests marked with the `node` fixture
+run twice: through the exec'd Python plugin and through the compiled shim talking to a CniService.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_cni_support import (
+    CniNode,
+    compile_shim,
+    make_node,
+    ping,
+    running_service,
+    tcp_reaches,
+)
+
+from netagent import netns, nodestate
+
+V4 = "10.77.1.0/24"
+V6 = "fd77:1::/64"
+SMALL_POOL = {"subnet": "10.79.0.0/24", "rangeStart": "10.79.0.10"}
+
+
+@pytest.fixture(params=["exec", "shim"])
+def node(request, make_netns, tmp_path):
+    cni_node = make_node(make_netns, tmp_path)
+    if request.param == "exec":
+        yield cni_node
+        return
+    socket_path = os.path.join(str(tmp_path), "state", "cni.sock")
+    cni_node.plugin = [compile_shim(str(tmp_path), socket_path)]
+    with running_service(cni_node.name, socket_path):
+        yield cni_node
+
+
+@pytest.fixture
+def exec_node(make_netns, tmp_path) -> CniNode:
+    return make_node(make_netns, tmp_path)
+
+
+def test_two_pods_reach_each_other_the_gateway_and_the_node(node, make_netns):
+    conf = node.conf([V4], mtu=1400)
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    result_a = node.add(conf, "ctr-a", pod_a)
+    result_b = node.add(conf, "ctr-b", pod_b)
+    ip_a = result_a["ips"][0]["address"].split("/")[0]
+    ip_b = result_b["ips"][0]["address"].split("/")[0]
+    gateway = result_a["ips"][0]["gateway"]
+
+    assert ip_a != ip_b
+    assert ping(pod_a, ip_b) and ping(pod_b, ip_a)
+    assert ping(pod_a, gateway)
+    assert ping(node.name, ip_a)
+    assert tcp_reaches(pod_a, pod_b, ip_b)
+    assert tcp_reaches(pod_b, node.name, gateway)  # a pod reaches a service bound on the node
+    assert tcp_reaches(node.name, pod_a, ip_a)
+
+
+def test_pod_interface_has_the_configured_mtu_address_and_default_route(node, make_netns):
+    pod = make_netns("a")
+    result = node.add(node.conf([V4], mtu=1400), "ctr-a", pod, ifname="net0")
+
+    link = json.loads(netns.run(pod, ["ip", "-j", "addr", "show", "net0"]).stdout)[0]
+    assert link["mtu"] == 1400
+    assert link["operstate"] == "UP"
+    assert link["address"] == result["interfaces"][2]["mac"]
+    assert {f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if a["family"] == "inet"} == {
+        result["ips"][0]["address"]
+    }
+    routes = json.loads(netns.run(pod, ["ip", "-j", "route", "show", "default"]).stdout)
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("10.77.1.1", "net0")]
+    host_veth = result["interfaces"][1]["name"]
+    host_link = json.loads(netns.run(node.name, ["ip", "-j", "-d", "link", "show", host_veth]).stdout)[0]
+    assert host_link["mtu"] == 1400
+    assert host_link["master"] == "na0"
+    assert host_link["linkinfo"]["info_slave_data"]["hairpin"] is True
+    assert result["cniVersion"] == "1.1.0"
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.77.1.1"}]
+
+
+def test_dual_stack_config_gives_both_families_and_both_work(exec_node, make_netns):
+    conf = exec_node.conf([V4, V6])
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    exec_node.add(conf, "ctr-a", pod_a)
+    result_b = exec_node.add(conf, "ctr-b", pod_b)
+
+    addresses = {ip["address"].split("/")[0] for ip in result_b["ips"]}
+    v4 = next(a for a in addresses if "." in a)
+    v6 = next(a for a in addresses if ":" in a)
+    assert ping(pod_a, v4) and ping(pod_a, v6)
+    assert tcp_reaches(pod_a, pod_b, v4) and tcp_reaches(pod_a, pod_b, v6)
+    assert ping(pod_a, "fd77:1::1")  # the IPv6 gateway on the bridge
+    assert {r["dst"] for r in result_b["routes"]} == {"0.0.0.0/0", "::/0"}
+
+
+def test_without_subnet_pod_cidr_and_mtu_come_from_the_node_state(exec_node, make_netns, tmp_path):
+    state_file = os.path.join(str(tmp_path), "node.json")
+    conf = exec_node.conf(nodeStateFile=state_file)
+    pod = make_netns("a")
+
+    missing = exec_node.call("ADD", conf, "ctr-a", pod)
+    assert missing.code != 0 and missing.result["code"] == 11
+    assert "has not written it" in missing.result["msg"]
+    assert exec_node.allocations() == {} and exec_node.links() == ["lo"]
+
+    nodestate.write(nodestate.NodeState("n1", ("10.88.3.0/24",), 1450), state_file)
+    result = exec_node.add(conf, "ctr-a", pod)
+    assert result["ips"][0]["address"] == "10.88.3.2/24"
+    assert json.loads(netns.run(pod, ["ip", "-j", "link", "show", "eth0"]).stdout)[0]["mtu"] == 1450
+
+
+def test_del_twice_succeeds_and_leaves_nothing(node, make_netns):
+    conf = node.conf([V4])
+    pod = make_netns("a")
+    node.add(conf, "ctr-a", pod)
+
+    for _ in range(2):
+        outcome = node.call("DEL", conf, "ctr-a", pod)
+        assert (outcome.code, outcome.stdout) == (0, b"")
+    assert node.allocations() == {}
+    assert node.links() == ["lo", "na0"]
+
+
+def test_del_after_the_netns_is_gone_releases_the_address(exec_node, make_netns):
+    conf = exec_node.conf([V4])
+    pod = make_netns("a")
+    exec_node.add(conf, "ctr-a", pod)
+    netns.delete(pod)
+
+    outcome = exec_node.call("DEL", conf, "ctr-a", pod)
+    assert outcome.code == 0, outcome
+    assert exec_node.allocations() == {}
+    assert exec_node.links() == ["lo", "na0"]
+
+
+def test_check_passes_on_a_healthy_pod_and_catches_a_removed_route(node, make_netns):
+    pod = make_netns("a")
+    result = node.add(node.conf([V4, V6]), "ctr-a", pod)
+    check_conf = node.conf([V4, V6], prevResult=result)
+
+    assert node.call("CHECK", check_conf, "ctr-a", pod).code == 0
+    netns.run(pod, ["ip", "route", "del", "default"])
+    drift = node.call("CHECK", check_conf, "ctr-a", pod)
+    assert drift.code != 0
+    assert drift.result["code"] == 101 and "0.0.0.0/0" in drift.result["msg"]
+
+
+def test_check_catches_a_removed_address(exec_node, make_netns):
+    pod = make_netns("a")
+    result = exec_node.add(exec_node.conf([V4]), "ctr-a", pod)
+    netns.run(pod, ["ip", "addr", "flush", "dev", "eth0"])
+
+    drift = exec_node.call("CHECK", exec_node.conf([V4], prevResult=result), "ctr-a", pod)
+    assert drift.code != 0 and "address" in drift.result["msg"]
+
+
+def test_gc_removes_exactly_the_attachments_not_listed_as_valid(exec_node, make_netns):
+    conf = exec_node.conf([V4])
+    other_conf = exec_node.conf(["10.78.0.0/24"], name="othernet", bridge="na1")
+    pods = {cid: make_netns(cid) for cid in ("keep", "drop1", "drop2", "other")}
+    for cid in ("keep", "drop1", "drop2"):
+        exec_node.add(conf, cid, pods[cid])
+    exec_node.add(other_conf, "other", pods["other"])
+    before = exec_node.links()
+
+    gc_conf = {**conf, "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]}
+    outcome = exec_node.call("GC", gc_conf)
+
+    assert outcome.code == 0, outcome
+    assert [content.split()[0] for content in exec_node.allocations().values()] == ["keep"]
+    assert [content.split()[0] for content in exec_node.allocations("othernet").values()] == ["other"]
+    assert len(exec_node.links()) == len(before) - 2
+    assert netns.run(pods["keep"], ["ip", "link", "show", "eth0"], check=False).returncode == 0
+    assert netns.run(pods["other"], ["ip", "link", "show", "eth0"], check=False).returncode == 0
+    for dropped in ("drop1", "drop2"):
+        assert netns.run(pods[dropped], ["ip", "link", "show", "eth0"], check=False).returncode != 0
+
+
+def test_status_succeeds_until_the_pool_is_exhausted(exec_node, make_netns):
+    conf = exec_node.conf(ipam={**SMALL_POOL, "rangeEnd": "10.79.0.11"})
+    assert exec_node.call("STATUS", conf).code == 0
+    exec_node.add(conf, "ctr-a", make_netns("a"))
+    assert exec_node.call("STATUS", conf).code == 0
+    exec_node.add(conf, "ctr-b", make_netns("b"))
+
+    status = exec_node.call("STATUS", conf)
+    assert status.code != 0
+    assert status.result["code"] == 50 and "exhausted" in status.result["msg"]
+
+
+def test_status_without_node_state_reports_plugin_not_available(exec_node, tmp_path):
+    status = exec_node.call("STATUS", exec_node.conf(nodeStateFile=str(tmp_path / "absent.json")))
+    assert status.code != 0 and status.result["code"] == 50
+
+
+def test_add_on_an_exhausted_pool_fails_cleanly(exec_node, make_netns):
+    conf = exec_node.conf(ipam={**SMALL_POOL, "rangeEnd": "10.79.0.10"})
+    exec_node.add(conf, "ctr-a", make_netns("a"))
+    pod_b = make_netns("b")
+
+    outcome = exec_node.call("ADD", conf, "ctr-b", pod_b)
+    assert outcome.code != 0
+    assert outcome.result["code"] == 100 and "no free address" in outcome.result["msg"]
+    assert len(exec_node.allocations()) == 1
+    assert netns.run(pod_b, ["ip", "-o", "link"]).stdout.count("\n") == 1  # only lo
+
+
+def test_add_failing_part_way_leaves_no_veth_address_or_allocation(exec_node, make_netns):
+    conf = exec_node.conf([V4])
+    pod = make_netns("a")
+    exec_node.add(conf, "ctr-a", pod, ifname="eth0")
+    links_before, allocations_before = exec_node.links(), exec_node.allocations()
+
+    # a second interface in the same pod: its default route clashes with eth0's, after veth + address
+    outcome = exec_node.call("ADD", conf, "ctr-a", pod, ifname="eth1")
+
+    assert outcome.code != 0 and outcome.result["code"] == 102
+    assert exec_node.links() == links_before
+    assert exec_node.allocations() == allocations_before
+    assert "eth1" not in netns.run(pod, ["ip", "-o", "link"]).stdout
+
+
+def test_ip_masq_masquerades_traffic_leaving_the_cluster_cidr(exec_node, make_netns):
+    conf = exec_node.conf([V4], ipMasq=True, clusterCIDR="10.77.0.0/16")
+    exec_node.add(conf, "ctr-a", make_netns("a"))
+    exec_node.add(conf, "ctr-b", make_netns("b"))  # a second ADD must not duplicate the rule
+
+    ruleset = netns.run(exec_node.name, ["nft", "list", "table", "inet", "netagent_testnet"]).stdout
+    assert ruleset.count("masquerade") == 1
+    assert "ip saddr 10.77.1.0/24 ip daddr != 10.77.0.0/16 masquerade" in ruleset

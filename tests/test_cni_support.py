@@ -1,0 +1,189 @@
+"""Helpers for the CNI tests (no tests here): run the plugin inside a "node" netns the way a runtime
+would, either exec'd (the Python fallback) or through the compiled shim to a CniService that runs
+inside the node netns, and move real traffic between pod namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cni.install import build_shim
+from netagent import netns
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FALLBACK_PLUGIN = os.path.join(os.path.dirname(sys.executable), "netagent-cni")
+REFERENCE_PLUGINS = "/usr/lib/cni"
+SERVICE_HARNESS = (
+    "import sys, threading\n"
+    "from netagent.cni_service import CniService\n"
+    "CniService(sys.argv[1]).start()\n"
+    "print('ready', flush=True)\n"
+    "threading.Event().wait()\n"
+)
+
+
+@dataclass
+class Outcome:
+    code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def result(self) -> dict[str, Any]:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class CniNode:
+    """A node netns with an IPAM data dir and a way to invoke the plugin in it."""
+
+    name: str
+    data_dir: str
+    plugin: list[str]
+    pods: dict[str, str] = field(default_factory=dict)
+
+    def conf(self, subnets: list[str] | None = None, version: str = "1.1.0", **extra: Any) -> dict[str, Any]:
+        ipam: dict[str, Any] = {"dataDir": self.data_dir}
+        if subnets is not None:
+            ipam["subnets"] = subnets
+        ipam.update(extra.pop("ipam", {}))
+        return {"cniVersion": version, "name": "testnet", "type": "netagent", "ipam": ipam, **extra}
+
+    def call(
+        self,
+        command: str,
+        conf: dict[str, Any] | bytes,
+        container_id: str = "",
+        pod: str = "",
+        ifname: str = "eth0",
+        plugin: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Outcome:
+        full_env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_PATH": REFERENCE_PLUGINS}
+        if container_id:
+            full_env.update(CNI_CONTAINERID=container_id, CNI_IFNAME=ifname)
+        if pod:
+            full_env["CNI_NETNS"] = netns.path(pod)
+        full_env.update(env or {})
+        stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+        done = subprocess.run(
+            netns.exec_argv(self.name, plugin or self.plugin),
+            input=stdin,
+            env=full_env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        return Outcome(done.returncode, done.stdout, done.stderr)
+
+    def add(self, conf: dict[str, Any], container_id: str, pod: str, ifname: str = "eth0") -> dict[str, Any]:
+        outcome = self.call("ADD", conf, container_id, pod, ifname)
+        assert outcome.code == 0, outcome
+        return outcome.result
+
+    def links(self) -> list[str]:
+        out = netns.run(self.name, ["ip", "-o", "link", "show"]).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+    def allocations(self, network: str = "testnet") -> dict[str, str]:
+        """address -> file content, for every allocation file of `network`."""
+        directory = os.path.join(self.data_dir, network)
+        if not os.path.isdir(directory):
+            return {}
+        found = {}
+        for name in os.listdir(directory):
+            if name[0].isdigit() or ":" in name:
+                with open(os.path.join(directory, name)) as f:
+                    found[name] = f.read()
+        return found
+
+
+def make_node(make_netns, tmp_path, plugin: list[str] | None = None) -> CniNode:
+    data_dir = os.path.join(str(tmp_path), "ipam")
+    return CniNode(make_netns("node"), data_dir, plugin or [FALLBACK_PLUGIN])
+
+
+@contextlib.contextmanager
+def running_service(node: str, socket_path: str) -> Iterator[subprocess.Popen]:
+    """A CniService in its own process inside the node netns (as the agent would run it)."""
+    proc = subprocess.Popen(
+        netns.exec_argv(node, [sys.executable, "-c", SERVICE_HARNESS, socket_path]),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def compile_shim(directory: str, socket_path: str) -> str:
+    shim = os.path.join(directory, "netagent")
+    assert build_shim(shim, socket_path, FALLBACK_PLUGIN), "no C compiler"
+    return shim
+
+
+def ping(from_ns: str, address: str) -> bool:
+    argv = ["ping", "-c", "1", "-W", "3", address]
+    # a few tries: the first packet may wait on neighbour resolution on a loaded machine
+    return any(netns.run(from_ns, argv, check=False).returncode == 0 for _ in range(3))
+
+
+def tcp_reaches(
+    client_ns: str, server_ns: str, address: str, port: int = 8080, listen: tuple[str, int] | None = None
+) -> bool:
+    """A TCP connection from client_ns to address:port carries data both ways.
+
+    The server runs in server_ns on `listen` (default: the same address and port; differs when the
+    path is DNAT'ed, as with hostPort).
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with netns.entered(netns.path(server_ns)):
+        server = socket.socket(family, socket.SOCK_STREAM)
+    with netns.entered(netns.path(client_ns)):
+        client = socket.socket(family, socket.SOCK_STREAM)
+    with server, client:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(listen or (address, port))
+        server.listen(1)
+        server.settimeout(10)
+        client.settimeout(10)
+        echo = threading.Thread(target=_echo_once, args=(server,), daemon=True)
+        echo.start()
+        try:
+            client.connect((address, port))
+            client.sendall(b"hello")
+            return client.recv(16) == b"hello"
+        except OSError:
+            return False
+        finally:
+            echo.join(timeout=10)
+
+
+def _echo_once(server: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.sendall(conn.recv(16))
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
