@@ -191,8 +191,11 @@ class ContainerdNode:
     def _start_holder(self) -> None:
         """Start the process that owns the private mount namespace, and prove it is really separate.
 
-        Everything later mounts through `nsenter -t <holder>`: entering the host's own mount namespace
-        by mistake (holder not yet unshared) would put tmpfs over the host's /run, so check first.
+        Everything later mounts and unmounts through `nsenter -t <holder>`. Acting too early would hit
+        the host: before unshare, the host's own mount namespace (tmpfs over the host's /run); before
+        the propagation change, mounts still shared with the host (an unmount under /run/netns would
+        propagate and delete every named netns). Once the holder has exec'd `sleep`, unshare has done
+        both, and its mount table must show no shared mount at all.
         """
         self.holder = subprocess.Popen(
             ["nsenter", f"--net={netns.path(self.node_netns)}", "unshare", "--mount", "--propagation",
@@ -204,12 +207,18 @@ class ContainerdNode:
         def confined() -> bool:
             if self.holder.poll() is not None:
                 raise ContainerdError("could not create the node's private mount namespace (unshare failed)")
-            with contextlib.suppress(OSError):
-                own_mnt = os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
-                return own_mnt and os.stat(f"/proc/{pid}/ns/net").st_ino == node_inode
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as comm:
+                return (
+                    comm.read().strip() == "sleep"
+                    and os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+                    and os.stat(f"/proc/{pid}/ns/net").st_ino == node_inode
+                )
             return False
 
         wait_until(confined, 30, "the mount-namespace holder to enter its namespaces")
+        with open(f"/proc/{pid}/mountinfo") as f:
+            if any(" shared:" in line.split(" - ")[0] for line in f):
+                raise ContainerdError("the node's mount namespace still shares mounts with the host")
 
     def _mount(self, *args: str) -> None:
         result = subprocess.run(self._inside(["mount", *args]), capture_output=True, text=True)
