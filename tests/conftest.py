@@ -12,6 +12,9 @@ import pytest
 from netagent import netns
 
 TEST_PREFIX = "nt"  # every test netns starts with this; a leftover one fails the session
+# prefixes handed out in THIS session: other sessions may run concurrently on the same machine,
+# and their namespaces must not be taken for our leftovers
+_SESSION_PREFIXES: set[str] = set()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,7 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def prefix() -> str:
     """A short unique name prefix for this test (interface names are limited to 15 chars)."""
-    return f"{TEST_PREFIX}{secrets.token_hex(3)}"
+    name = f"{TEST_PREFIX}{secrets.token_hex(3)}"
+    _SESSION_PREFIXES.add(name)
+    return name
 
 
 @pytest.fixture
@@ -45,7 +50,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is not None:  # only the controlling process, after every worker finished
         return
-    leftovers = netns.names(TEST_PREFIX)
+    leftovers = [name for name in netns.names(TEST_PREFIX) if name.startswith(tuple(_SESSION_PREFIXES))]
     if leftovers:
         for name in leftovers:
             netns.delete(name)
