@@ -58,7 +58,10 @@ class Report:
         if not results:
             return "-"
         failed = sorted({o.probe.protocol for o in results if not o.passed})
-        return "ok" if not failed else "FAIL:" + "+".join(failed)
+        if not failed:
+            return "ok"
+        every_protocol_failed = len(failed) == len({o.probe.protocol for o in results})
+        return "FAIL" if every_protocol_failed else "FAIL:" + "+".join(failed)
 
 
 def plan(state: LabState, services: list | None) -> tuple[list[Probe], list[str], list[str]]:
@@ -115,12 +118,14 @@ def render(report: Report, node_of: dict[str, str]) -> str:
         return f"{row} ({node_of[row]})" if row in node_of else row
 
     first = max([len("from \\ to")] + [len(row_label(r)) for r in report.rows])
-    widths = [max(len(c), 7) for c in report.columns]
+    grid = [[report.cell(row, column) for column in report.columns] for row in report.rows]
+    widths = [max([len(column)] + [len(cells[i]) for cells in grid])
+              for i, column in enumerate(report.columns)]
     lines = ["from \\ to".ljust(first) + "  " + "  ".join(c.ljust(w) for c, w in zip(report.columns, widths,
                                                                                     strict=True))]
-    for row in report.rows:
-        cells = [report.cell(row, c).ljust(w) for c, w in zip(report.columns, widths, strict=True)]
-        lines.append(row_label(row).ljust(first) + "  " + "  ".join(cells).rstrip())
+    for row, cells in zip(report.rows, grid, strict=True):
+        padded = [cell.ljust(w) for cell, w in zip(cells, widths, strict=True)]
+        lines.append(row_label(row).ljust(first) + "  " + "  ".join(padded).rstrip())
     lines.append("")
     kinds: dict[str, list[Outcome]] = {}
     for o in report.outcomes:

@@ -57,10 +57,8 @@ def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
     started = time.monotonic()
     try:
         state = _build(lab, nodes, network, proxy, timeout, progress)
-    except BaseException as e:
-        reason = str(e) if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
-        progress(f"lab up failed: {reason}")
-        progress("cleaning up")
+    except BaseException:
+        progress("lab up failed; removing what it created")
         down(name, progress=lambda _msg: None)
         raise
     progress(f"lab {name!r} ready: {nodes} nodes, network {network}, proxy {proxy} "
@@ -204,19 +202,21 @@ def down(name: str, progress: Progress = print) -> None:
     lab = Lab(name)
     lab_netns = [n for n in netns.names(f"{name}-") if lab.owns_netns(n)]
     recorded = _recorded_processes(lab)
+    stopped: set[ProcRef] = set()
     for _ in range(5):  # processes may spawn children while being stopped: sweep until none is left
-        found = set(recorded) | set(_lab_processes(lab, lab_netns))
+        found = (set(recorded) | set(_lab_processes(lab, lab_netns))) - stopped
         recorded = []
         if not found:
             break
         processes.stop(found)
+        stopped |= found
     else:
         raise LabError(f"processes of lab {name!r} keep reappearing; not removing its namespaces")
     # Pods first: their veth peers live in the nodes, whose links go with them; the underlay last.
     for ns_name in sorted(lab_netns, key=lambda n: (not n.startswith(f"{name}-p-"), n.endswith("-ul"), n)):
         netns.delete(ns_name)
     shutil.rmtree(lab.dir, ignore_errors=True)
-    progress(f"lab {name!r} removed ({len(lab_netns)} namespaces, {len(found)} processes)")
+    progress(f"lab {name!r} removed ({len(lab_netns)} namespaces, {len(stopped)} processes)")
 
 
 def _recorded_processes(lab: Lab) -> list[ProcRef]:
