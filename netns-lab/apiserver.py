@@ -440,16 +440,17 @@ class ServiceAllocator:
             return
         spec.setdefault("internalTrafficPolicy", "Cluster")
         self._admit_cluster_ips(spec, old_spec, owner)
+        own_ports: set[int] = set()
         if spec["type"] in ("NodePort", "LoadBalancer"):
             spec.setdefault("externalTrafficPolicy", "Cluster")
-            self._admit_node_ports(spec, old_spec, owner)
+            own_ports = self._admit_node_ports(spec, old_spec, owner)
         else:
             for port in spec["ports"]:
                 port.pop("nodePort", None)
             spec.pop("externalTrafficPolicy", None)
         if spec["type"] == "LoadBalancer" and spec["externalTrafficPolicy"] == "Local":
             wanted = spec.get("healthCheckNodePort") or old_spec.get("healthCheckNodePort")
-            spec["healthCheckNodePort"] = self._node_port(wanted, owner, taken=set())
+            spec["healthCheckNodePort"] = self._node_port(wanted, owner, taken=own_ports)
         else:
             spec.pop("healthCheckNodePort", None)
 
@@ -505,7 +506,8 @@ class ServiceAllocator:
                 return candidate
         raise ApiError(500, "InternalError", f"range is full: no ClusterIP left in {network}")
 
-    def _admit_node_ports(self, spec: dict, old_spec: dict, owner: tuple[str, str]) -> None:
+    def _admit_node_ports(self, spec: dict, old_spec: dict, owner: tuple[str, str]) -> set[int]:
+        """Give every port a nodePort (the one asked for, the one it had, or a free one); returns them."""
         old_ports = {
             (p.get("port"), p.get("protocol", "TCP")): p.get("nodePort") for p in old_spec.get("ports") or []
         }
@@ -514,9 +516,10 @@ class ServiceAllocator:
             wanted = port.get("nodePort") or old_ports.get((port["port"], port["protocol"]))
             port["nodePort"] = self._node_port(wanted, owner, taken)
             taken.add(port["nodePort"])
+        return taken
 
     def _node_port(self, wanted: int | None, owner: tuple[str, str], taken: set[int]) -> int:
-        """`wanted` if free (or ours), else the lowest free port; `taken` holds this Service's own."""
+        """`wanted` if free (or ours), else the lowest free port not in `taken` (this Service's others)."""
         if wanted:
             if wanted not in NODE_PORT_RANGE:
                 raise invalid(

@@ -1,0 +1,555 @@
+"""The lab API server, driven through the official `kubernetes` client as the agent drives a real one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from netns_lab.apiserver import LabApiServer, write_kubeconfig
+
+from netagent import netns
+
+T = TypeVar("T")
+TIMEOUT = 20.0  # generous: the machine is shared with other test runs
+
+
+def eventually(check: Callable[[], T], timeout: float = TIMEOUT) -> T:
+    """Poll until `check()` returns something truthy (and return it), or fail with its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            assert result, f"condition not reached within {timeout}s (last: {result!r})"
+            return result
+        time.sleep(0.05)
+
+
+class Cluster:
+    """A running lab API server and clients for it, built from a kubeconfig as the agent builds them."""
+
+    def __init__(self, tmp_path, **server_args):
+        self.data = str(tmp_path / "state.json")
+        self.kubeconfig = str(tmp_path / "kubeconfig")
+        self.server_args = server_args
+        self.server: LabApiServer | None = None
+
+    def start(self) -> Cluster:
+        self.server = LabApiServer(self.data, **self.server_args).start()
+        write_kubeconfig(self.kubeconfig, self.server.url)
+        api_client = config.new_client_from_config(self.kubeconfig)
+        self.core = client.CoreV1Api(api_client)
+        self.discovery = client.DiscoveryV1Api(api_client)
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+
+@pytest.fixture
+def cluster(tmp_path) -> Iterator[Cluster]:
+    lab = Cluster(tmp_path, bookmark_interval=0.3, history_size=50).start()
+    yield lab
+    lab.stop()
+
+
+def node(name: str, **labels: str) -> dict:
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"podCIDR": "10.244.1.0/24"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.77.1"}]},
+    }
+
+
+def pod(
+    name: str, ip: str | None, ready: bool = True, node_name: str = "n1", http_port: int = 8080, **labels
+):
+    status = {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}]}
+    if ip:
+        status |= {"podIP": ip, "podIPs": [{"ip": ip}]}
+    container = {"name": "c", "image": "busybox", "ports": [{"name": "http", "containerPort": http_port}]}
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node_name, "containers": [container]},
+        "status": status,
+    }
+
+
+def collect(stream: Iterator[dict], until: Callable[[list], bool]) -> list[tuple[str, str]]:
+    """(type, name) of watch events, consumed in a thread until `until(events)`; the stream must end."""
+    events: list[tuple[str, str]] = []
+    for event in stream:
+        events.append((event["type"], event["raw_object"]["metadata"].get("name", "")))
+        if until(events):
+            break
+    return events
+
+
+# ------------------------------------------------------------------------------------------ CRUD
+
+
+def test_created_node_gets_server_metadata_and_round_trips(cluster):
+    created = cluster.core.create_node(node("n1", zone="a"))
+    assert created.metadata.uid and created.metadata.creation_timestamp
+    assert created.metadata.generation == 1 and int(created.metadata.resource_version) > 0
+
+    fetched = cluster.core.read_node("n1")
+    assert fetched.metadata.uid == created.metadata.uid
+    assert fetched.status.addresses[0].address == "192.168.77.1"
+
+    fetched.spec.pod_cidr = "10.244.9.0/24"
+    replaced = cluster.core.replace_node("n1", fetched)
+    assert replaced.spec.pod_cidr == "10.244.9.0/24"
+    assert replaced.metadata.generation == 2
+    assert int(replaced.metadata.resource_version) > int(created.metadata.resource_version)
+
+    cluster.core.delete_node("n1")
+    with pytest.raises(ApiException) as missing:
+        cluster.core.read_node("n1")
+    assert missing.value.status == 404
+    assert json.loads(missing.value.body)["reason"] == "NotFound"
+
+
+def test_creating_an_existing_object_is_a_409_already_exists(cluster):
+    cluster.core.create_node(node("n1"))
+    with pytest.raises(ApiException) as duplicate:
+        cluster.core.create_node(node("n1"))
+    assert duplicate.value.status == 409
+    assert json.loads(duplicate.value.body)["reason"] == "AlreadyExists"
+
+
+def test_update_from_a_stale_resource_version_is_a_409_conflict(cluster):
+    stale = cluster.core.create_node(node("n1"))
+    cluster.core.patch_node("n1", {"metadata": {"labels": {"x": "1"}}})
+    with pytest.raises(ApiException) as conflict:
+        cluster.core.replace_node("n1", stale)
+    assert conflict.value.status == 409
+    assert json.loads(conflict.value.body)["reason"] == "Conflict"
+
+
+def test_patching_node_annotations_merges_and_null_removes(cluster):
+    cluster.core.create_node(
+        {**node("n1"), "metadata": {"name": "n1", "annotations": {"keep": "1", "drop": "2"}}}
+    )
+    patched = cluster.core.patch_node(
+        "n1", {"metadata": {"annotations": {"netagent.io/vtep": "aa:bb", "drop": None}}}
+    )
+    assert patched.metadata.annotations == {"keep": "1", "netagent.io/vtep": "aa:bb"}
+    assert patched.metadata.generation == 1  # metadata changes do not bump the generation
+
+
+def test_node_status_subresource_merges_conditions_by_type_and_main_resource_ignores_status(cluster):
+    cluster.core.create_node(node("n1"))
+    ready = {"type": "Ready", "status": "True"}
+    cluster.core.patch_node_status(
+        "n1", {"status": {"conditions": [ready, {"type": "DiskPressure", "status": "False"}]}}
+    )
+    patched = cluster.core.patch_node_status(
+        "n1", {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    )
+    assert {c.type: c.status for c in patched.status.conditions} == {
+        "Ready": "False",
+        "DiskPressure": "False",
+    }
+    assert patched.status.addresses[0].address == "192.168.77.1"  # untouched by the patch
+
+    ignored = cluster.core.patch_node("n1", {"status": {"addresses": []}, "metadata": {"labels": {"a": "b"}}})
+    assert ignored.status.addresses[0].address == "192.168.77.1"
+    assert ignored.metadata.labels == {"a": "b"}
+
+
+def test_list_filters_pods_by_label_selector_and_spec_node_name(cluster):
+    cluster.core.create_namespaced_pod(
+        "default", pod("a", "10.244.1.2", node_name="n1", app="web", tier="fe")
+    )
+    cluster.core.create_namespaced_pod("default", pod("b", "10.244.2.2", node_name="n2", app="web"))
+    cluster.core.create_namespaced_pod("default", pod("c", "10.244.1.3", node_name="n1", app="db"))
+
+    def names(**kwargs) -> list[str]:
+        return [p.metadata.name for p in cluster.core.list_namespaced_pod("default", **kwargs).items]
+
+    assert names(label_selector="app=web") == ["a", "b"]
+    assert names(label_selector="app in (web,db),!tier") == ["b", "c"]
+    assert names(field_selector="spec.nodeName=n1") == ["a", "c"]
+    assert names(field_selector="spec.nodeName=n1,metadata.name!=a") == ["c"]
+    listed = cluster.core.list_pod_for_all_namespaces()
+    assert int(listed.metadata.resource_version) >= 3
+
+
+def test_objects_in_a_missing_namespace_are_refused_with_404(cluster):
+    with pytest.raises(ApiException) as missing:
+        cluster.core.create_namespaced_pod("nowhere", pod("a", None))
+    assert missing.value.status == 404
+
+
+# ------------------------------------------------------------------------------------------ watch
+
+
+def test_watch_from_list_resource_version_sees_added_modified_deleted_in_order(cluster):
+    listed = cluster.core.list_node()
+    result: list = []
+    stream = watch.Watch().stream(
+        cluster.core.list_node,
+        resource_version=listed.metadata.resource_version,
+        timeout_seconds=int(TIMEOUT),
+    )
+    reader = threading.Thread(target=lambda: result.extend(collect(stream, lambda ev: len(ev) == 3)))
+    reader.start()
+    cluster.core.create_node(node("n1"))
+    cluster.core.patch_node("n1", {"metadata": {"annotations": {"a": "1"}}})
+    cluster.core.delete_node("n1")
+    reader.join(TIMEOUT + 5)
+    assert result == [("ADDED", "n1"), ("MODIFIED", "n1"), ("DELETED", "n1")]
+
+
+def test_watch_without_resource_version_starts_with_current_objects(cluster):
+    cluster.core.create_node(node("n1"))
+    cluster.core.create_node(node("n2"))
+    stream = watch.Watch().stream(cluster.core.list_node, timeout_seconds=int(TIMEOUT))
+    assert collect(stream, lambda ev: len(ev) == 2) == [("ADDED", "n1"), ("ADDED", "n2")]
+
+
+def test_watch_on_a_field_selector_sees_objects_enter_and_leave_it(cluster):
+    cluster.core.create_namespaced_pod("default", pod("a", "10.244.1.2", node_name="n1"))
+    rv = cluster.core.list_namespaced_pod("default").metadata.resource_version
+    result: list = []
+    stream = watch.Watch().stream(
+        cluster.core.list_namespaced_pod,
+        "default",
+        field_selector="spec.nodeName=n2",
+        resource_version=rv,
+        timeout_seconds=int(TIMEOUT),
+    )
+    reader = threading.Thread(target=lambda: result.extend(collect(stream, lambda ev: len(ev) == 2)))
+    reader.start()
+    cluster.core.create_namespaced_pod("default", pod("b", "10.244.2.2", node_name="n2"))
+    cluster.core.create_namespaced_pod("default", pod("c", "10.244.1.3", node_name="n1"))
+    cluster.core.delete_namespaced_pod("b", "default")
+    reader.join(TIMEOUT + 5)
+    assert result == [("ADDED", "b"), ("DELETED", "b")]
+
+
+def test_watch_from_a_resource_version_older_than_the_history_is_410_gone(cluster):
+    old_rv = cluster.core.create_node(node("n0")).metadata.resource_version
+    for i in range(60):  # the fixture keeps 50 events of history
+        cluster.core.patch_node("n0", {"metadata": {"annotations": {"i": str(i)}}})
+    with pytest.raises(ApiException) as gone:
+        for _ in watch.Watch().stream(cluster.core.list_node, resource_version=old_rv, timeout_seconds=5):
+            pass
+    assert gone.value.status == 410
+    assert "Expired" in gone.value.reason
+
+
+def test_expired_watch_is_an_error_event_with_a_410_status_on_the_wire(cluster):
+    old_rv = cluster.core.create_node(node("n0")).metadata.resource_version
+    for i in range(60):
+        cluster.core.patch_node("n0", {"metadata": {"annotations": {"i": str(i)}}})
+    response = cluster.core.list_node(
+        watch=True, resource_version=old_rv, timeout_seconds=5, _preload_content=False
+    )
+    assert response.status == 200  # as the real apiserver: the stream opens, then says Gone
+    event = json.loads(response.data.decode().splitlines()[0])
+    assert event["type"] == "ERROR"
+    assert event["object"]["kind"] == "Status"
+    assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+
+
+def test_watch_sends_bookmarks_with_the_current_resource_version_when_allowed(cluster):
+    rv = cluster.core.create_node(node("n1")).metadata.resource_version
+    stream = watch.Watch().stream(
+        cluster.core.list_node, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=int(TIMEOUT)
+    )
+    bookmark = next(event for event in stream if event["type"] == "BOOKMARK")
+    assert bookmark["raw_object"]["metadata"]["resourceVersion"] == rv
+
+
+def test_watch_ends_when_its_timeout_passes(cluster):
+    started = time.monotonic()
+    events = list(watch.Watch().stream(cluster.core.list_node, resource_version="1", timeout_seconds=1))
+    assert events == []
+    assert time.monotonic() - started < TIMEOUT
+
+
+# ------------------------------------------------------------------------------------------ services
+
+
+def service(name: str, type_: str = "ClusterIP", selector: dict | None = None, **spec) -> dict:
+    return {
+        "metadata": {"name": name},
+        "spec": {"type": type_, "selector": selector, "ports": [{"name": "http", "port": 80}], **spec},
+    }
+
+
+def test_service_without_cluster_ip_gets_one_from_the_service_cidr_and_headless_stays_none(cluster):
+    first = cluster.core.create_namespaced_service("default", service("a")).spec
+    second = cluster.core.create_namespaced_service("default", service("b")).spec
+    headless = cluster.core.create_namespaced_service("default", service("h", cluster_ip="None")).spec
+    assert first.cluster_ip.startswith("10.96.") and first.cluster_ips == [first.cluster_ip]
+    assert second.cluster_ip.startswith("10.96.") and second.cluster_ip != first.cluster_ip
+    assert first.ip_families == ["IPv4"]
+    assert headless.cluster_ip == "None"
+    assert first.ports[0].target_port == 80 and first.ports[0].protocol == "TCP"
+
+    with pytest.raises(ApiException) as taken:
+        cluster.core.create_namespaced_service("default", service("c", cluster_ip=first.cluster_ip))
+    assert taken.value.status == 422
+    with pytest.raises(ApiException) as outside:
+        cluster.core.create_namespaced_service("default", service("d", cluster_ip="10.1.2.3"))
+    assert outside.value.status == 422
+
+
+def test_node_ports_are_allocated_kept_on_update_and_freed_on_delete(cluster):
+    svc = cluster.core.create_namespaced_service("default", service("np", "NodePort"))
+    node_port = svc.spec.ports[0].node_port
+    assert 30000 <= node_port <= 32767
+    assert svc.spec.health_check_node_port is None
+
+    updated = cluster.core.patch_namespaced_service("np", "default", {"metadata": {"labels": {"x": "y"}}})
+    assert updated.spec.ports[0].node_port == node_port
+    assert updated.spec.cluster_ip == svc.spec.cluster_ip
+
+    with pytest.raises(ApiException) as taken:
+        cluster.core.create_namespaced_service(
+            "default", service("np2", "NodePort", ports=[{"port": 81, "nodePort": node_port}])
+        )
+    assert taken.value.status == 422
+    cluster.core.delete_namespaced_service("np", "default")
+    reused = cluster.core.create_namespaced_service(
+        "default", service("np2", "NodePort", ports=[{"port": 81, "nodePort": node_port}])
+    )
+    assert reused.spec.ports[0].node_port == node_port
+
+
+def test_local_load_balancer_gets_a_health_check_node_port(cluster):
+    svc = cluster.core.create_namespaced_service(
+        "default", service("lb", "LoadBalancer", external_traffic_policy="Local")
+    ).spec
+    assert 30000 <= svc.health_check_node_port <= 32767
+    assert svc.health_check_node_port != svc.ports[0].node_port
+
+
+def test_dual_stack_service_gets_an_address_of_each_family(tmp_path):
+    lab = Cluster(tmp_path, service_cidrs=["10.96.0.0/16", "fd00:96::/112"]).start()
+    try:
+        spec = lab.core.create_namespaced_service(
+            "default", service("ds", ip_family_policy="RequireDualStack")
+        ).spec
+        assert spec.ip_families == ["IPv4", "IPv6"]
+        assert spec.cluster_ips[0].startswith("10.96.") and spec.cluster_ips[1].startswith("fd00:96::")
+    finally:
+        lab.stop()
+
+
+# ------------------------------------------------------------------------------------------ endpoint slices
+
+
+def endpoints_of(cluster: Cluster, service_name: str) -> dict[str, tuple]:
+    """address -> ((port name, port) pairs, (ready, serving, terminating), nodeName), over all slices."""
+    slices = cluster.discovery.list_namespaced_endpoint_slice(
+        "default", label_selector=f"kubernetes.io/service-name={service_name}"
+    ).items
+    result = {}
+    for s in slices:
+        ports = tuple(sorted((p.name, p.port) for p in s.ports or []))
+        for e in s.endpoints or []:
+            c = e.conditions
+            result[e.addresses[0]] = (ports, (c.ready, c.serving, c.terminating), e.node_name)
+    return result
+
+
+def test_endpoint_slices_follow_pod_labels_readiness_and_named_target_ports(cluster):
+    ports = [{"name": "http", "port": 80, "targetPort": "http"}, {"name": "metrics", "port": 9090}]
+    cluster.core.create_namespaced_service("default", service("web", selector={"app": "web"}, ports=ports))
+    cluster.core.create_namespaced_pod("default", pod("w1", "10.244.1.5", app="web"))
+    cluster.core.create_namespaced_pod(
+        "default", pod("w2", "10.244.2.5", ready=False, node_name="n2", http_port=8081, app="web")
+    )
+    cluster.core.create_namespaced_pod("default", pod("db", "10.244.1.6", app="db"))
+    cluster.core.create_namespaced_pod("default", pod("noip", None, app="web"))
+
+    expected = {
+        "10.244.1.5": ((("http", 8080), ("metrics", 9090)), (True, True, False), "n1"),
+        "10.244.2.5": ((("http", 8081), ("metrics", 9090)), (False, False, False), "n2"),
+    }
+    eventually(lambda: endpoints_of(cluster, "web") == expected)
+    slice_ = cluster.discovery.list_namespaced_endpoint_slice("default").items[0]
+    assert slice_.address_type == "IPv4"
+    assert slice_.metadata.owner_references[0].name == "web"
+    assert slice_.endpoints[0].target_ref.kind == "Pod"
+
+    cluster.core.patch_namespaced_pod_status(
+        "w2", "default", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    )
+    eventually(lambda: endpoints_of(cluster, "web")["10.244.2.5"][1] == (True, True, False))
+
+    cluster.core.patch_namespaced_pod("w2", "default", {"metadata": {"labels": {"app": "other"}}})
+    eventually(lambda: set(endpoints_of(cluster, "web")) == {"10.244.1.5"})
+
+
+def test_gracefully_deleted_pod_is_a_terminating_endpoint_until_it_is_gone(cluster):
+    cluster.core.create_namespaced_service("default", service("web", selector={"app": "web"}))
+    cluster.core.create_namespaced_pod("default", pod("w1", "10.244.1.5", app="web"))
+    eventually(lambda: endpoints_of(cluster, "web").get("10.244.1.5"))
+
+    terminating = cluster.core.delete_namespaced_pod("w1", "default", grace_period_seconds=2)
+    assert terminating.metadata.deletion_timestamp is not None
+    eventually(lambda: endpoints_of(cluster, "web")["10.244.1.5"][1] == (False, True, True))
+    eventually(lambda: endpoints_of(cluster, "web") == {})
+    assert cluster.core.list_namespaced_pod("default").items == []
+
+
+def test_services_without_selector_keep_the_users_slices_and_deleted_services_lose_theirs(cluster):
+    cluster.core.create_namespaced_service("default", service("ext"))
+    cluster.discovery.create_namespaced_endpoint_slice(
+        "default",
+        {
+            "metadata": {"name": "ext-1", "labels": {"kubernetes.io/service-name": "ext"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["192.168.1.1"], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+        },
+    )
+    cluster.core.create_namespaced_service("default", service("web", selector={"app": "web"}))
+    cluster.core.create_namespaced_pod("default", pod("w1", "10.244.1.5", app="web"))
+    eventually(lambda: endpoints_of(cluster, "web"))
+    assert endpoints_of(cluster, "ext") == {"192.168.1.1": ((("http", 80),), (True, None, None), None)}
+
+    cluster.core.delete_namespaced_service("web", "default")
+    eventually(
+        lambda: (
+            [s.metadata.name for s in cluster.discovery.list_namespaced_endpoint_slice("default").items]
+            == ["ext-1"]
+        )
+    )
+
+
+# ------------------------------------------------------------------------------ restarts, listeners
+
+
+def test_restart_from_the_data_file_keeps_objects_and_old_watches_get_410(tmp_path):
+    lab = Cluster(tmp_path).start()
+    try:
+        lab.core.create_node(node("n1"))
+        old_rv = lab.core.list_node().metadata.resource_version
+        lab.core.patch_node("n1", {"metadata": {"annotations": {"a": "1"}}})
+        svc = lab.core.create_namespaced_service("default", service("a", "NodePort"))
+        before = lab.core.list_node().metadata.resource_version
+    finally:
+        lab.stop()
+
+    lab.start()
+    try:
+        restored = lab.core.read_node("n1")
+        assert restored.metadata.annotations == {"a": "1"}
+        again = lab.core.read_namespaced_service("a", "default").spec
+        assert (again.cluster_ip, again.ports[0].node_port) == (
+            svc.spec.cluster_ip,
+            svc.spec.ports[0].node_port,
+        )
+        after = lab.core.create_namespaced_service("default", service("b")).metadata.resource_version
+        assert int(after) > int(before)
+        assert (
+            lab.core.create_namespaced_service("default", service("c")).spec.cluster_ip != svc.spec.cluster_ip
+        )
+        with pytest.raises(ApiException) as gone:
+            for _ in watch.Watch().stream(lab.core.list_node, resource_version=old_rv, timeout_seconds=5):
+                pass
+        assert gone.value.status == 410
+    finally:
+        lab.stop()
+
+
+def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_veth(tmp_path, make_netns):
+    server_ns, node_ns = make_netns("srv"), make_netns("node")
+    netns.run(
+        server_ns, ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", node_ns]
+    )
+    for ns, address in ((server_ns, "10.123.0.1/24"), (node_ns, "10.123.0.2/24")):
+        netns.run(ns, ["ip", "addr", "add", address, "dev", "eth0"])
+        netns.run(ns, ["ip", "link", "set", "eth0", "up"])
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "netns_lab.apiserver",
+            "--data",
+            str(tmp_path / "state.json"),
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-netns",
+            f"{server_ns}=10.123.0.1:6443",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        eventually(lambda: ready.exists() or process.poll() is not None)
+        info = json.loads(ready.read_text())
+        assert info["url"] == f"http://127.0.0.1:{info['port']}" and info["pid"] == process.pid
+
+        host_kubeconfig = str(tmp_path / "host.kubeconfig")
+        write_kubeconfig(host_kubeconfig, info["url"])
+        client.CoreV1Api(config.new_client_from_config(host_kubeconfig)).create_node(node("n1"))
+
+        node_kubeconfig = str(tmp_path / "node.kubeconfig")
+        write_kubeconfig(node_kubeconfig, "http://10.123.0.1:6443")
+        with netns.entered(netns.path(node_ns)):  # the client's socket is made in the node's netns
+            nodes = client.CoreV1Api(config.new_client_from_config(node_kubeconfig)).list_node(
+                _request_timeout=10
+            )
+        assert [n.metadata.name for n in nodes.items] == ["n1"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
+
+
+def test_module_cli_refuses_a_bad_listen_address_with_a_clear_message(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "netns_lab.apiserver",
+            "--data",
+            str(tmp_path / "s.json"),
+            "--listen",
+            "nonsense",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode != 0
+    assert "nonsense" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kubectl_reads_and_annotates_through_a_kubeconfig(cluster):
+    cluster.core.create_node(node("n1"))
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+
+    def kubectl(*args: str) -> str:
+        result = subprocess.run(["kubectl", *args], capture_output=True, text=True, env=env, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "n1" in kubectl("get", "nodes")
+    kubectl("annotate", "node", "n1", "netagent.io/x=1")
+    kubectl("label", "node", "n1", "role=worker")
+    meta = cluster.core.read_node("n1").metadata
+    assert meta.annotations["netagent.io/x"] == "1" and meta.labels["role"] == "worker"
