@@ -91,7 +91,9 @@ class CniNode:
         return outcome.result
 
     def links(self) -> list[str]:
-        out = netns.run(self.name, ["ip", "-o", "link", "show"]).stdout
+        done = netns.run(self.name, ["ip", "-o", "link", "show"], check=False)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
         return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
 
     def allocations(self, network: str = "testnet") -> dict[str, str]:
