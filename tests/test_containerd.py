@@ -2,8 +2,8 @@
 
 containerd, its shims and ctr run confined to a netns standing in for the node (see
 netns_lab.containerd_node); the image is busybox, built locally as an OCI tarball and imported.
-Each container runs busybox httpd, so reachability is proven with real TCP (an HTTP GET) and ICMP (ping)
-from inside another container.
+Each container runs busybox httpd, so reachability is proven with real TCP (an HTTP GET) and ICMP
+(ping) from inside another container.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from netns_lab import oci_image
 from netns_lab.containerd_node import ContainerdNode, Pod, wait_until
 
-from netagent import nodestate
+from netagent import netns, nodestate
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("containerd") and shutil.which("ctr") and shutil.which("runc")),
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
-NETAGENT_PLUGIN = os.path.join(os.path.dirname(sys.executable), "netagent-cni")
+NETAGENT_CLI = os.path.join(os.path.dirname(sys.executable), "netagent")
 POD_CIDR = "10.88.1.0/24"
 CLUSTER_CIDR = "10.88.0.0/16"
 WEB_SERVER = ["httpd", "-f", "-p", "80", "-h", "/etc"]  # serves the image's /etc/passwd
@@ -40,10 +41,75 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> oci_image.BuiltIm
 
 
 @pytest.fixture
-def node(make_netns, busybox_image: oci_image.BuiltImage) -> Iterator[ContainerdNode]:
-    with ContainerdNode(make_netns("node")) as containerd:
+def node_netns(make_netns) -> str:
+    return make_netns("node")
+
+
+@pytest.fixture
+def node(node_netns: str, busybox_image: oci_image.BuiltImage) -> Iterator[ContainerdNode]:
+    with ContainerdNode(node_netns) as containerd:
         containerd.import_image(busybox_image.path)
         yield containerd
+
+
+@dataclass(frozen=True)
+class NetagentSetup:
+    """Where netagent keeps its node state and allocations on this node, and how the plugin runs."""
+
+    state_dir: str
+    data_dir: str
+    fallback: str | None  # None: install-cni's default, the Python plugin
+
+
+@pytest.fixture(params=["plugin-alone", "agent-running"])
+def netagent_on_node(request, node_netns: str, tmp_path) -> Iterator[NetagentSetup]:
+    """netagent's node side, in two modes.
+
+    plugin-alone: no agent; the node state file is written here and the shim falls back to the
+    Python plugin. agent-running: `netagent run --standalone` serves the shim in the node netns, and
+    the fallback is /bin/false, so any successful ADD/DEL was done by the agent.
+    Request this fixture before `node`, so the agent outlives the containers it serves.
+    """
+    state_dir, data_dir = str(tmp_path / "state"), str(tmp_path / "ipam")
+    if request.param == "plugin-alone":
+        state = nodestate.NodeState("node-1", (POD_CIDR,), 1500, (CLUSTER_CIDR,))
+        nodestate.write(state, os.path.join(state_dir, "node.json"))
+        yield NetagentSetup(state_dir, data_dir, fallback=None)
+        return
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen(
+            netns.exec_argv(node_netns, [NETAGENT_CLI, "run", "--standalone", "--node-name", "node-1",
+                                         "--pod-cidr", POD_CIDR, "--cluster-cidr", CLUSTER_CIDR,
+                                         "--state-dir", state_dir, "--network", "none",
+                                         "--healthz-bind", "", "--metrics-bind", ""]),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )  # fmt: skip
+    try:
+
+        def ready() -> bool:
+            assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+            return os.path.exists(os.path.join(state_dir, "ready"))
+
+        wait_until(ready, 60, "the agent to be ready")
+        yield NetagentSetup(state_dir, data_dir, fallback="/bin/false")
+    finally:
+        agent.terminate()
+        agent.wait(30)
+
+
+def install_netagent(node: ContainerdNode, setup: NetagentSetup) -> str:
+    """`netagent install-cni` into the node's CNI dirs, portmap beside it; returns the network name."""
+    argv = [NETAGENT_CLI, "install-cni", "--bin-dir", node.bin_dir, "--conf-dir", node.conf_dir,
+            "--state-dir", setup.state_dir, "--data-dir", setup.data_dir,
+            "--cluster-cidr", CLUSTER_CIDR]  # fmt: skip
+    if setup.fallback is not None:
+        argv += ["--fallback", setup.fallback]
+    subprocess.run(argv, check=True, capture_output=True)
+    os.symlink(os.path.join(REFERENCE_PLUGINS, "portmap"), os.path.join(node.bin_dir, "portmap"))
+    with open(os.path.join(node.conf_dir, "10-netagent.conflist")) as f:
+        return json.load(f)["name"]
 
 
 def host_veths(node_netns: str) -> list[str]:
@@ -52,6 +118,11 @@ def host_veths(node_netns: str) -> list[str]:
     )
     assert listing.returncode == 0, listing.stderr
     return [link["ifname"] for link in json.loads(listing.stdout or "[]")]
+
+
+def ipv4_of(pod: Pod) -> str:
+    (cidr,) = pod.ipv4_addresses()
+    return cidr.split("/")[0]
 
 
 def assert_reaches(client: Pod, address: str) -> None:
@@ -92,9 +163,8 @@ def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips
 
     server = node.run_pod(busybox_image.ref, "server", WEB_SERVER)
     client = node.run_pod(busybox_image.ref, "client", WEB_SERVER)
-    (server_cidr,) = server.ipv4_addresses()
-    server_ip = server_cidr.split("/")[0]
-    assert ipaddress.ip_interface(server_cidr).network == ipaddress.ip_network("10.77.0.0/24")
+    server_ip = ipv4_of(server)
+    assert ipaddress.ip_address(server_ip) in ipaddress.ip_network("10.77.0.0/24")
     assert_reaches(client, "10.77.0.1")
     assert_reaches(client, server_ip)
     assert_serves_http(client, server_ip)
@@ -106,39 +176,16 @@ def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips
     wait_until(lambda: len(host_veths(node.node_netns)) == 1, 60, "the server's host veth to go")
 
 
-def install_netagent(node: ContainerdNode) -> tuple[str, str]:
-    """netagent as the node's only network, pod CIDR from the agent's node state file.
-
-    Returns (network name, IPAM data dir).
-    """
-    state_file, data_dir = node.path("netagent", "node.json"), node.path("netagent", "ipam")
-    nodestate.write(nodestate.NodeState("node-1", (POD_CIDR,), 1500, (CLUSTER_CIDR,)), state_file)
-    os.symlink(NETAGENT_PLUGIN, os.path.join(node.bin_dir, "netagent"))
-    os.symlink(os.path.join(REFERENCE_PLUGINS, "portmap"), os.path.join(node.bin_dir, "portmap"))
-    conflist = {
-        "cniVersion": "1.0.0",
-        "name": "netagent",
-        "plugins": [
-            {"type": "netagent", "nodeStateFile": state_file, "ipam": {"dataDir": data_dir}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }
-    with open(os.path.join(node.conf_dir, "10-netagent.conflist"), "w") as f:
-        json.dump(conflist, f)
-    return conflist["name"], data_dir
-
-
 def test_ctr_run_cni_container_gets_its_ip_from_netagent_reaches_pods_and_releases_it_on_removal(
-    node: ContainerdNode, busybox_image: oci_image.BuiltImage
+    netagent_on_node: NetagentSetup, node: ContainerdNode, busybox_image: oci_image.BuiltImage
 ) -> None:
-    network, data_dir = install_netagent(node)
-    allocations = os.path.join(data_dir, network)
+    network = install_netagent(node, netagent_on_node)
+    allocations = os.path.join(netagent_on_node.data_dir, network)
 
     server = node.run_pod(busybox_image.ref, "server", WEB_SERVER)
     client = node.run_pod(busybox_image.ref, "client", WEB_SERVER)
-    (server_cidr,) = server.ipv4_addresses()
-    server_ip = server_cidr.split("/")[0]
-    assert ipaddress.ip_interface(server_cidr).network == ipaddress.ip_network(POD_CIDR)
+    server_ip = ipv4_of(server)
+    assert ipaddress.ip_address(server_ip) in ipaddress.ip_network(POD_CIDR)
     with open(os.path.join(allocations, server_ip)) as f:
         # ctr names the CNI attachment "<containerd namespace>-<container id>"
         assert f.read().split() == ["default-server", "eth0"]
@@ -151,6 +198,5 @@ def test_ctr_run_cni_container_gets_its_ip_from_netagent_reaches_pods_and_releas
 
     node.remove_pod(server)
     assert not os.path.exists(os.path.join(allocations, server_ip))
-    assert len(host_veths(node.node_netns)) == 1  # only the client's is left
-    (client_cidr,) = client.ipv4_addresses()
-    assert os.path.exists(os.path.join(allocations, client_cidr.split("/")[0]))
+    assert len(host_veths(node.node_netns)) == 1  # netagent's DEL removed the server's; the client's stays
+    assert os.path.exists(os.path.join(allocations, ipv4_of(client)))
