@@ -171,6 +171,8 @@ def tcp_reaches(
         except OSError:
             return False
         finally:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)  # wakes the echo thread if nobody connected
             echo.join(timeout=10)
 
 
