@@ -1,36 +1,162 @@
-"""Garbage collection of one network's attachments (CNI 1.1 GC), shared by the plugin and the agent.
+"""Garbage collection of one network's attachments: the one implementation behind the CNI 1.1 GC verb
+and the agent's periodic collector (netagent/gc.py).
 
 Everything this network owns is findable without the pods: allocations live under the network's
-IPAM directory and every host veth carries the network's alias. Whatever is not in the valid set is
-released; anything that belongs to another network or to no network is left alone.
+IPAM directory (owner and write time in each file) and every host veth carries the network's alias.
+The caller only decides, per attachment and per veth that no allocation explains, whether it goes
+and why; anything that belongs to another network or to no network is never looked at.
+
+Races with a concurrent ADD are closed by the IPAM lock and by ifindex: decisions and releases
+happen under one hold of the lock, and the veths are listed inside that hold and deleted by index,
+so a veth recreated afterwards by a new ADD under the same name (a new ifindex) is never touched.
 """
 
 from __future__ import annotations
 
+import errno
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from cni import ipam, links
-from cni.config import IPAddress
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
-Attachment = tuple[str, str]  # (container id, ifname)
+from cni import errors, ipam, links
+from cni.config import IPAddress
+from cni.errors import CniError
+
+Owner = tuple[str, str]  # (container id, ifname)
+NOT_VALID = "not in cni.dev/valid-attachments"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What the node holds for one (container id, ifname): its addresses and how long it has held them."""
+
+    owner: Owner
+    addresses: tuple[IPAddress, ...]
+    age: float  # seconds since the youngest of its allocations was written
+
+    @property
+    def veth_name(self) -> str:
+        return links.host_veth_name(*self.owner)
+
+
+@dataclass(frozen=True)
+class Veth:
+    """A host veth of the network; index tells a leftover from a later veth with the same name."""
+
+    name: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Release:
+    """One thing collected (or, on a dry run, that would be): an address or a veth, and why."""
+
+    kind: str  # "allocation" or "veth"
+    name: str  # the address, or the veth's name
+    owner: Owner | None  # None for a veth no allocation explains
+    reason: str
 
 
 @dataclass(frozen=True)
 class GcReport:
-    released: tuple[IPAddress, ...]
-    deleted_links: tuple[str, ...]
+    releases: tuple[Release, ...]
+
+    @property
+    def released(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.releases if r.kind == "allocation")
+
+    @property
+    def deleted_links(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.releases if r.kind == "veth")
 
 
-def collect(network_name: str, data_dir: str, valid: frozenset[Attachment]) -> GcReport:
-    """Release allocations and delete host veths of `network_name` not named in `valid`.
+# Each judge returns the reason to collect, or None to keep.
+AttachmentJudge = Callable[[Attachment], str | None]
+VethJudge = Callable[[Veth], str | None]
+
+
+def collect(network_name: str, data_dir: str, valid: frozenset[Owner]) -> GcReport:
+    """The CNI GC verb: release allocations and host veths of `network_name` not named in `valid`."""
+    keep_veths = {links.host_veth_name(container_id, ifname) for container_id, ifname in valid}
+    return sweep(
+        network_name,
+        data_dir,
+        judge_attachment=lambda attachment: None if attachment.owner in valid else NOT_VALID,
+        judge_orphan_veth=lambda veth: None if veth.name in keep_veths else NOT_VALID,
+    )
+
+
+def sweep(
+    network_name: str,
+    data_dir: str,
+    judge_attachment: AttachmentJudge,
+    judge_orphan_veth: VethJudge,
+    dry_run: bool = False,
+) -> GcReport:
+    """Collect what the judges condemn: an attachment's addresses and its veth, and orphan veths.
 
     Host veths are looked up in the calling thread's netns, which must be the node's.
     """
-    released = ipam.Store(data_dir, network_name).release_all_except(valid)
-    keep = {links.host_veth_name(container_id, ifname) for container_id, ifname in valid}
-    deleted = []
+    store = ipam.Store(data_dir, network_name)
+    releases: list[Release] = []
     with links.node_iproute() as ipr:
-        for name in links.veths_of_network(ipr, network_name):
-            if name not in keep and links.delete(ipr, name):
-                deleted.append(name)
-    return GcReport(tuple(sorted(released)), tuple(sorted(deleted)))
+        with store.locked():
+            veths = _veths(ipr, network_name)
+            attachments = _attachments(store)
+            condemned = {a.owner: reason for a in attachments if (reason := judge_attachment(a)) is not None}
+            for attachment in attachments:
+                if attachment.owner in condemned:
+                    for address in attachment.addresses:
+                        if not dry_run:
+                            store.drop(address)
+                        releases.append(Release("allocation", str(address), attachment.owner,
+                                                condemned[attachment.owner]))
+        owner_of_veth = {a.veth_name: a.owner for a in attachments}
+        for veth in veths:
+            owner = owner_of_veth.get(veth.name)
+            reason = condemned.get(owner) if owner else judge_orphan_veth(veth)
+            if reason is not None and (dry_run or _delete(ipr, veth)):
+                releases.append(Release("veth", veth.name, owner, reason))
+    return GcReport(tuple(releases))
+
+
+def _attachments(store: ipam.Store) -> list[Attachment]:
+    """Allocations grouped by owner (caller holds the lock); a dual-stack pod owns two addresses."""
+    now = time.time()
+    grouped: dict[Owner, list[tuple[IPAddress, float]]] = {}
+    for address, owner in store.allocations().items():
+        written = store.allocated_at(address)
+        grouped.setdefault(owner, []).append((address, now if written is None else written))
+    attachments = []
+    for owner, held in grouped.items():
+        addresses = tuple(sorted((address for address, _ in held), key=_address_order))
+        youngest = max(written for _, written in held)
+        attachments.append(Attachment(owner, addresses, max(0.0, now - youngest)))
+    return attachments
+
+
+def _address_order(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)
+
+
+def _veths(ipr: IPRoute, network_name: str) -> list[Veth]:
+    veths = []
+    for name in links.veths_of_network(ipr, network_name):
+        link = links.find(ipr, name)
+        if link is not None:
+            veths.append(Veth(name, link.index))
+    return veths
+
+
+def _delete(ipr: IPRoute, veth: Veth) -> bool:
+    """Delete by index, never by name (see the module docstring); False when it is already gone."""
+    try:
+        ipr.link("del", index=veth.index)
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return False
+        raise CniError(errors.KERNEL_FAILURE, f"cannot delete {veth.name}", str(e)) from None
+    return True

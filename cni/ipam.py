@@ -61,6 +61,17 @@ class Store:
                     found[address] = _read_owner(entry.path)
         return found
 
+    def allocated_at(self, address: IPAddress) -> float | None:
+        """When ADD wrote the allocation (file mtime; caller holds the lock), for GC's grace period."""
+        try:
+            return os.stat(os.path.join(self.directory, str(address))).st_mtime
+        except FileNotFoundError:
+            return None
+
+    def drop(self, address: IPAddress) -> None:
+        """Remove one allocation (caller holds the lock): GC decides per address under one lock hold."""
+        self._unlink(address)
+
     def allocate(self, owner: Owner, ranges: Iterable[IpRange]) -> list[IPAddress]:
         """One address per range for owner; an owner that already holds one keeps it (retried ADD)."""
         allocated: list[IPAddress] = []
