@@ -52,7 +52,7 @@ def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
     lab = Lab(name)
     if not 1 <= nodes <= topology.MAX_NODES:
         raise LabError(f"--nodes must be between 1 and {topology.MAX_NODES}")
-    if lab.exists() or any(lab.owns_netns(n) for n in netns.names(f"{name}-")):
+    if exists(lab):
         raise LabError(f"lab {name!r} already exists: run `netagent lab down --name {name}` first")
     started = time.monotonic()
     try:
@@ -64,6 +64,11 @@ def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
     progress(f"lab {name!r} ready: {nodes} nodes, network {network}, proxy {proxy} "
              f"({time.monotonic() - started:.1f}s)")
     return state
+
+
+def exists(lab: Lab) -> bool:
+    """True if anything of the lab is there, even the remains of a killed `up`."""
+    return os.path.isdir(lab.dir) or any(lab.owns_netns(n) for n in netns.names(f"{lab.name}-"))
 
 
 def _build(lab: Lab, count: int, network: str, proxy: str, timeout: float, progress: Progress) -> LabState:
