@@ -41,6 +41,7 @@ In-process (tests):
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import copy
 import ipaddress
@@ -91,13 +92,14 @@ class Resource:
     namespaced: bool
     short_names: tuple[str, ...] = ()
     has_status: bool = True
+    in_all: bool = False  # in kubectl's "all" category (`kubectl get all`)
 
 
 RESOURCES = [
     Resource("namespaces", "Namespace", "v1", False, ("ns",)),
     Resource("nodes", "Node", "v1", False, ("no",)),
-    Resource("pods", "Pod", "v1", True, ("po",)),
-    Resource("services", "Service", "v1", True, ("svc",)),
+    Resource("pods", "Pod", "v1", True, ("po",), in_all=True),
+    Resource("services", "Service", "v1", True, ("svc",), in_all=True),
     Resource("events", "Event", "v1", True, ("ev",), has_status=False),
     Resource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True, has_status=False),
 ]
@@ -118,6 +120,7 @@ def resource_list(group_version: str) -> dict:
                 **base,
                 "verbs": VERBS,
                 "shortNames": list(r.short_names),
+                "categories": ["all"] if r.in_all else [],
             }
         )
         if r.has_status:
@@ -153,6 +156,38 @@ DISCOVERY: dict[str, dict] = {
         for gv in GROUP_VERSIONS
     },
 }
+
+
+def openapi_paths(group_version: str) -> dict:
+    """A minimal OpenAPI v3 document: no schemas, only that PATCH takes `fieldValidation`.
+
+    That is what kubectl looks for before validating; finding it, it leaves validation to the server
+    (which here accepts any fields) instead of demanding schemas we do not have."""
+    group, _, version = group_version.rpartition("/")
+    prefix = f"/apis/{group_version}" if group else "/api/v1"
+    paths = {}
+    for r in RESOURCES:
+        if r.group_version == group_version:
+            scope = "/namespaces/{namespace}" if r.namespaced else ""
+            patch = {
+                "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": r.kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "OK"}},
+            }
+            paths[f"{prefix}{scope}/{r.name}/{{name}}"] = {"patch": patch}
+    return {
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": SERVER_VERSION["gitVersion"]},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }
+
+
+OPENAPI_ROOTS = {("apis/" + gv if gv != "v1" else "api/v1"): gv for gv in ["v1", *GROUP_VERSIONS]}
+DISCOVERY["/openapi/v3"] = {
+    "paths": {root: {"serverRelativeURL": f"/openapi/v3/{root}"} for root in OPENAPI_ROOTS}
+}
+DISCOVERY.update({f"/openapi/v3/{root}": openapi_paths(gv) for root, gv in OPENAPI_ROOTS.items()})
 
 
 def status_object(code: int, reason: str, message: str, details: dict | None = None) -> dict:
@@ -839,6 +874,128 @@ class Api:
         return None
 
 
+# ---------------------------------------------------------------- kubectl tables
+
+
+def age(obj: dict) -> str:
+    """How long ago an object was created, the way kubectl shows it (server-side, as the apiserver does)."""
+    created = obj["metadata"].get("creationTimestamp")
+    if not created:
+        return "<unknown>"
+    seconds = max(0, int(time.time() - calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _condition(obj: dict, type_: str) -> str | None:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c.get("status") for c in conditions if c.get("type") == type_), None)
+
+
+def _service_ports(svc: dict) -> str:
+    ports = svc["spec"].get("ports") or []
+    return (
+        ",".join(
+            f"{p['port']}{':' + str(p['nodePort']) if p.get('nodePort') else ''}/{p.get('protocol', 'TCP')}"
+            for p in ports
+        )
+        or "<none>"
+    )
+
+
+def _internal_ip(node: dict) -> str:
+    addresses = (node.get("status") or {}).get("addresses") or []
+    return next((a["address"] for a in addresses if a.get("type") == "InternalIP"), "<none>")
+
+
+Column = tuple[str, int, Callable[[dict], object]]  # (name, priority: 1 = only with -o wide, cell)
+NAME: Column = ("Name", 0, lambda o: o["metadata"]["name"])
+AGE: Column = ("Age", 0, age)
+TABLE_COLUMNS: dict[str, list[Column]] = {
+    "Node": [
+        NAME,
+        ("Status", 0, lambda o: "Ready" if _condition(o, "Ready") == "True" else "NotReady"),
+        AGE,
+        ("Internal-IP", 1, _internal_ip),
+        ("Pod-CIDR", 1, lambda o: (o.get("spec") or {}).get("podCIDR")),
+    ],
+    "Pod": [
+        NAME,
+        ("Ready", 0, lambda o: "1/1" if _condition(o, "Ready") == "True" else "0/1"),
+        (
+            "Status",
+            0,
+            lambda o: (
+                "Terminating"
+                if o["metadata"].get("deletionTimestamp")
+                else (o.get("status") or {}).get("phase", "Pending")
+            ),
+        ),
+        AGE,
+        ("IP", 1, lambda o: (o.get("status") or {}).get("podIP", "<none>")),
+        ("Node", 1, lambda o: (o.get("spec") or {}).get("nodeName", "<none>")),
+    ],
+    "Service": [
+        NAME,
+        ("Type", 0, lambda o: o["spec"].get("type")),
+        ("Cluster-IP", 0, lambda o: o["spec"].get("clusterIP", "<none>")),
+        ("External-IP", 0, lambda o: ",".join(o["spec"].get("externalIPs") or []) or "<none>"),
+        ("Port(s)", 0, _service_ports),
+        AGE,
+        (
+            "Selector",
+            1,
+            lambda o: ",".join(f"{k}={v}" for k, v in (o["spec"].get("selector") or {}).items()) or "<none>",
+        ),
+    ],
+    "EndpointSlice": [
+        NAME,
+        ("AddressType", 0, lambda o: o.get("addressType")),
+        ("Ports", 0, lambda o: ",".join(str(p.get("port")) for p in o.get("ports") or []) or "<unset>"),
+        (
+            "Endpoints",
+            0,
+            lambda o: ",".join(a for e in o.get("endpoints") or [] for a in e["addresses"]) or "<unset>",
+        ),
+        AGE,
+    ],
+    "Namespace": [NAME, ("Status", 0, lambda o: (o.get("status") or {}).get("phase", "Active")), AGE],
+}
+
+
+def as_table(resource: Resource, objects: list[dict], rv: str) -> dict:
+    """A meta.k8s.io/v1 Table: what kubectl asks for to print `kubectl get` (columns as kubectl has them)."""
+    columns = TABLE_COLUMNS.get(resource.kind, [NAME, AGE])
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv},
+        "columnDefinitions": [
+            {
+                "name": name,
+                "type": "string",
+                "format": "name" if name == "Name" else "",
+                "description": "",
+                "priority": priority,
+            }
+            for name, priority, _ in columns
+        ],
+        "rows": [
+            {
+                "cells": [cell(obj) for _, _, cell in columns],
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": obj["metadata"],
+                },
+            }
+            for obj in objects
+        ],
+    }
+
+
 # ---------------------------------------------------------------- HTTP
 
 
@@ -915,13 +1072,25 @@ class Handler(BaseHTTPRequestHandler):
         api = self.server.api
         if t.name is None:
             if method == "GET" and query.get("watch") in ("true", "1"):
-                return self._stream(api.watch(t, query, self._client_gone))
+                events = api.watch(t, query, self._client_gone)
+                if self._wants_table():  # kubectl get --watch
+                    events = (
+                        {**e, "object": as_table(t.resource, [e["object"]], "")}
+                        if e["type"] in ("ADDED", "MODIFIED", "DELETED")
+                        else e
+                        for e in events
+                    )
+                return self._stream(events)
             if method == "GET":
-                return self._send(200, api.list(t, query))
+                listed = api.list(t, query)
+                if self._wants_table():
+                    listed = as_table(t.resource, listed["items"], listed["metadata"]["resourceVersion"])
+                return self._send(200, listed)
             if method == "POST":
                 return self._send(201, api.create(t, body))
         elif method == "GET":
-            return self._send(200, api.get(t))
+            obj = api.get(t)
+            return self._send(200, as_table(t.resource, [obj], "") if self._wants_table() else obj)
         elif method == "PUT":
             return self._send(200, api.update(t, body))
         elif method == "PATCH":
@@ -933,6 +1102,9 @@ class Handler(BaseHTTPRequestHandler):
                 options["gracePeriodSeconds"] = query["gracePeriodSeconds"]
             return self._send(200, api.delete(t, options))
         raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on {self.path}")
+
+    def _wants_table(self) -> bool:
+        return "as=Table" in self.headers.get("Accept", "")
 
     def _read_body(self) -> object:
         length = int(self.headers.get("Content-Length") or 0)
