@@ -326,6 +326,7 @@ disabled_plugins = [{disabled}]
 
         def running() -> bool:
             if process.poll() is not None:
+                self._forget(pod)
                 raise ContainerdError(f"ctr run {name} exited with {process.returncode}:\n{pod.log()}")
             pid, status = self.tasks().get(name, (0, ""))
             pod.pid = pid
@@ -342,9 +343,19 @@ disabled_plugins = [{disabled}]
         except subprocess.TimeoutExpired as error:
             raise ContainerdError(f"ctr run {pod.name} did not finish after its task was killed") from error
         finally:
-            self.pods.pop(pod.name, None)
+            self._forget(pod)
         if "network review" in pod.log():  # ctr's wording when CNI DEL fails
             raise ContainerdError(f"CNI DEL failed for {pod.name}:\n{pod.log()}")
+
+    def _forget(self, pod: Pod) -> None:
+        """Delete whatever its `ctr run` left of a pod (nothing, normally).
+
+        When CNI ADD fails, ctr exits leaving the task it created but never started (containerd
+        refuses to delete a created task without --force) and therefore the container too.
+        """
+        self.ctr(["task", "delete", "--force", pod.name], check=False)
+        self.ctr(["container", "delete", pod.name], check=False)
+        self.pods.pop(pod.name, None)
 
     def close(self) -> None:
         """Stop everything this node started and remove its state; safe after a partial start."""

@@ -8,6 +8,7 @@ Each container runs busybox httpd, so reachability is proven with real TCP (an H
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import json
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 from netns_lab import oci_image
-from netns_lab.containerd_node import ContainerdNode, Pod, wait_until
+from netns_lab.containerd_node import ContainerdError, ContainerdNode, Pod, wait_until
 
 from netagent import netns, nodestate
 
@@ -120,6 +121,14 @@ def host_veths(node_netns: str) -> list[str]:
     return [link["ifname"] for link in json.loads(listing.stdout or "[]")]
 
 
+def allocated_ips(allocations_dir: str) -> list[str]:
+    """The addresses netagent's IPAM holds (one file per address) in a network's data dir."""
+    if not os.path.isdir(allocations_dir):
+        return []
+    names = os.listdir(allocations_dir)
+    return sorted(n for n in names if n.replace(".", "").isdigit() or ":" in n)
+
+
 def ipv4_of(pod: Pod) -> str:
     (cidr,) = pod.ipv4_addresses()
     return cidr.split("/")[0]
@@ -139,10 +148,8 @@ def assert_serves_http(client: Pod, address: str) -> None:
     )
 
 
-def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips(
-    node: ContainerdNode, busybox_image: oci_image.BuiltImage
-) -> None:
-    """Baseline for the harness itself: Debian's bridge + host-local, exactly as ctr drives any plugin."""
+def install_reference(node: ContainerdNode) -> str:
+    """Debian's bridge + host-local as the node's network; returns host-local's data dir."""
     for plugin in ("bridge", "host-local"):
         os.symlink(os.path.join(REFERENCE_PLUGINS, plugin), os.path.join(node.bin_dir, plugin))
     ipam_dir = node.path("host-local")
@@ -160,6 +167,14 @@ def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips
     }
     with open(os.path.join(node.conf_dir, "10-reference.conflist"), "w") as f:
         json.dump(conflist, f)
+    return ipam_dir
+
+
+def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips(
+    node: ContainerdNode, busybox_image: oci_image.BuiltImage
+) -> None:
+    """Baseline for the harness itself: Debian's bridge + host-local, exactly as ctr drives any plugin."""
+    ipam_dir = install_reference(node)
 
     server = node.run_pod(busybox_image.ref, "server", WEB_SERVER)
     client = node.run_pod(busybox_image.ref, "client", WEB_SERVER)
@@ -197,6 +212,48 @@ def test_ctr_run_cni_container_gets_its_ip_from_netagent_reaches_pods_and_releas
     assert_serves_http(client, server_ip)
 
     node.remove_pod(server)
-    assert not os.path.exists(os.path.join(allocations, server_ip))
+    assert allocated_ips(allocations) == [ipv4_of(client)]
     assert len(host_veths(node.node_netns)) == 1  # netagent's DEL removed the server's; the client's stays
-    assert os.path.exists(os.path.join(allocations, ipv4_of(client)))
+
+
+def test_ctr_run_cni_reports_netagents_error_when_node_state_is_missing_and_leaves_nothing_behind(
+    node: ContainerdNode, busybox_image: oci_image.BuiltImage, tmp_path
+) -> None:
+    no_agent = NetagentSetup(str(tmp_path / "no-agent"), str(tmp_path / "ipam"), fallback=None)
+    network = install_netagent(node, no_agent)
+
+    expected = r'plugin type="netagent" failed \(add\): node state .* does not exist'
+    with pytest.raises(ContainerdError, match=expected):
+        node.run_pod(busybox_image.ref, "orphan", WEB_SERVER)
+
+    assert node.tasks() == {}
+    assert node.ctr(["container", "list", "--quiet"]).stdout.split() == []
+    assert host_veths(node.node_netns) == []
+    assert allocated_ips(os.path.join(no_agent.data_dir, network)) == []
+
+
+def test_closing_a_node_stops_containers_and_containerd_and_leaves_no_trace_on_the_host(
+    node_netns: str, busybox_image: oci_image.BuiltImage
+) -> None:
+    fixed_paths = ("/etc/cni", "/opt/cni", "/var/lib/cni", "/run/containerd", "/var/lib/containerd")
+    host_before = {p: os.path.exists(p) for p in fixed_paths}
+    with ContainerdNode(node_netns) as node:
+        node.import_image(busybox_image.path)
+        ipam_dir = install_reference(node)
+        pod = node.run_pod(busybox_image.ref, "left-running", WEB_SERVER)
+        assert os.listdir(os.path.join(ipam_dir, "reference"))
+    # closed with the pod still running, as when a test fails half-way
+
+    def process_gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    assert process_gone(pod.pid)
+    assert all(process_gone(p) for p in (node.daemon.pid, node.holder.pid))
+    assert not os.path.exists(node.workdir)
+    assert glob.glob(f"/sys/fs/cgroup/*/{node.cgroup_parent}") == []
+    assert {p: os.path.exists(p) for p in fixed_paths} == host_before
+    wait_until(lambda: host_veths(node_netns) == [], 60, "the pod's host veth to go with its netns")
