@@ -73,7 +73,7 @@ class CniService:
         self._listener = listener
         self._acceptor = threading.Thread(target=self._accept_loop, name="cni-service", daemon=True)
         self._acceptor.start()
-        log.info("CNI service listening on %s", self.socket_path)
+        log.debug("CNI service listening on %s", self.socket_path)
 
     def stop(self) -> None:
         """Stop accepting; requests already being served finish on their own threads."""
