@@ -48,6 +48,11 @@ HOOKS = (
 )
 
 
+def _reject(protocol: str) -> str:
+    """TCP gets a reset: ICMP errors are rate limited per host (an ICMP redirect can use the token)."""
+    return "REJECT --reject-with tcp-reset" if protocol == "TCP" else "REJECT"
+
+
 def svc_chain(p: ServicePort) -> str:
     return f"NA-SVC-{p.uid}"
 
@@ -86,20 +91,20 @@ class IptablesBackend(Backend):
                 nat[SERVICES].append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {svc_chain(p)}")
                 nat[svc_chain(p)] = [f"-j {MASQ_OFF_CLUSTER}", *self._balance(p, p.cluster_endpoints)]
             else:
-                reject.append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j REJECT")
+                reject.append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {_reject(p.protocol)}")
             external_chain = self._external_chain(p)
             for ip in p.external_ips:
                 rule = f"-d {ip}{self._host_len} {match} {comment}"
                 if external_chain:
                     nat[SERVICES].append(f"{rule} -j {ext_chain(p)}")
                 if not p.external_endpoints:
-                    reject.append(f"{rule} -j REJECT")
+                    reject.append(f"{rule} -j {_reject(p.protocol)}")
             if p.node_port:
                 rule = f"-p {p.protocol.lower()} -m {p.protocol.lower()} --dport {p.node_port} {comment}"
                 if external_chain:
                     nat[NODEPORTS].append(f"{rule} -j {ext_chain(p)}")
                 if not p.external_endpoints:
-                    reject.append(f"-m addrtype --dst-type LOCAL {rule} -j REJECT")
+                    reject.append(f"-m addrtype --dst-type LOCAL {rule} -j {_reject(p.protocol)}")
             if external_chain:
                 nat[ext_chain(p)] = external_chain
             for e in {*p.cluster_endpoints, *p.external_endpoints}:

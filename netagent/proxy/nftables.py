@@ -131,8 +131,11 @@ class NftablesBackend(Backend):
                 f"{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
                 f"fib daddr type local meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
             ),
-            "reject-check": (
+            "reject-check": (  # TCP gets a reset: ICMP errors are rate limited per host
+                f"{ip} daddr . meta l4proto . th dport @{REJECT_IPS} meta l4proto tcp reject with tcp reset",
                 f"{ip} daddr . meta l4proto . th dport @{REJECT_IPS} reject",
+                f"fib daddr type local meta l4proto . th dport @{REJECT_NODEPORTS} meta l4proto tcp "
+                "reject with tcp reset",
                 f"fib daddr type local meta l4proto . th dport @{REJECT_NODEPORTS} reject",
             ),
             MARK_MASQ: (f"meta mark set meta mark | {mark}",),

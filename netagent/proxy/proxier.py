@@ -1,0 +1,81 @@
+"""Applies one Snapshot to this node: each IP family's rules, then stale UDP conntrack entries, then
+the healthCheckNodePort servers. The controller decides WHEN to sync; this decides WHAT a sync does."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from netagent.proxy.backend import Backend, NodeContext, expected_backends
+from netagent.proxy.conntrack import delete_udp_flows, removed_udp_endpoints
+from netagent.proxy.healthcheck import HealthCheckServers
+from netagent.proxy.iptables import IptablesBackend
+from netagent.proxy.model import Snapshot
+from netagent.proxy.nftables import NftablesBackend
+
+log = logging.getLogger(__name__)
+
+BACKENDS: dict[str, type[Backend]] = {"iptables": IptablesBackend, "nftables": NftablesBackend}
+
+
+def make_backends(
+    kind: str, node: NodeContext, families: tuple[int, ...] = (4, 6), netns: str | None = None
+) -> list[Backend]:
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown proxy backend {kind!r}: choose one of {', '.join(sorted(BACKENDS))}")
+    return [BACKENDS[kind](node, family=family, netns=netns) for family in families]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One service destination: the endpoints the snapshot wants and the ones the kernel has."""
+
+    destination: str
+    desired: frozenset[str]
+    kernel: frozenset[str]
+
+    @property
+    def in_sync(self) -> bool:
+        return self.desired == self.kernel
+
+
+def compare(backends: list[Backend], snapshot: Snapshot) -> list[Comparison]:
+    rows = []
+    for backend in backends:
+        desired = expected_backends(snapshot.for_family(backend.family))
+        kernel = backend.kernel_view().backends()
+        for dest in sorted(desired.keys() | kernel.keys()):
+            rows.append(Comparison(dest, desired.get(dest, frozenset()), kernel.get(dest, frozenset())))
+    return rows
+
+
+class Proxier:
+    def __init__(
+        self,
+        kind: str,
+        node: NodeContext,
+        families: tuple[int, ...] = (4, 6),
+        netns: str | None = None,
+        health: HealthCheckServers | None = None,
+    ) -> None:
+        self.backends = make_backends(kind, node, families, netns)
+        self.netns = netns
+        self.health = health
+        self._last = Snapshot()
+
+    def sync(self, snapshot: Snapshot) -> bool:
+        """Raises SyncError if a family's transaction was refused (that family is left unchanged)."""
+        changed = False
+        for backend in self.backends:
+            changed |= bool(backend.sync(snapshot.for_family(backend.family)))
+        delete_udp_flows(removed_udp_endpoints(self._last.ports, snapshot.ports), self.netns)
+        if self.health:
+            self.health.update(snapshot.ports)
+        self._last = snapshot
+        return changed
+
+    def cleanup(self) -> None:
+        for backend in self.backends:
+            backend.cleanup()
+        if self.health:
+            self.health.stop()
