@@ -21,8 +21,11 @@ from typing import Any
 
 import click
 
+from cni.config import DEFAULT_DATA_DIR
 from netagent import nodestate
 from netagent.files import atomic_write
+from netagent.gc import DEFAULT_GRACE as DEFAULT_GC_GRACE
+from netagent.gc import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
 from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.lock import AgentLock, LockHeldError
 
@@ -49,6 +52,9 @@ class AgentConfig:
     healthz_bind: str = "0.0.0.0:10256"
     metrics_bind: str = "127.0.0.1:10249"
     min_sync_period: float = 1.0
+    gc_interval: float = DEFAULT_GC_INTERVAL
+    gc_grace: float = DEFAULT_GC_GRACE
+    cni_data_dir: str = DEFAULT_DATA_DIR
 
     @property
     def lock_path(self) -> str:
@@ -91,6 +97,7 @@ class Agent:
                 self._write_standalone_node_state()
             else:
                 self._start_controllers()
+                self._start_gc()
             self._wait_until_ready()
             self.stopping.wait()
         finally:
@@ -122,6 +129,17 @@ class Agent:
         service.start()
         self._stoppables.append(service)
         log.info("CNI service listening on %s", self.config.cni_socket_path)
+
+    def _start_gc(self) -> None:
+        """Release CNI state leaked by pods gone from this node: at start, then every --gc-interval."""
+        from netagent.gc import start_collector
+        from netagent.kube import load_api_client
+
+        cfg = self.config
+        if cfg.gc_interval > 0:
+            self._stoppables.append(start_collector(load_api_client(cfg.kubeconfig), cfg.node_name,
+                                                    cfg.cni_data_dir, cfg.state_dir, cfg.gc_interval,
+                                                    cfg.gc_grace))
 
     def _write_standalone_node_state(self) -> None:
         """No API server: pod CIDRs come from flags, no other nodes to reach, MTU = underlay MTU."""
@@ -228,12 +246,19 @@ def _default_node_name() -> str:
               help="HOST:PORT for /metrics ('' disables).")
 @click.option("--min-sync-period", type=click.FloatRange(0.0), default=1.0, show_default=True,
               help="Seconds between two syncs of one controller (bursts are coalesced).")
+@click.option("--gc-interval", type=click.FloatRange(0.0), default=DEFAULT_GC_INTERVAL, show_default=True,
+              help="Seconds between GC passes over leaked CNI state (0 disables GC).")
+@click.option("--gc-grace", type=click.FloatRange(0.0), default=DEFAULT_GC_GRACE, show_default=True,
+              help="Seconds an attachment without a live pod is left alone (it may be being created).")
+@click.option("--cni-data-dir", default=DEFAULT_DATA_DIR, show_default=True,
+              help="The CNI plugin's IPAM dataDir, which GC sweeps.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs: tuple[str, ...],
             state_dir: str, network: str, underlay_iface: str | None, vxlan_vni: int, vxlan_port: int,
             cluster_cidrs: tuple[str, ...], service_cidr: str, proxy: str, healthz_bind: str,
-            metrics_bind: str, min_sync_period: float, log_level: str) -> None:
+            metrics_bind: str, min_sync_period: float, gc_interval: float, gc_grace: float,
+            cni_data_dir: str, log_level: str) -> None:
     """Run the node agent: node networking, CNI service and (optionally) the service proxy."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if standalone and not pod_cidrs:
@@ -246,6 +271,7 @@ def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs:
         pod_cidrs=pod_cidrs, network=network, underlay_iface=underlay_iface, vxlan_vni=vxlan_vni,
         vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, service_cidr=service_cidr, proxy=proxy,
         healthz_bind=healthz_bind, metrics_bind=metrics_bind, min_sync_period=min_sync_period,
+        gc_interval=gc_interval, gc_grace=gc_grace, cni_data_dir=cni_data_dir,
     )
     agent = Agent(config)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,280 @@
+"""Garbage collection of leaked CNI state: the agent's periodic collector and `netagent gc` by hand.
+
+Why: a plugin or runtime killed in the middle of ADD or DEL (OOM, crash, node pressure) leaves IPs
+allocated and veths on the bridge that nobody will ever DEL. The API server knows which pods run on
+this node and their IPs; whatever of our network no live pod explains is released, with the reason
+logged and counted in STATE/gc.json (shown by `netagent gc` and `lab status`).
+
+Never touching a live pod is the first rule:
+  - an attachment holding the IP of a live pod on this node is kept, whatever its age;
+  - anything else is kept during a grace period, because a pod being created holds its allocation
+    and veth before the API server reports its IP: allocations by their file's age, and a veth that
+    no allocation explains by how long it has been seen orphaned (recorded in gc.json by name and
+    ifindex, since the kernel keeps no creation time for links);
+  - without a pod list from the API server nothing is collected at all.
+The kernel and disk work is cni.gc.sweep, the same code the CNI GC verb runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+
+from cni import gc as cni_gc
+from cni.config import DEFAULT_DATA_DIR
+from cni.install import PLUGIN_NAME
+from netagent import nodestate
+from netagent.files import atomic_write
+
+log = logging.getLogger("netagent.gc")
+
+DEFAULT_GRACE = 120.0
+DEFAULT_INTERVAL = 60.0
+STATE_FILE = "gc.json"
+NO_LIVE_POD = "no live pod on this node has its IP"
+ORPHAN_VETH = "veth without an allocation"
+FINISHED_PHASES = ("Succeeded", "Failed")  # such a pod's sandbox is gone: its IP is no longer in use
+
+LivePodIps = Callable[[], frozenset[str]]
+
+
+@dataclass
+class GcState:
+    """What gc.json keeps across passes and restarts: running totals and orphan veths under watch."""
+
+    passes: int = 0
+    last_pass: float | None = None  # epoch seconds
+    released: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> reason -> count
+    orphan_veths_seen: dict[str, float] = field(default_factory=dict)  # "name@ifindex" -> first seen
+
+    def count(self, kind: str) -> int:
+        return sum(self.released.get(kind, {}).values())
+
+    def summary(self) -> str:
+        if not self.passes:
+            return "no GC pass yet"
+        ago = time.time() - (self.last_pass or 0)
+        reasons = {}
+        for by_reason in self.released.values():
+            for reason, n in by_reason.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        why = "; ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+        return (f"{self.passes} passes (last {ago:.0f}s ago), released {self.count('allocation')} "
+                f"allocations and {self.count('veth')} veths" + (f" ({why})" if why else ""))
+
+
+def read_state(state_dir: str) -> GcState:
+    """The collector's totals; empty when no pass ran yet or the file is unreadable (never fatal)."""
+    try:
+        with open(os.path.join(state_dir, STATE_FILE)) as f:
+            data = json.load(f)
+        return GcState(**{key: data[key] for key in asdict(GcState()) if key in data})
+    except (OSError, ValueError, TypeError):
+        return GcState()
+
+
+@contextlib.contextmanager
+def _updating_state(state_dir: str, save: bool) -> Iterator[GcState]:
+    """Read-modify-write gc.json under a lock: the agent and a `netagent gc` by hand may overlap."""
+    os.makedirs(state_dir, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, STATE_FILE + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        state = read_state(state_dir)
+        yield state
+        if save:
+            atomic_write(os.path.join(state_dir, STATE_FILE), json.dumps(asdict(state), indent=2) + "\n")
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    releases: tuple[cni_gc.Release, ...]
+    waiting: int  # candidates kept only because they are still inside the grace period
+
+
+class Collector:
+    """One pass compares the node's attachments with the live pods' IPs and releases the leftovers."""
+
+    def __init__(self, network_name: str, data_dir: str, state_dir: str, grace: float,
+                 live_pod_ips: LivePodIps) -> None:
+        self.network_name = network_name
+        self.data_dir = data_dir
+        self.state_dir = state_dir
+        self.grace = grace
+        self.live_pod_ips = live_pod_ips
+
+    def run_once(self, dry_run: bool = False) -> PassResult:
+        live = self.live_pod_ips()  # before any lock: a failing API server must stop the pass here
+        with _updating_state(self.state_dir, save=not dry_run) as state:
+            judge = _PassJudge(live, self.grace, state.orphan_veths_seen)
+            report = cni_gc.sweep(self.network_name, self.data_dir, judge.attachment, judge.orphan_veth,
+                                  dry_run=dry_run)
+            if not dry_run:
+                state.passes += 1
+                state.last_pass = time.time()
+                state.orphan_veths_seen = judge.orphans_kept
+                for release in report.releases:
+                    by_reason = state.released.setdefault(release.kind, {})
+                    by_reason[release.reason] = by_reason.get(release.reason, 0) + 1
+        for release in report.releases:
+            owner = "/".join(release.owner) if release.owner else "no owner"
+            log.info("%s %s %s (attachment %s): %s", "would release" if dry_run else "released",
+                     release.kind, release.name, owner, release.reason)
+        return PassResult(report.releases, judge.waiting)
+
+
+class _PassJudge:
+    """The keep-or-collect rules of the module docstring, for one pass."""
+
+    def __init__(self, live_ips: frozenset[str], grace: float, orphans_seen: dict[str, float]) -> None:
+        self.live_ips = live_ips
+        self.grace = grace
+        self.now = time.time()
+        self.orphans_seen = orphans_seen
+        self.orphans_kept: dict[str, float] = {}
+        self.waiting = 0
+
+    def attachment(self, attachment: cni_gc.Attachment) -> str | None:
+        if any(str(address) in self.live_ips for address in attachment.addresses):
+            return None
+        if attachment.age < self.grace:
+            self.waiting += 1
+            return None
+        return NO_LIVE_POD
+
+    def orphan_veth(self, veth: cni_gc.Veth) -> str | None:
+        key = f"{veth.name}@{veth.index}"
+        first_seen = self.orphans_seen.get(key, self.now)
+        if self.now - first_seen < self.grace:
+            self.orphans_kept[key] = first_seen
+            self.waiting += 1
+            return None
+        return ORPHAN_VETH
+
+
+def pod_ips(pods: list[Any]) -> frozenset[str]:
+    """IPs of the pods still holding their sandbox (finished pods' IPs are free to collect)."""
+    ips = set()
+    for pod in pods:
+        status = pod.status
+        if status is None or status.phase in FINISHED_PHASES:
+            continue
+        ips.update(ip.ip for ip in status.pod_ips or [] if ip.ip)
+        if status.pod_ip:
+            ips.add(status.pod_ip)
+    return frozenset(ips)
+
+
+def node_selector(node_name: str) -> str:
+    return f"spec.nodeName={node_name}"
+
+
+class GcController:
+    """The agent's collector: a pass at start (once the pods of this node are listed) and every interval.
+
+    The pod list comes from an informer, so an API server outage leaves the last known pods in force.
+    """
+
+    def __init__(self, api_client: Any, node_name: str, network_name: str, data_dir: str, state_dir: str,
+                 interval: float, grace: float) -> None:
+        from kubernetes import client
+
+        from netagent.kube import Informer, SyncLoop
+
+        self.pods = Informer("pods", client.CoreV1Api(api_client).list_pod_for_all_namespaces,
+                             field_selector=node_selector(node_name))
+        self.collector = Collector(network_name, data_dir, state_dir, grace, self._live_pod_ips)
+        self.loop = SyncLoop("gc", self._pass, min_interval=min(interval, 1.0), max_interval=interval)
+
+    def start(self) -> None:
+        self.pods.start()
+        self.loop.start()
+        self.loop.request()
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.pods.stop()
+
+    def _live_pod_ips(self) -> frozenset[str]:
+        if not self.pods.wait_for_sync(timeout=30):
+            raise RuntimeError("the pods of this node are not listed yet: collecting nothing without them")
+        return pod_ips(self.pods.store.list())
+
+    def _pass(self) -> None:
+        result = self.collector.run_once()
+        log.info("GC pass: released %d, %d kept inside the grace period", len(result.releases),
+                 result.waiting)
+
+
+def _list_live_pod_ips(kubeconfig: str | None, node_name: str) -> LivePodIps:
+    def listed() -> frozenset[str]:
+        from kubernetes import client
+
+        from netagent.kube import load_api_client
+
+        core = client.CoreV1Api(load_api_client(kubeconfig))
+        return pod_ips(core.list_pod_for_all_namespaces(field_selector=node_selector(node_name),
+                                                        _request_timeout=30).items)
+    return listed
+
+
+def _default_node_name(state_dir: str) -> str:
+    """The node the agent wrote node.json for, else $NODE_NAME, else the hostname (as `netagent run`)."""
+    try:
+        return nodestate.read(os.path.join(state_dir, "node.json")).node_name
+    except (OSError, ValueError, KeyError, TypeError):
+        return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only print what would be released.")
+@click.option("--state-dir", default=nodestate.DEFAULT_STATE_DIR, show_default=True,
+              help="The agent's state dir: node.json (node name) and gc.json (totals, orphan veths seen).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="Kubeconfig file [default: in-cluster config, else ~/.kube/config].")
+@click.option("--node-name", default=None,
+              help="This node [default: from STATE/node.json, else $NODE_NAME, else the hostname].")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, help="The CNI IPAM dataDir.")
+@click.option("--network-name", default=PLUGIN_NAME, show_default=True, help="The CNI network's name.")
+@click.option("--grace", type=click.FloatRange(0.0), default=DEFAULT_GRACE, show_default=True,
+              help="Seconds an attachment without a live pod is left alone (a pod may be being created).")
+def gc_cmd(dry_run: bool, state_dir: str, kubeconfig: str | None, node_name: str | None, data_dir: str,
+           network_name: str, grace: float) -> None:
+    """Run one GC pass on this node (in its network namespace) and print what it released."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    node_name = node_name or _default_node_name(state_dir)
+    collector = Collector(network_name, data_dir, state_dir, grace, _list_live_pod_ips(kubeconfig, node_name))
+    try:
+        result = collector.run_once(dry_run=dry_run)
+    except Exception as exc:  # API server unreachable, bad kubeconfig, netlink or disk failure
+        raise click.ClickException(f"GC pass on node {node_name} failed, nothing released: "
+                                   f"{type(exc).__name__}: {exc}") from None
+    verb = "would release" if dry_run else "released"
+    for release in result.releases:
+        owner = f"container {release.owner[0]} {release.owner[1]}" if release.owner else "no allocation"
+        click.echo(f"{verb} {release.kind} {release.name} ({owner}): {release.reason}")
+    click.echo(f"node {node_name}, network {network_name}: {verb} {len(result.releases)}; "
+               f"{result.waiting} kept inside the {grace:.0f}s grace period")
+    click.echo(f"totals: {read_state(state_dir).summary()}")
+
+
+def start_collector(api_client: Any, node_name: str, data_dir: str, state_dir: str, interval: float,
+                    grace: float) -> GcController:
+    """What `netagent run` calls: the collector for the netagent network, already running."""
+    controller = GcController(api_client, node_name, PLUGIN_NAME, data_dir, state_dir, interval, grace)
+    controller.start()
+    log.info("GC every %.0fs (grace %.0fs) of %s/%s", interval, grace, data_dir, PLUGIN_NAME)
+    return controller
+
