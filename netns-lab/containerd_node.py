@@ -309,24 +309,25 @@ disabled_plugins = [{disabled}]
         rows = self.ctr(["task", "ls"]).stdout.splitlines()[1:]
         return {cols[0]: (int(cols[1]), cols[2]) for cols in (row.split() for row in rows) if len(cols) == 3}
 
+    def _run_argv(self, image: str, name: str, argv: Sequence[str], cni: bool) -> list[str]:
+        network = ["--cni"] if cni else []
+        return self._inside(["ctr", "--address", self.socket, "run", "--rm", *network,
+                             "--snapshotter", self.snapshotter, "--cgroup", f"/{self.cgroup_parent}/{name}",
+                             image, name, *argv])  # fmt: skip
+
     def run_pod(self, image: str, name: str, argv: Sequence[str], timeout: float = 120.0) -> Pod:
         """`ctr run --rm --cni` in the foreground; returns once the task runs (CNI ADD has succeeded)."""
         log_path = self.path(f"pod-{name}.log")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                self._inside(["ctr", "--address", self.socket, "run", "--rm", "--cni",
-                              "--snapshotter", self.snapshotter, "--cgroup", f"/{self.cgroup_parent}/{name}",
-                              image, name, *argv]),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )  # fmt: skip
+                self._run_argv(image, name, argv, cni=True), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
         pod = Pod(node=self, name=name, process=process, log_path=log_path)
         self.pods[name] = pod
 
         def running() -> bool:
             if process.poll() is not None:
-                self._forget(pod)
+                self._forget(pod.name)
                 raise ContainerdError(f"ctr run {name} exited with {process.returncode}:\n{pod.log()}")
             pid, status = self.tasks().get(name, (0, ""))
             pod.pid = pid
@@ -334,6 +335,14 @@ disabled_plugins = [{disabled}]
 
         wait_until(running, timeout, f"container {name} to run")
         return pod
+
+    def run_once(self, image: str, name: str, argv: Sequence[str], cni: bool = True) -> CompletedProcess:
+        """One whole container lifecycle, `ctr run --rm [--cni]`: create, ADD, start, exit, DEL, delete."""
+        result = subprocess.run(self._run_argv(image, name, argv, cni), capture_output=True, text=True)
+        if result.returncode != 0:
+            self._forget(name)
+            raise ContainerdError(f"ctr run {name} exited with {result.returncode}: {result.stderr.strip()}")
+        return result
 
     def remove_pod(self, pod: Pod, timeout: float = 120.0) -> None:
         """Kill the task; the foreground ctr then calls CNI DEL and deletes the container."""
@@ -343,19 +352,19 @@ disabled_plugins = [{disabled}]
         except subprocess.TimeoutExpired as error:
             raise ContainerdError(f"ctr run {pod.name} did not finish after its task was killed") from error
         finally:
-            self._forget(pod)
+            self._forget(pod.name)
         if "network review" in pod.log():  # ctr's wording when CNI DEL fails
             raise ContainerdError(f"CNI DEL failed for {pod.name}:\n{pod.log()}")
 
-    def _forget(self, pod: Pod) -> None:
+    def _forget(self, name: str) -> None:
         """Delete whatever its `ctr run` left of a pod (nothing, normally).
 
         When CNI ADD fails, ctr exits leaving the task it created but never started (containerd
         refuses to delete a created task without --force) and therefore the container too.
         """
-        self.ctr(["task", "delete", "--force", pod.name], check=False)
-        self.ctr(["container", "delete", pod.name], check=False)
-        self.pods.pop(pod.name, None)
+        self.ctr(["task", "delete", "--force", name], check=False)
+        self.ctr(["container", "delete", name], check=False)
+        self.pods.pop(name, None)
 
     def close(self) -> None:
         """Stop everything this node started and remove its state; safe after a partial start."""

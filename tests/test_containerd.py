@@ -14,23 +14,27 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from netns_lab import oci_image
+from netns_lab.containerd_networks import (
+    REFERENCE_NETWORK,
+    REFERENCE_SUBNET,
+    install_netagent,
+    install_reference,
+    standalone_agent,
+)
 from netns_lab.containerd_node import ContainerdError, ContainerdNode, Pod, wait_until
 
-from netagent import netns, nodestate
+from netagent import nodestate
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("containerd") and shutil.which("ctr") and shutil.which("runc")),
     reason="containerd, ctr and runc are installed by ./bootstrap",
 )
 
-REFERENCE_PLUGINS = "/usr/lib/cni"
-NETAGENT_CLI = os.path.join(os.path.dirname(sys.executable), "netagent")
 POD_CIDR = "10.88.1.0/24"
 CLUSTER_CIDR = "10.88.0.0/16"
 WEB_SERVER = ["httpd", "-f", "-p", "80", "-h", "/etc"]  # serves the image's /etc/passwd
@@ -61,6 +65,9 @@ class NetagentSetup:
     data_dir: str
     fallback: str | None  # None: install-cni's default, the Python plugin
 
+    def install(self, node: ContainerdNode) -> str:
+        return install_netagent(node, self.state_dir, self.data_dir, CLUSTER_CIDR, self.fallback)
+
 
 @pytest.fixture(params=["plugin-alone", "agent-running"])
 def netagent_on_node(request, node_netns: str, tmp_path) -> Iterator[NetagentSetup]:
@@ -76,41 +83,9 @@ def netagent_on_node(request, node_netns: str, tmp_path) -> Iterator[NetagentSet
         state = nodestate.NodeState("node-1", (POD_CIDR,), 1500, (CLUSTER_CIDR,))
         nodestate.write(state, os.path.join(state_dir, "node.json"))
         yield NetagentSetup(state_dir, data_dir, fallback=None)
-        return
-    with open(tmp_path / "agent.log", "wb") as log:
-        agent = subprocess.Popen(
-            netns.exec_argv(node_netns, [NETAGENT_CLI, "run", "--standalone", "--node-name", "node-1",
-                                         "--pod-cidr", POD_CIDR, "--cluster-cidr", CLUSTER_CIDR,
-                                         "--state-dir", state_dir, "--network", "none",
-                                         "--healthz-bind", "", "--metrics-bind", ""]),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )  # fmt: skip
-    try:
-
-        def ready() -> bool:
-            assert agent.poll() is None, (tmp_path / "agent.log").read_text()
-            return os.path.exists(os.path.join(state_dir, "ready"))
-
-        wait_until(ready, 60, "the agent to be ready")
-        yield NetagentSetup(state_dir, data_dir, fallback="/bin/false")
-    finally:
-        agent.terminate()
-        agent.wait(30)
-
-
-def install_netagent(node: ContainerdNode, setup: NetagentSetup) -> str:
-    """`netagent install-cni` into the node's CNI dirs, portmap beside it; returns the network name."""
-    argv = [NETAGENT_CLI, "install-cni", "--bin-dir", node.bin_dir, "--conf-dir", node.conf_dir,
-            "--state-dir", setup.state_dir, "--data-dir", setup.data_dir,
-            "--cluster-cidr", CLUSTER_CIDR]  # fmt: skip
-    if setup.fallback is not None:
-        argv += ["--fallback", setup.fallback]
-    subprocess.run(argv, check=True, capture_output=True)
-    os.symlink(os.path.join(REFERENCE_PLUGINS, "portmap"), os.path.join(node.bin_dir, "portmap"))
-    with open(os.path.join(node.conf_dir, "10-netagent.conflist")) as f:
-        return json.load(f)["name"]
+    else:
+        with standalone_agent(node_netns, state_dir, POD_CIDR, CLUSTER_CIDR, str(tmp_path / "agent.log")):
+            yield NetagentSetup(state_dir, data_dir, fallback="/bin/false")
 
 
 def host_veths(node_netns: str) -> list[str]:
@@ -148,28 +123,6 @@ def assert_serves_http(client: Pod, address: str) -> None:
     )
 
 
-def install_reference(node: ContainerdNode) -> str:
-    """Debian's bridge + host-local as the node's network; returns host-local's data dir."""
-    for plugin in ("bridge", "host-local"):
-        os.symlink(os.path.join(REFERENCE_PLUGINS, plugin), os.path.join(node.bin_dir, plugin))
-    ipam_dir = node.path("host-local")
-    conflist = {
-        "cniVersion": "1.0.0",
-        "name": "reference",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": "cni-ref0",
-                "isGateway": True,
-                "ipam": {"type": "host-local", "subnet": "10.77.0.0/24", "dataDir": ipam_dir},
-            }
-        ],
-    }
-    with open(os.path.join(node.conf_dir, "10-reference.conflist"), "w") as f:
-        json.dump(conflist, f)
-    return ipam_dir
-
-
 def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips(
     node: ContainerdNode, busybox_image: oci_image.BuiltImage
 ) -> None:
@@ -179,13 +132,13 @@ def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips
     server = node.run_pod(busybox_image.ref, "server", WEB_SERVER)
     client = node.run_pod(busybox_image.ref, "client", WEB_SERVER)
     server_ip = ipv4_of(server)
-    assert ipaddress.ip_address(server_ip) in ipaddress.ip_network("10.77.0.0/24")
-    assert_reaches(client, "10.77.0.1")
+    assert ipaddress.ip_address(server_ip) in ipaddress.ip_network(REFERENCE_SUBNET)
+    assert_reaches(client, str(next(ipaddress.ip_network(REFERENCE_SUBNET).hosts())))
     assert_reaches(client, server_ip)
     assert_serves_http(client, server_ip)
 
     node.remove_pod(server)
-    assert not os.path.exists(os.path.join(ipam_dir, "reference", server_ip))
+    assert not os.path.exists(os.path.join(ipam_dir, REFERENCE_NETWORK, server_ip))
     # ctr calls DEL after the task's netns is gone, so bridge leaves the host veth to the kernel,
     # which destroys it with the netns, asynchronously
     wait_until(lambda: len(host_veths(node.node_netns)) == 1, 60, "the server's host veth to go")
@@ -194,7 +147,7 @@ def test_ctr_run_cni_with_reference_bridge_plugin_connects_pods_and_releases_ips
 def test_ctr_run_cni_container_gets_its_ip_from_netagent_reaches_pods_and_releases_it_on_removal(
     netagent_on_node: NetagentSetup, node: ContainerdNode, busybox_image: oci_image.BuiltImage
 ) -> None:
-    network = install_netagent(node, netagent_on_node)
+    network = netagent_on_node.install(node)
     allocations = os.path.join(netagent_on_node.data_dir, network)
 
     server = node.run_pod(busybox_image.ref, "server", WEB_SERVER)
@@ -220,7 +173,7 @@ def test_ctr_run_cni_reports_netagents_error_when_node_state_is_missing_and_leav
     node: ContainerdNode, busybox_image: oci_image.BuiltImage, tmp_path
 ) -> None:
     no_agent = NetagentSetup(str(tmp_path / "no-agent"), str(tmp_path / "ipam"), fallback=None)
-    network = install_netagent(node, no_agent)
+    network = no_agent.install(node)
 
     expected = r'plugin type="netagent" failed \(add\): node state .* does not exist'
     with pytest.raises(ContainerdError, match=expected):
@@ -241,7 +194,7 @@ def test_closing_a_node_stops_containers_and_containerd_and_leaves_no_trace_on_t
         node.import_image(busybox_image.path)
         ipam_dir = install_reference(node)
         pod = node.run_pod(busybox_image.ref, "left-running", WEB_SERVER)
-        assert os.listdir(os.path.join(ipam_dir, "reference"))
+        assert os.listdir(os.path.join(ipam_dir, REFERENCE_NETWORK))
     # closed with the pod still running, as when a test fails half-way
 
     def process_gone(pid: int) -> bool:
