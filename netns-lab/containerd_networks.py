@@ -22,43 +22,47 @@ REFERENCE_SUBNET = "10.77.0.0/24"
 NETAGENT_CLI = os.path.join(os.path.dirname(sys.executable), "netagent")
 
 
-def _link_reference_plugin(node: ContainerdNode, plugin: str) -> None:
-    link = os.path.join(node.bin_dir, plugin)
+def _link_reference_plugin(bin_dir: str, plugin: str) -> None:
+    link = os.path.join(bin_dir, plugin)
     if not os.path.lexists(link):
         os.symlink(os.path.join(REFERENCE_PLUGINS, plugin), link)
 
 
-def install_reference(node: ContainerdNode, subnet: str = REFERENCE_SUBNET) -> str:
-    """Debian's bridge + host-local as the node's network; returns host-local's data dir."""
-    for plugin in ("bridge", "host-local"):
-        _link_reference_plugin(node, plugin)
+def install_reference(
+    node: ContainerdNode, subnet: str = REFERENCE_SUBNET, chain_portmap: bool = False
+) -> str:
+    """Debian's bridge + host-local as the node's network; returns host-local's data dir.
+
+    chain_portmap puts portmap after bridge, as netagent's conflist does, for like-for-like timings.
+    """
+    for plugin in ("bridge", "host-local", "portmap"):
+        _link_reference_plugin(node.bin_dir, plugin)
     ipam_dir = node.path("host-local")
-    ipam = {"type": "host-local", "subnet": subnet, "dataDir": ipam_dir}
-    conflist = {
-        "cniVersion": "1.0.0",
-        "name": REFERENCE_NETWORK,
-        "plugins": [{"type": "bridge", "bridge": "cni-ref0", "isGateway": True, "ipam": ipam}],
-    }
+    ipam = {"type": "host-local", "subnet": REFERENCE_SUBNET, "dataDir": ipam_dir}
+    plugins: list[dict] = [{"type": "bridge", "bridge": "cni-ref0", "isGateway": True, "ipam": ipam}]
+    if chain_portmap:
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
+    conflist = {"cniVersion": "1.0.0", "name": REFERENCE_NETWORK, "plugins": plugins}
     with open(os.path.join(node.conf_dir, "10-reference.conflist"), "w") as f:
         json.dump(conflist, f)
     return ipam_dir
 
 
 def install_netagent(
-    node: ContainerdNode, state_dir: str, data_dir: str, cluster_cidr: str, fallback: str | None = None
+    bin_dir: str, conf_dir: str, state_dir: str, data_dir: str, cluster_cidr: str, fallback: str | None = None
 ) -> str:
-    """`netagent install-cni` into the node's CNI dirs (reference portmap beside it, as its conflist
-    chains it); returns the network name. `fallback` replaces the Python plugin the shim runs when no
-    agent answers."""
-    argv = [NETAGENT_CLI, "install-cni", "--bin-dir", node.bin_dir, "--conf-dir", node.conf_dir,
+    """`netagent install-cni` into a node's CNI dirs (the reference portmap beside it, as netagent's
+    conflist chains it); returns the network name. `fallback` replaces the Python plugin the shim
+    runs when no agent answers."""
+    argv = [NETAGENT_CLI, "install-cni", "--bin-dir", bin_dir, "--conf-dir", conf_dir,
             "--state-dir", state_dir, "--data-dir", data_dir, "--cluster-cidr", cluster_cidr]  # fmt: skip
     if fallback is not None:
         argv += ["--fallback", fallback]
     installed = subprocess.run(argv, capture_output=True, text=True)
     if installed.returncode != 0:
         raise ContainerdError(f"netagent install-cni failed: {installed.stderr.strip()}")
-    _link_reference_plugin(node, "portmap")
-    with open(os.path.join(node.conf_dir, "10-netagent.conflist")) as f:
+    _link_reference_plugin(bin_dir, "portmap")
+    with open(os.path.join(conf_dir, "10-netagent.conflist")) as f:
         return json.load(f)["name"]
 
 

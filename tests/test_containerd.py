@@ -66,7 +66,9 @@ class NetagentSetup:
     fallback: str | None  # None: install-cni's default, the Python plugin
 
     def install(self, node: ContainerdNode) -> str:
-        return install_netagent(node, self.state_dir, self.data_dir, CLUSTER_CIDR, self.fallback)
+        return install_netagent(
+            node.bin_dir, node.conf_dir, self.state_dir, self.data_dir, CLUSTER_CIDR, self.fallback
+        )
 
 
 @pytest.fixture(params=["plugin-alone", "agent-running"])
