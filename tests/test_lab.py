@@ -1,0 +1,134 @@
+"""The netns lab, end to end: `netagent lab ...` as a user runs it, with real agents, the real CNI
+plugin and real packets between pod namespaces. Every lab is named after the test's unique prefix and
+is torn down even when the test fails; "zero residue" is checked by looking, not assumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from netns_lab import cluster, probe, processes
+from netns_lab.responder import DEFAULT_PORT
+from netns_lab.state import Lab, LabError
+
+from netagent import netns
+
+NETAGENT = [sys.executable, "-m", "netagent.cli"]
+
+
+def lab_cmd(name: str, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run `netagent lab SUBCOMMAND --name NAME ARGS...` and return what it printed."""
+    proc = subprocess.run([*NETAGENT, "lab", args[0], "--name", name, *args[1:]],
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def lab_name(prefix: str) -> Iterator[str]:
+    """A lab name unique to this test; the lab is removed afterwards whatever happened."""
+    yield prefix
+    cluster.down(prefix, progress=lambda _msg: None)
+
+
+def residue(name: str) -> list[str]:
+    """Everything of lab `name` still on the machine: namespaces, processes, files."""
+    lab = Lab(name)
+    left = [f"netns {n}" for n in netns.names(f"{name}-")]
+    left += [f"process {p.pid}: {' '.join(processes.cmdline(p.pid))}"
+             for p in processes.find(lambda pid: any(lab.dir in arg for arg in processes.cmdline(pid)))]
+    if os.path.exists(lab.dir):
+        left.append(f"directory {lab.dir}")
+    return left
+
+
+@pytest.mark.parametrize("network", ["vxlan", "routes"])
+def test_pods_reach_each_other_across_nodes_by_tcp_and_udp_and_down_leaves_nothing(lab_name, network):
+    lab_cmd(lab_name, "up", "--nodes", "2", "--network", network)
+    lab_cmd(lab_name, "pod", "a1", "--node", "n1", "--labels", "app=t")
+    lab_cmd(lab_name, "pod", "a2", "--node", "n1")
+    lab_cmd(lab_name, "pod", "b1", "--node", "n2")
+    state = Lab(lab_name).load()
+    a1, b1 = state.pods["a1"], state.pods["b1"]
+
+    assert probe.tcp_name(a1.netns, b1.ips[0], DEFAULT_PORT) == "b1"
+    assert probe.udp_name(a1.netns, b1.ips[0], DEFAULT_PORT) == "b1"
+    assert probe.tcp_name(b1.netns, a1.ips[0], DEFAULT_PORT) == "a1"
+    assert probe.udp_name(b1.netns, a1.ips[0], DEFAULT_PORT) == "a1"
+
+    matrix = lab_cmd(lab_name, "check").stdout
+    assert "pod->pod across nodes" in matrix and "PASS" in matrix.splitlines()[-1]
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
+
+
+def test_rm_releases_the_pod_and_its_address(lab_name: str):
+    lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    first_ip = lab_cmd(lab_name, "pod", "p1", "--node", "n1").stdout.split()[3]
+    lab_cmd(lab_name, "rm", "p1")
+
+    assert not netns.exists(f"{lab_name}-p-p1")
+    assert "p1" not in Lab(lab_name).load().pods
+    ipam_dir = Lab(lab_name).load().nodes["n1"].ipam_dir
+    assert not [name for _, _, files in os.walk(ipam_dir) for name in files if first_ip in name]
+
+
+def test_lab_exec_runs_the_command_in_the_pod_namespace(lab_name: str):
+    lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    lab_cmd(lab_name, "pod", "p1", "--node", "n1")
+    pod_ip = Lab(lab_name).load().pods["p1"].ips[0]
+
+    addresses = lab_cmd(lab_name, "exec", "p1", "--", "ip", "-br", "-4", "addr", "show", "eth0").stdout
+    assert pod_ip in addresses
+
+
+def test_down_after_an_up_killed_half_way_leaves_nothing(lab_name: str):
+    lab = Lab(lab_name)
+    up = subprocess.Popen([*NETAGENT, "lab", "up", "--name", lab_name, "--nodes", "3"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    # Kill it once the API server runs and nodes exist, while agents are still coming up.
+    while not (os.path.exists(lab.api_ready) and netns.exists(lab.node_netns("n3"))):
+        assert up.poll() is None, "lab up ended before it could be killed"
+        assert time.monotonic() < deadline, "lab up made no progress"
+        time.sleep(0.05)
+    up.send_signal(signal.SIGKILL)
+    up.wait()
+    assert residue(lab_name) != []  # something to clean up
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
+
+
+def test_a_second_up_of_the_same_lab_is_refused_and_harms_nothing(lab_name: str):
+    lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    again = lab_cmd(lab_name, "up", "--nodes", "1", check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert Lab(lab_name).load().phase == "ready"
+
+
+def test_commands_on_a_missing_lab_or_pod_fail_with_one_clear_line(lab_name: str):
+    for args in (["status"], ["check"], ["kubeconfig"], ["rm", "nopod"], ["exec", "nopod", "--", "true"]):
+        result = lab_cmd(lab_name, *args, check=False)
+        assert result.returncode == 1
+        assert f"no lab named {lab_name!r}" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "with-dash", "a" * 13, "9lives"])
+def test_lab_names_that_could_collide_or_overflow_are_rejected(name: str):
+    with pytest.raises(LabError):
+        Lab(name)
+
+
+def test_a_lab_owns_only_its_own_namespaces():
+    lab = Lab("demo")
+    assert all(lab.owns_netns(n) for n in ("demo-ul", "demo-n1", "demo-n12", "demo-p-web-1"))
+    assert not any(lab.owns_netns(n) for n in ("demo2-ul", "demox-n1", "demo-other", "demo-nx", "ddemo-ul"))
