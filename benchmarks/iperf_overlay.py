@@ -1,0 +1,87 @@
+"""iperf3 pod -> pod across two lab nodes vs node -> node on the underlay, in the same run.
+
+The underlay baseline is the same two node namespaces talking over the same bridge without the pod
+network in between, so the ratio is the cost of the pod path alone (veth + bridge in each node, plus
+VXLAN encapsulation or a plain route). Runs are interleaved (baseline, pod, baseline, pod, ...) so a
+noisy neighbour on this shared machine hits both sides alike.
+
+    .venv/bin/python benchmarks/iperf_overlay.py [--modes vxlan,routes] [--seconds 5] [--rounds 3]
+
+Targets (issue 3): vxlan >= 0.85 of the baseline, routes >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from netns_lab import cluster, pods, processes
+from netns_lab.state import Lab
+
+from netagent import netns
+
+TARGETS = {"vxlan": 0.85, "routes": 0.95}
+IPERF_PORT = 5201
+
+
+def iperf(client_netns: str, server_netns: str, server_ip: str, seconds: int, log: str) -> float:
+    """One TCP stream for `seconds`; returns the receiver's bits per second."""
+    server_argv = ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]
+    server = processes.spawn(netns.exec_argv(server_netns, server_argv), log)
+    try:
+        for _ in range(50):  # until the server listens
+            argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+            probe = netns.run(client_netns, argv, check=False)
+            if probe.returncode == 0:
+                return json.loads(probe.stdout)["end"]["sum_received"]["bits_per_second"]
+            if "connect" not in probe.stdout + probe.stderr:
+                raise RuntimeError(f"iperf3 failed: {probe.stdout[-500:]} {probe.stderr[-500:]}")
+            time.sleep(0.1)
+        raise RuntimeError("iperf3 server never listened")
+    finally:
+        processes.stop([server])
+
+
+def measure(mode: str, seconds: int, rounds: int) -> tuple[list[float], list[float]]:
+    name = f"bip{mode[:2]}"
+    lab = Lab(name)
+    cluster.down(name, progress=lambda _m: None)
+    cluster.up(name, nodes=2, network=mode, proxy="none", progress=lambda _m: None)
+    try:
+        pods.create(lab, "src", "n1", {})
+        pods.create(lab, "dst", "n2", {})
+        state = lab.load()
+        n1, n2 = state.nodes["n1"], state.nodes["n2"]
+        src, dst = state.pods["src"], state.pods["dst"]
+        log = os.path.join(lab.dir, "iperf.log")
+        underlay, pod_path = [], []
+        for _ in range(rounds):
+            underlay.append(iperf(n1.netns, n2.netns, n2.ip, seconds, log))
+            pod_path.append(iperf(src.netns, dst.netns, dst.ips[0], seconds, log))
+        return underlay, pod_path
+    finally:
+        cluster.down(name, progress=lambda _m: None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="vxlan,routes")
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"{'mode':<8} {'underlay Gbit/s':>16} {'pod->pod Gbit/s':>16} {'ratio':>7} {'target':>7}")
+    for mode in args.modes.split(","):
+        underlay, pod_path = measure(mode, args.seconds, args.rounds)
+        base, pod = statistics.median(underlay), statistics.median(pod_path)
+        ratio = pod / base
+        verdict = "ok" if ratio >= TARGETS[mode] else "BELOW"
+        print(f"{mode:<8} {base / 1e9:>16.2f} {pod / 1e9:>16.2f} {ratio:>7.2f} {TARGETS[mode]:>7.2f} "
+              f"{verdict}   (medians of {args.rounds} x {args.seconds}s)")
+
+
+if __name__ == "__main__":
+    main()
