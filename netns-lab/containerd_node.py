@@ -173,8 +173,7 @@ class ContainerdNode:
         self._start_holder()
         self._make_private_mounts()
         self._write_config()
-        log = open(self.path("containerd.log"), "wb")  # noqa: SIM115 - handed to the daemon, closed below
-        with log:
+        with open(self.path("containerd.log"), "wb") as log:
             self.daemon = subprocess.Popen(
                 self._inside(["containerd", "--config", self.path("config.toml")]),
                 stdin=subprocess.DEVNULL,
@@ -220,10 +219,14 @@ class ContainerdNode:
             if any(" shared:" in line.split(" - ")[0] for line in f):
                 raise ContainerdError("the node's mount namespace still shares mounts with the host")
 
-    def _mount(self, *args: str) -> None:
-        result = subprocess.run(self._inside(["mount", *args]), capture_output=True, text=True)
+    def _set_up(self, *argv: str) -> None:
+        """One step of building the node's mount namespace (mount, umount, mkdir), run inside it."""
+        result = subprocess.run(self._inside(argv), capture_output=True, text=True)
         if result.returncode != 0:
-            raise ContainerdError(f"mount {' '.join(args)}: {result.stderr.strip()}")
+            raise ContainerdError(f"{' '.join(argv)}: {result.stderr.strip()}")
+
+    def _mount(self, *args: str) -> None:
+        self._set_up("mount", *args)
 
     def _make_private_mounts(self) -> None:
         self._drop_netns_copies()
@@ -231,7 +234,7 @@ class ContainerdNode:
         # hierarchies runc needs are carried over on top of it.
         stash = self.path("mnt")
         self._mount("--rbind", CGROUP_ROOT, stash)
-        subprocess.run(self._inside(["umount", "--recursive", "--lazy", "/sys"]), check=True)
+        self._set_up("umount", "--recursive", "--lazy", "/sys")
         self._mount("-t", "sysfs", "sysfs", "/sys")
         self._mount("--move", stash, CGROUP_ROOT)
         self._mount("-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run")  # shims' sockets, runc state, fifos
@@ -262,24 +265,24 @@ class ContainerdNode:
             os.makedirs(os.path.join(layer, "work"), exist_ok=True)
             options = f"lowerdir={anchor},upperdir={layer}/upper,workdir={layer}/work"
             self._mount("-t", "overlay", "overlay", "-o", options, anchor)
-            subprocess.run(self._inside(["mkdir", "-p", target]), check=True)
+            self._set_up("mkdir", "-p", target)
         self._mount("--bind", source, target)
 
     def _write_config(self) -> None:
-        disabled = ", ".join(f'"{name}"' for name in DISABLED_PLUGINS)
+        quoted = json.dumps  # a JSON string is a valid TOML basic string
         config = f"""version = 2
-root = "{self.path("root")}"
-state = "{self.path("state")}"
-disabled_plugins = [{disabled}]
+root = {quoted(self.path("root"))}
+state = {quoted(self.path("state"))}
+disabled_plugins = {quoted(list(DISABLED_PLUGINS))}
 
 [grpc]
-  address = "{self.socket}"
+  address = {quoted(self.socket)}
 
 [ttrpc]
-  address = "{self.socket}.ttrpc"
+  address = {quoted(self.socket + ".ttrpc")}
 
 [plugins."io.containerd.internal.v1.opt"]
-  path = "{self.path("opt")}"
+  path = {quoted(self.path("opt"))}
 """
         with open(self.path("config.toml"), "w") as f:
             f.write(config)
