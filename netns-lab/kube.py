@@ -81,21 +81,24 @@ def delete_pod(api: k8s.ApiClient, name: str) -> None:
             raise api_error(e) from None
 
 
+SUPPORTED_KINDS = {("v1", "Service"), ("discovery.k8s.io/v1", "EndpointSlice")}
+
+
 def apply(api: k8s.ApiClient, docs: Iterable[dict]) -> list[str]:
-    """Create or replace each Service / EndpointSlice; returns one line per object for the user."""
-    applied = []
+    """Create or replace each Service / EndpointSlice; returns one line per object for the user.
+
+    Every document is checked before the first is applied, so a bad file changes nothing.
+    """
+    docs = list(docs)
     for doc in docs:
-        if not isinstance(doc, dict) or "metadata" not in doc or "name" not in (doc["metadata"] or {}):
+        metadata = doc.get("metadata") if isinstance(doc, dict) else None
+        if not isinstance(metadata, dict) or not metadata.get("name"):
             raise LabError("every manifest needs metadata.name")
-        kind = (doc.get("apiVersion"), doc.get("kind"))
-        if kind == ("v1", "Service"):
-            applied.append(_apply_service(api, doc))
-        elif kind == ("discovery.k8s.io/v1", "EndpointSlice"):
-            applied.append(_apply_endpointslice(api, doc))
-        else:
-            raise LabError(f"unsupported manifest {kind[0]}/{kind[1]}: the lab applies v1 Service and "
-                           "discovery.k8s.io/v1 EndpointSlice")
-    return applied
+        if (doc.get("apiVersion"), doc.get("kind")) not in SUPPORTED_KINDS:
+            raise LabError(f"unsupported manifest {doc.get('apiVersion')}/{doc.get('kind')}: the lab applies "
+                           "v1 Service and discovery.k8s.io/v1 EndpointSlice")
+    return [_apply_service(api, doc) if doc["kind"] == "Service" else _apply_endpointslice(api, doc)
+            for doc in docs]
 
 
 def _apply_service(api: k8s.ApiClient, doc: dict) -> str:
