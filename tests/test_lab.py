@@ -69,6 +69,20 @@ def test_pods_reach_each_other_across_nodes_by_tcp_and_udp_and_down_leaves_nothi
     assert residue(lab_name) == []
 
 
+def test_pods_reach_a_service_through_its_cluster_ip_with_the_iptables_proxy(lab_name: str):
+    lab_cmd(lab_name, "up", "--nodes", "2", "--network", "routes", "--proxy", "iptables")
+    lab_cmd(lab_name, "pod", "web-1", "--node", "n1", "--labels", "app=web")
+    lab_cmd(lab_name, "pod", "web-2", "--node", "n2", "--labels", "app=web")
+    lab_cmd(lab_name, "apply", os.path.join(os.path.dirname(cluster.__file__), "manifests", "demo.yaml"))
+
+    deadline = time.monotonic() + 60  # endpoints published and rules programmed take a moment
+    while (result := lab_cmd(lab_name, "check", check=False)).returncode != 0:
+        assert time.monotonic() < deadline, f"lab check never passed:\n{result.stdout}"
+        time.sleep(1)
+    assert "svc/web:80/tcp" in result.stdout and "svc/web:8080/udp" in result.stdout
+    assert "pod->service" in result.stdout
+
+
 def test_rm_releases_the_pod_and_its_address(lab_name: str):
     lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
     first_ip = lab_cmd(lab_name, "pod", "p1", "--node", "n1").stdout.split()[3]
