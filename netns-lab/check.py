@@ -152,7 +152,9 @@ def main(lab: Lab, out: Callable[[str], None]) -> bool:
         raise LabError(f"lab {lab.name!r} is not ready (phase {state.phase})")
     if not state.pods:
         raise LabError(f"lab {lab.name!r} has no pods: create some with `netagent lab pod`")
-    services = None if state.proxy == "none" else kube.service_targets(kube.connect(lab.kubeconfig))
+    services = None
+    if state.proxy != "none":
+        services = [t for t in kube.service_targets(kube.connect(lab.kubeconfig)) if t.backends]
     report = run(state, services)
     out(render(report, {pod.name: pod.node for pod in state.pods.values()}))
     return report.passed

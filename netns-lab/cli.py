@@ -90,7 +90,7 @@ def status_cmd(name: str) -> None:
         rows = [("SERVICE", "CLUSTER-IP", "PORTS", "BACKENDS")]
         for target in kube.service_targets(kube.connect(lab.kubeconfig)):
             rows.append((target.service, target.cluster_ip, f"{target.port}/{target.protocol}",
-                         ",".join(sorted(target.backends))))
+                         ",".join(sorted(target.backends)) or "-"))
         click.echo("\n" + _table(rows))
 
 

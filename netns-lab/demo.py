@@ -60,7 +60,7 @@ def _wait_for_service(lab: Lab, api: object, progress: Callable[[str], None]) ->
     first_pod = next(iter(state.pods.values()))
     deadline = time.monotonic() + SERVICE_READY_TIMEOUT
     while True:
-        targets = [t for t in kube.service_targets(api) if t.protocol == "TCP"]
+        targets = [t for t in kube.service_targets(api) if t.protocol == "TCP" and t.backends]
         if targets:
             try:
                 probe.tcp_name(first_pod.netns, targets[0].cluster_ip, targets[0].port, timeout=1.0)

@@ -156,7 +156,7 @@ class ServiceTarget:
 
 
 def service_targets(api: k8s.ApiClient) -> list[ServiceTarget]:
-    """Every IPv4 ClusterIP service port that has at least one ready endpoint backed by a pod."""
+    """Every port of every IPv4 ClusterIP service, with the pods behind its ready endpoints (maybe none)."""
     try:
         services = k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE).items
         slices = k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(NAMESPACE).items
@@ -172,11 +172,10 @@ def service_targets(api: k8s.ApiClient) -> list[ServiceTarget]:
     targets = []
     for svc in services:
         ip = svc.spec.cluster_ip
-        has_ipv4 = bool(ip) and ip != "None" and ipaddress.ip_address(ip).version == 4
-        if not has_ipv4 or not backends.get(svc.metadata.name):
+        if not ip or ip == "None" or ipaddress.ip_address(ip).version != 4:
             continue
         for port in svc.spec.ports or []:
             if port.protocol in ("TCP", "UDP"):
                 targets.append(ServiceTarget(svc.metadata.name, ip, port.port, port.protocol,
-                                             frozenset(backends[svc.metadata.name])))
+                                             frozenset(backends.get(svc.metadata.name, ()))))
     return targets
