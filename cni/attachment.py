@@ -34,14 +34,17 @@ def add(request: Request, network: Network) -> dict[str, Any]:
             gateways = [(r.gateway, r.subnet.prefixlen) for r in network.ranges]
             bridge = links.ensure_bridge(node_ipr, conf.bridge, network.mtu, gateways)
             links.enable_forwarding([r.subnet for r in network.ranges])
-            links.delete(node_ipr, host_name)  # the leftover of an ADD killed half-way, if any
-            alias = links.network_alias(conf.name)
-            host = links.create_veth(node_ipr, host_name, request.ifname, pod_ns_fd, network.mtu, alias)
+            if links.node_index(host_name) is not None:  # the leftover of an ADD killed half-way
+                links.delete(node_ipr, host_name)
+            host, pod_mac = links.create_veth(
+                node_ipr, host_name, request.ifname, pod_ns_fd, network.mtu, links.network_alias(conf.name)
+            )
             undo.append(lambda: links.delete(node_ipr, host_name))
             links.plug_into_bridge(node_ipr, host, bridge, conf.hairpin)
             pod = links.configure_pod_interface(
                 pod_ipr,
                 request.ifname,
+                pod_mac,
                 [(a, r.subnet.prefixlen) for a, r in zip(addresses, network.ranges, strict=True)],
                 [r.gateway for r in network.ranges],
             )

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from cni import errors
 from cni.config import IPAddress, IPNetwork
 from cni.errors import CniError
 
+IFF_UP = 0x1
 IFA_F_NODAD = 0x02  # pod and gateway addresses are unique by IPAM: skip IPv6 duplicate detection delay
 ALIAS_PREFIX = "netagent/"
 
@@ -45,7 +47,16 @@ def network_alias(network_name: str) -> str:
 
 
 def node_iproute() -> IPRoute:
+    """A netlink socket in the calling thread's netns, which is the node's."""
     return IPRoute()
+
+
+def node_index(name: str) -> int | None:
+    """ifindex of a link in the calling thread's netns, by ioctl: far cheaper than a netlink query."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -71,73 +82,79 @@ def pod_iproute(netns_path: str) -> Iterator[tuple[IPRoute, int]]:
 
 
 def find(ipr: IPRoute, name: str) -> Link | None:
-    try:
-        links = ipr.get_links(ifname=name)
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return None
-        raise
-    if not links:
-        return None
-    return Link(name, links[0]["index"], links[0].get_attr("IFLA_ADDRESS"))
+    message = _get_link(ipr, name)
+    return None if message is None else _link(name, message)
 
 
 def ensure_bridge(ipr: IPRoute, name: str, mtu: int, gateways: list[tuple[IPAddress, int]]) -> Link:
-    """Create the bridge if missing, bring it up and give it each gateway address (all idempotent)."""
-    bridge = find(ipr, name)
-    if bridge is None:
+    """Create the bridge if missing, bring it up and give it each gateway address (all idempotent).
+
+    Runs on every ADD, so the common case (all in place) costs two small netlink queries.
+    """
+    message = _get_link(ipr, name)
+    if message is None:
         # a fixed MAC: otherwise the bridge takes its lowest port's MAC, which changes as pods come and go
-        mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
         with _kernel(f"create bridge {name}"), _unless_exists():  # a concurrent ADD may win the race
-            ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=mac)
-        bridge = find(ipr, name)
-        if bridge is None:
+            ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=random_mac())
+        message = _get_link(ipr, name)
+        if message is None:
             raise CniError(errors.KERNEL_FAILURE, f"bridge {name} vanished right after creation")
+    kind = message.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    if kind != "bridge":
+        raise CniError(errors.INVALID_CONFIG, f"{name} exists and is a {kind}, not a bridge")
+    bridge = _link(name, message)
     with _kernel(f"configure bridge {name}"):
-        kind = ipr.get_links(bridge.index)[0].get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        if kind != "bridge":
-            raise CniError(errors.INVALID_CONFIG, f"{name} exists and is a {kind}, not a bridge")
-        ipr.link("set", index=bridge.index, state="up")
+        if not message["flags"] & IFF_UP:
+            ipr.link("set", index=bridge.index, state="up")
+        present = addresses_of(ipr, bridge.index)
         for address, prefixlen in gateways:
-            with _unless_exists():
-                _add_address(ipr, bridge.index, address, prefixlen)
+            if f"{address}/{prefixlen}" not in present:
+                with _unless_exists():
+                    _add_address(ipr, bridge.index, address, prefixlen)
     return bridge
 
 
-def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_ns_fd: int, mtu: int, alias: str) -> Link:
-    """Create the pair with the peer born inside the pod netns under its final name (no rename step)."""
+def create_veth(
+    ipr: IPRoute, host_name: str, pod_ifname: str, pod_ns_fd: int, mtu: int, alias: str
+) -> tuple[Link, str]:
+    """Create the pair with the peer born inside the pod netns under its final name (no rename step).
+
+    Both MACs are chosen here so the result needs no read-back; returns the host end and the pod MAC.
+    """
+    host_mac, pod_mac = random_mac(), random_mac()
     with _kernel(f"create veth {host_name}"):
         ipr.link(
             "add",
             ifname=host_name,
             kind="veth",
             mtu=mtu,
-            peer={"ifname": pod_ifname, "net_ns_fd": pod_ns_fd, "mtu": mtu},
+            address=host_mac,
+            peer={"ifname": pod_ifname, "net_ns_fd": pod_ns_fd, "mtu": mtu, "address": pod_mac},
         )
-    host = find(ipr, host_name)
-    if host is None:
+    index = node_index(host_name)
+    if index is None:
         raise CniError(errors.KERNEL_FAILURE, f"veth {host_name} vanished right after creation")
     with _kernel(f"set alias on {host_name}"):
-        ipr.link("set", index=host.index, ifalias=alias)
-    return host
+        ipr.link("set", index=index, ifalias=alias)
+    return Link(host_name, index, host_mac), pod_mac
 
 
 def plug_into_bridge(ipr: IPRoute, host: Link, bridge: Link, hairpin: bool) -> None:
     with _kernel(f"attach {host.name} to {bridge.name}"):
-        ipr.link("set", index=host.index, master=bridge.index)
+        ipr.link("set", index=host.index, master=bridge.index, state="up")
         if hairpin:
             ipr.brport("set", index=host.index, mode=1)
-        ipr.link("set", index=host.index, state="up")
 
 
 def configure_pod_interface(
-    ipr: IPRoute, ifname: str, addresses: list[tuple[IPAddress, int]], gateways: list[IPAddress]
+    ipr: IPRoute, ifname: str, mac: str, addresses: list[tuple[IPAddress, int]], gateways: list[IPAddress]
 ) -> Link:
     """Addresses, link up, then one default route per family via the bridge's gateway."""
-    pod = find(ipr, ifname)
-    if pod is None:
-        raise CniError(errors.KERNEL_FAILURE, f"{ifname} did not appear in the pod netns")
     with _kernel(f"configure {ifname} in the pod"):
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise CniError(errors.KERNEL_FAILURE, f"{ifname} did not appear in the pod netns")
+        pod = Link(ifname, found[0], mac)
         for address, prefixlen in addresses:
             _add_address(ipr, pod.index, address, prefixlen)
         ipr.link("set", index=pod.index, state="up")
@@ -198,6 +215,25 @@ def enable_forwarding(subnets: list[IPNetwork]) -> None:
             if f.read().strip() != "1":
                 f.seek(0)
                 f.write("1")
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC."""
+    return "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+
+
+def _get_link(ipr: IPRoute, name: str):
+    """One RTM_GETLINK by name (a filtered dump would cost O(links on the node) per lookup)."""
+    try:
+        return ipr.link("get", ifname=name)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise CniError(errors.KERNEL_FAILURE, f"cannot look up {name}", str(e)) from None
+
+
+def _link(name: str, message) -> Link:
+    return Link(name, message["index"], message.get_attr("IFLA_ADDRESS"))
 
 
 def _add_address(ipr: IPRoute, index: int, address: IPAddress, prefixlen: int) -> None:
