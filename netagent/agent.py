@@ -157,7 +157,32 @@ class Agent:
                  ",".join(state.pod_cidrs), state.mtu)
 
     def _start_controllers(self) -> None:
-        raise NotImplementedError("API server mode is not implemented yet; use --standalone")
+        from netagent.kube import load_api_client
+        from netagent.node_controller import NodeController
+
+        cfg = self.config
+        api_client = load_api_client(cfg.kubeconfig)
+        nodes = NodeController(
+            api_client, cfg.node_name, network=cfg.network, node_state_path=cfg.node_state_path,
+            tracker=self.tracker, registry=self._registry, cluster_cidrs=cfg.cluster_cidrs,
+            underlay_iface=cfg.underlay_iface, vxlan_vni=cfg.vxlan_vni, vxlan_port=cfg.vxlan_port,
+            min_sync_period=cfg.min_sync_period,
+        )
+        nodes.start()
+        self._stoppables.append(nodes)
+        log.info("node controller started (network %s)", cfg.network)
+        if cfg.proxy != "none":
+            self._start_proxy(api_client)
+
+    def _start_proxy(self, api_client: Any) -> None:
+        from netagent.proxy.controller import ProxyController
+
+        cfg = self.config
+        proxy = ProxyController(api_client, cfg.node_name, cfg.proxy, cfg.cluster_cidrs, cfg.min_sync_period,
+                                state_dir=cfg.state_dir, tracker=self.tracker)
+        proxy.start()
+        self._stoppables.append(proxy)
+        log.info("service proxy started (backend %s)", cfg.proxy)
 
     def _wait_until_ready(self) -> None:
         while not self.stopping.is_set():

@@ -61,6 +61,11 @@ def object_key(obj: Any) -> str:
     return f"{meta.namespace}/{meta.name}" if meta.namespace else meta.name
 
 
+class WatchClosedEarlyError(RuntimeError):
+    """The server ended a watch long before its timeout with nothing sent: treat as a broken stream
+    (relist after backoff) instead of re-watching in a tight loop."""
+
+
 class Store:
     """Thread-safe cache of the informer's objects keyed by object_key()."""
 
@@ -173,7 +178,6 @@ class Informer:
         while not self._stopping.is_set():
             try:
                 resource_version = self._relist()
-                self._backoff.reset()
                 self._watch_until_resync(resource_version)
             except ApiException as exc:
                 if self._stopping.is_set():
@@ -210,17 +214,24 @@ class Informer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
+            timeout = max(1, int(min(self.watch_timeout, remaining)))
             self._watch = watch.Watch()
             stream = self._watch.stream(
                 self._list_func, resource_version=resource_version, allow_watch_bookmarks=True,
-                timeout_seconds=max(1, int(min(self.watch_timeout, remaining))),
-                _request_timeout=(10, self.watch_timeout + 30), **self._list_kwargs,
+                timeout_seconds=timeout, _request_timeout=(10, self.watch_timeout + 30), **self._list_kwargs,
             )
+            opened, events = time.monotonic(), 0
             for event in stream:
                 if self._stopping.is_set():
                     return
+                events += 1
+                self._backoff.reset()  # only a watch that works proves the connection healthy again
                 resource_version = self._watch.resource_version or resource_version
                 self._apply(event["type"], event["object"])
+            if not events and time.monotonic() - opened < timeout / 2:
+                raise WatchClosedEarlyError(f"watch closed after {time.monotonic() - opened:.1f}s "
+                                            f"of {timeout}s without an event")
+            self._backoff.reset()
 
     def _apply(self, event_type: str, obj: Any) -> None:
         if event_type == "BOOKMARK":
