@@ -168,7 +168,8 @@ class ContainerdNode:
         self.close()
 
     def start(self) -> None:
-        for directory in (self.conf_dir, self.bin_dir, self.cache_dir, self.path("mnt")):
+        for directory in (self.conf_dir, self.bin_dir, self.cache_dir, self.path("mnt", "cgroup"),
+                          self.path("mnt", "run")):  # fmt: skip
             os.makedirs(directory, exist_ok=True)
         self._start_holder()
         self._make_private_mounts()
@@ -226,21 +227,48 @@ class ContainerdNode:
             raise ContainerdError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
     def _mount(self, *args: str) -> None:
-        self._set_up("mount", *args)
+        # --no-mtab: util-linux would otherwise record the mount in /run/mount/utab, on the host's /run
+        self._set_up("mount", "--no-mtab", *args)
 
     def _make_private_mounts(self) -> None:
         self._drop_netns_copies()
         # A sysfs mounted from inside the node shows the node's interfaces, not the host's; the cgroup
         # hierarchies runc needs are carried over on top of it.
-        stash = self.path("mnt")
+        stash = self.path("mnt", "cgroup")
         self._mount("--rbind", CGROUP_ROOT, stash)
-        self._set_up("umount", "--recursive", "--lazy", "/sys")
+        self._set_up("umount", "--no-mtab", "--recursive", "--lazy", "/sys")
         self._mount("-t", "sysfs", "sysfs", "/sys")
         self._mount("--move", stash, CGROUP_ROOT)
-        self._mount("-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run")  # shims' sockets, runc state, fifos
+        self._private_run()
         for target, source in ((CNI_CONF_PATH, self.conf_dir), (CNI_BIN_PATH, self.bin_dir),
                                (CNI_CACHE_PATH, self.cache_dir)):  # fmt: skip
             self._shadow(target, source)
+
+    def _private_run(self) -> None:
+        """A private /run (the shims insist on /run/containerd/s) that still shows the host's /run.
+
+        Each top-level entry of the host's /run at this moment is carried over; directories are bound,
+        so what appears inside them later is seen too (an agent's socket and node state under
+        /run/netagent, say). Left out: /run/netns (see _drop_netns_copies) and /run/containerd. A new
+        top-level entry of the host's /run made after start is not seen: create it first.
+        """
+        stash = self.path("mnt", "run")
+        self._mount("--rbind", "/run", stash)
+        self._mount("-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run")
+        in_node = f"/proc/{self.holder.pid}/root"
+        for entry in os.scandir(in_node + stash):
+            if entry.name in (os.path.basename(netns.NETNS_DIR), "containerd"):
+                continue
+            target = os.path.join("/run", entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), in_node + target)
+            elif entry.is_dir():
+                os.mkdir(in_node + target)
+                self._mount("--rbind", os.path.join(stash, entry.name), target)
+            else:
+                open(in_node + target, "w").close()
+                self._mount("--bind", os.path.join(stash, entry.name), target)
+        self._set_up("umount", "--no-mtab", "--recursive", "--lazy", stash)
 
     def _drop_netns_copies(self) -> None:
         """Unmount our copies of the named netns mounts under /run/netns.
@@ -251,7 +279,7 @@ class ContainerdNode:
         with open(f"/proc/{self.holder.pid}/mountinfo") as f:
             mount_points = [line.split()[4] for line in f]
         for target in sorted((m for m in mount_points if m.startswith(netns.NETNS_DIR)), reverse=True):
-            subprocess.run(self._inside(["umount", "--lazy", target]), capture_output=True)
+            subprocess.run(self._inside(["umount", "--no-mtab", "--lazy", target]), capture_output=True)
 
     def _shadow(self, target: str, source: str) -> None:
         """Make `source` appear at `target` inside the node, creating `target` only inside an overlay."""

@@ -72,22 +72,29 @@ class NetagentSetup:
 
 
 @pytest.fixture(params=["plugin-alone", "agent-running"])
-def netagent_on_node(request, node_netns: str, tmp_path) -> Iterator[NetagentSetup]:
+def netagent_on_node(request, prefix: str, node_netns: str, tmp_path) -> Iterator[NetagentSetup]:
     """netagent's node side, in two modes.
 
     plugin-alone: no agent; the node state file is written here and the shim falls back to the
     Python plugin. agent-running: `netagent run --standalone` serves the shim in the node netns, and
-    the fallback is /bin/false, so any successful ADD/DEL was done by the agent.
+    the fallback is /bin/false, so any successful ADD/DEL was done by the agent. Its state dir (socket,
+    node.json) is under /run as on a real node, which the plugins must see from inside containerd's
+    private mount namespace.
     Request this fixture before `node`, so the agent outlives the containers it serves.
     """
-    state_dir, data_dir = str(tmp_path / "state"), str(tmp_path / "ipam")
+    data_dir = str(tmp_path / "ipam")
     if request.param == "plugin-alone":
+        state_dir = str(tmp_path / "state")
         state = nodestate.NodeState("node-1", (POD_CIDR,), 1500, (CLUSTER_CIDR,))
         nodestate.write(state, os.path.join(state_dir, "node.json"))
         yield NetagentSetup(state_dir, data_dir, fallback=None)
-    else:
+        return
+    state_dir = os.path.join("/run", f"{prefix}-netagent")
+    try:
         with standalone_agent(node_netns, state_dir, POD_CIDR, CLUSTER_CIDR, str(tmp_path / "agent.log")):
             yield NetagentSetup(state_dir, data_dir, fallback="/bin/false")
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def host_veths(node_netns: str) -> list[str]:
