@@ -4,9 +4,11 @@ Confinement, and why each piece is needed:
 - Network: containerd, its shims and every `ctr` call run in the node's netns, so the CNI plugins that
   `ctr run --cni` executes build their bridge and veths there, never in the host's root namespace.
 - Files: ctr 1.6 has no flag for its CNI directories; it always reads /etc/cni/net.d, executes from
-  /opt/cni/bin and caches results in /var/lib/cni. The shims also insist on /run/containerd. All of
-  them run in a private mount namespace where temp dirs are mounted over those paths (a missing path
-  is created inside an overlay of its parent), so the host's real directories are never touched.
+  /opt/cni/bin and caches results in /var/lib/cni. All of them run in a private mount namespace
+  where temp dirs are mounted over those paths (a missing path is created inside an overlay of its
+  parent), so the host's real directories are never touched. The shims insist on /run/containerd,
+  so /run is a private tmpfs there, showing the host's /run entries again (see _private_run).
+- Kernel view: sysfs is remounted from inside the node, so it lists the node's interfaces.
 - Lifetime: the mount namespace is held by a `sleep` we start; it, containerd and the shims are the
   only members, so once they are gone every mount made for this node disappears with it. Containers
   go into one cgroup parent per node, removed at the end. All state lives in one temp dir.
