@@ -432,6 +432,7 @@ class ServiceAllocator:
             raise ValueError("service CIDRs: one or two (one IPv4, one IPv6) networks expected")
         self.ips: dict[str, tuple[str, str]] = {}  # address -> (namespace, name) of the owner
         self.node_ports: dict[int, tuple[str, str]] = {}
+        self._next_ip: dict[ipaddress._BaseNetwork, int] = {}  # per network: offset to try next
 
     def observe(self, event: Event) -> None:
         if event.resource != "services":
@@ -533,9 +534,13 @@ class ServiceAllocator:
             raise invalid(f"spec.clusterIPs: Invalid value: {ip!r}: provided IP is already allocated")
 
     def _free_ip(self, network: ipaddress._BaseNetwork) -> str:
-        # Skip the first ten addresses: by convention .1 is the kubernetes Service and .10 cluster DNS.
+        """The next free address after the last one handed out, wrapping around (O(1) when not full).
+
+        The first ten are skipped: by convention .1 is the kubernetes Service and .10 cluster DNS."""
         first, size = int(network.network_address) + 10, min(network.num_addresses - 11, 1 << 20)
-        for offset in range(max(size, 0)):
+        for _ in range(max(size, 0)):
+            offset = self._next_ip.get(network, 0) % size
+            self._next_ip[network] = offset + 1
             candidate = str(ipaddress.ip_address(first + offset))
             if candidate not in self.ips:
                 return candidate
@@ -1029,6 +1034,11 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: LabHTTPServer
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out as separate writes: without this, Nagle + delayed ACK add ~40 ms each.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -1160,6 +1170,14 @@ class LabHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     api: Api
 
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        """A client that hangs up is normal (watchers stop, kubectl exits): one debug line, no traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.debug("%s: %s", client_address, error)
+        else:
+            log.exception("connection from %s failed", client_address)
+
 
 def _listener(address: str, api: Api) -> LabHTTPServer:
     """An HTTP server bound to ADDR:PORT or [ADDR6]:PORT (in the calling thread's netns)."""
@@ -1186,7 +1204,7 @@ class LabApiServer:
         listen: str = "127.0.0.1:0",
         netns_listen: dict[str, str] | None = None,
         service_cidrs: list[str] | None = None,
-        history_size: int = 1000,
+        history_size: int = 5000,
         bookmark_interval: float = 30.0,
     ):
         self.data_path = data_path
@@ -1275,7 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-cidr", default=DEFAULT_SERVICE_CIDR, help="CIDR[,CIDR] for ClusterIPs")
     parser.add_argument("--ready-file", help="write {url, port, pid} here as JSON once listening")
     parser.add_argument("--kubeconfig", help="write a kubeconfig for the host-side listener here")
-    parser.add_argument("--history", type=int, default=1000, help="watch history window, in events")
+    parser.add_argument("--history", type=int, default=5000, help="watch history window, in events")
     parser.add_argument("--bookmark-interval", type=float, default=30.0, help="seconds between BOOKMARKs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)

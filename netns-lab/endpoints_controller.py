@@ -144,6 +144,7 @@ class EndpointsController:
     def __init__(self, store: Store):
         self.store = store
         self._dirty: set[ServiceKey] = set()
+        self._managed: dict[ServiceKey, set[str]] = {}  # Service -> names of the slices we manage for it
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="endpoints-controller", daemon=True)
@@ -153,13 +154,11 @@ class EndpointsController:
             self.store.add_listener(self._on_event)
             services, _ = self.store.list("services")
             slices, _ = self.store.list("endpointslices")
-        keys = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services}
-        keys |= {
-            (s["metadata"]["namespace"], s["metadata"]["labels"][SERVICE_NAME_LABEL])
-            for s in slices
-            if (s["metadata"].get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
-        }
-        self._mark(keys)
+            for slice_ in slices:
+                self._index(slice_, add=True)
+            self._mark(
+                {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services} | set(self._managed)
+            )
         self._thread.start()
 
     def stop(self) -> None:
@@ -174,6 +173,11 @@ class EndpointsController:
         meta = event.obj["metadata"]
         if event.resource == "services":
             self._mark({(meta["namespace"], meta["name"])})
+        elif event.resource == "endpointslices":
+            if event.old is not None:
+                self._index(event.old, add=False)
+            if event.type != "DELETED":
+                self._index(event.obj, add=True)
         elif event.resource == "pods":
             services, _ = self.store.list("services", meta["namespace"])
             self._mark(
@@ -184,6 +188,16 @@ class EndpointsController:
                     or (event.old is not None and selects((s.get("spec") or {}).get("selector"), event.old))
                 }
             )
+
+    def _index(self, slice_: dict, add: bool) -> None:
+        labels = slice_["metadata"].get("labels") or {}
+        if labels.get(MANAGED_BY_LABEL) != MANAGED_BY or SERVICE_NAME_LABEL not in labels:
+            return
+        names = self._managed.setdefault((slice_["metadata"]["namespace"], labels[SERVICE_NAME_LABEL]), set())
+        if add:
+            names.add(slice_["metadata"]["name"])
+        else:
+            names.discard(slice_["metadata"]["name"])
 
     def _mark(self, keys: set[ServiceKey]) -> None:
         if keys:
@@ -221,12 +235,9 @@ class EndpointsController:
             if service is not None and spec.get("selector") and spec.get("type") != "ExternalName":
                 pods, _ = self.store.list("pods", namespace)
                 want = desired_slices(service, pods)
-            slices, _ = self.store.list("endpointslices", namespace)
             have = {
-                s["metadata"]["name"]: s
-                for s in slices
-                if (s["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL) == name
-                and s["metadata"]["labels"].get(MANAGED_BY_LABEL) == MANAGED_BY
+                n: self.store.get("endpointslices", namespace, n)
+                for n in self._managed.get((namespace, name), ())
             }
             for slice_name in have.keys() - want.keys():
                 self.store.delete("endpointslices", namespace, slice_name)

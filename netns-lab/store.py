@@ -223,7 +223,8 @@ class Store:
             meta["generation"] = old_meta.get("generation", 1) + (
                 _content_without_meta(obj) != _content_without_meta(old)
             )
-            if obj == {**old, "metadata": {**old_meta, "resourceVersion": meta.get("resourceVersion")}}:
+            meta.pop("resourceVersion", None)
+            if obj == {**old, "metadata": {k: v for k, v in old_meta.items() if k != "resourceVersion"}}:
                 return old  # a no-op write: no new resourceVersion, no event (as the real apiserver)
             return self._commit("MODIFIED", resource, key, obj, old)
 
