@@ -172,8 +172,8 @@ def _ip(ns: str, *args: str) -> None:
     netns.run(ns, ["ip", *args])
 
 
-@pytest.fixture(params=["iptables", "nftables"])
-def node(request: pytest.FixtureRequest, make_netns: Callable[[str], str]) -> Iterator[Node]:
+@pytest.fixture(params=["iptables", "nftables"], name="node")
+def node_fixture(request: pytest.FixtureRequest, make_netns: Callable[[str], str]) -> Iterator[Node]:
     node_ns, client_ns = make_netns("node"), make_netns("client")
     netns.run(node_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
     _ip(node_ns, "link", "add", "br0", "type", "bridge")

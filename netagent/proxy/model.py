@@ -16,7 +16,6 @@ import base64
 import dataclasses
 import hashlib
 import ipaddress
-import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -97,15 +96,14 @@ class Snapshot:
     def for_family(self, family: int) -> tuple[ServicePort, ...]:
         return tuple(p for p in self.ports if p.family == family)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, text: str) -> Snapshot:
-        data = json.loads(text)
+    def from_dict(cls, data: dict) -> Snapshot:
         ports = []
         for raw in data["ports"]:
-            raw["external_ips"] = tuple(raw["external_ips"])
+            raw = dict(raw, external_ips=tuple(raw["external_ips"]))
             for key in ("cluster_endpoints", "external_endpoints"):
                 raw[key] = tuple(Endpoint(**e) for e in raw[key])
             ports.append(ServicePort(**raw))

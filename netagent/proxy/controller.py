@@ -1,0 +1,146 @@
+"""The service proxy inside `netagent run --proxy iptables|nftables`.
+
+    ProxyController(api_client, node_name, backend, cluster_cidrs=(), min_sync_period=1.0, *,
+                    state_dir="/run/netagent", tracker=None, resync_period=300.0,
+                    families=(4, 6), netns=None)
+    .start() / .stop(); .ready (threading.Event, set after the first successful sync)
+
+tracker is netagent.health.SyncTracker (readiness waits for our first sync); netns names a netns for
+the kernel tools and healthCheckNodePort servers (tests; the agent already runs inside its node netns).
+
+Services and EndpointSlices are watched through netagent.kube.Informer; every change only requests a
+sync, and SyncLoop coalesces bursts (at most one sync per min_sync_period, a failed sync retried
+with backoff, a periodic resync). A sync builds one Snapshot from both caches and hands it to the
+Proxier, which applies only the difference. Nothing syncs before both caches are listed: an empty
+cache must never be mistaken for "no services" and wipe working rules after a restart.
+The last applied snapshot goes to STATE_DIR/proxy-desired.json for `netagent proxy show`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from kubernetes import client
+
+from netagent import netns as netns_mod
+from netagent.files import atomic_write
+from netagent.kube import Informer, SyncLoop
+from netagent.nodestate import DEFAULT_STATE_DIR
+from netagent.proxy.backend import NodeContext
+from netagent.proxy.healthcheck import HealthCheckServers
+from netagent.proxy.model import Snapshot, build_snapshot
+from netagent.proxy.proxier import Proxier
+
+log = logging.getLogger(__name__)
+
+CONTROLLER = "proxy"
+DESIRED_FILE = "proxy-desired.json"
+
+
+class CachesNotListedError(RuntimeError):
+    """Services or EndpointSlices have not been listed yet; syncing now would drop every rule."""
+
+
+def desired_path(state_dir: str) -> str:
+    return os.path.join(state_dir, DESIRED_FILE)
+
+
+class ProxyController:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        node_name: str,
+        backend: str,
+        cluster_cidrs: tuple[str, ...] = (),
+        min_sync_period: float = 1.0,
+        *,
+        state_dir: str = DEFAULT_STATE_DIR,
+        tracker: Any = None,
+        resync_period: float = 300.0,
+        families: tuple[int, ...] = (4, 6),
+        netns: str | None = None,
+    ) -> None:
+        self.node = NodeContext(node_name, tuple(cluster_cidrs))
+        self.backend = backend
+        self.families = families
+        self.state_dir = state_dir
+        self.tracker = tracker  # netagent.health.SyncTracker, optional
+        self.ready = threading.Event()
+        health = HealthCheckServers(netns_path=netns_mod.path(netns) if netns else None)
+        self.proxier = Proxier(backend, self.node, families, netns, health)
+        self.services = Informer(
+            "services",
+            client.CoreV1Api(api_client).list_service_for_all_namespaces,
+            resync_period=resync_period,
+        )
+        self.slices = Informer(
+            "endpointslices",
+            client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
+            resync_period=resync_period,
+        )
+        self._loop = SyncLoop(CONTROLLER, self.sync, min_interval=min_sync_period, max_interval=resync_period)
+        self._written: Snapshot | None = None
+
+    def start(self) -> None:
+        if self.tracker:
+            self.tracker.expect(CONTROLLER)
+        for informer in (self.services, self.slices):
+            informer.add_handler(self._on_event)
+            informer.start()
+        self._loop.start()
+        self._loop.request()
+
+    def stop(self) -> None:
+        """Stops watching; the kernel rules stay, so traffic keeps flowing across a restart."""
+        self._loop.stop()
+        for informer in (self.services, self.slices):
+            informer.stop()
+        if self.proxier.health:
+            self.proxier.health.stop()
+
+    def _on_event(self, event_type: str, obj: Any, old: Any) -> None:
+        if self.tracker:
+            self.tracker.changes_pending(CONTROLLER)
+        self._loop.request()
+
+    def sync(self) -> None:
+        started = time.monotonic()
+        for informer in (self.services, self.slices):
+            if not informer.synced:  # SyncLoop retries with backoff; the first list also requests a sync
+                raise CachesNotListedError(f"{informer.kind} not listed yet")
+        snapshot = build_snapshot(self.services.store.list(), self.slices.store.list(), self.node.node_name)
+        try:
+            changed = self.proxier.sync(snapshot)
+        except Exception:
+            if self.tracker:
+                self.tracker.failed(CONTROLLER)
+            raise
+        if snapshot != self._written:
+            self._write_desired(snapshot)
+        duration = time.monotonic() - started
+        if self.tracker:
+            self.tracker.synced(CONTROLLER, duration)
+        if changed or not self.ready.is_set():
+            log.info(
+                "proxy synced %d service ports (%d skipped) in %.3fs",
+                len(snapshot.ports),
+                len(snapshot.skipped),
+                duration,
+            )
+        self.ready.set()
+
+    def _write_desired(self, snapshot: Snapshot) -> None:
+        document = {
+            "backend": self.backend,
+            "node_name": self.node.node_name,
+            "cluster_cidrs": list(self.node.cluster_cidrs),
+            "families": list(self.families),
+            "snapshot": snapshot.to_dict(),
+        }
+        atomic_write(desired_path(self.state_dir), json.dumps(document, indent=1, sort_keys=True) + "\n")
+        self._written = snapshot

@@ -1,0 +1,185 @@
+"""The proxy controller over the real list/watch protocol (the lab API server through the official
+`kubernetes` client), programming the hand-built node of test_proxy_dataplane, per backend."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner
+from kubernetes import client, config
+from netns_lab.apiserver import LabApiServer, write_kubeconfig
+from test_proxy_dataplane import (  # noqa: F401 (node_fixture provides the `node` fixture)
+    CLUSTER_CIDR,
+    NODE,
+    VIP,
+    Node,
+    endpoint,
+    endpoint_slice,
+    eventually,
+    node_fixture,
+    service,
+    tcp_ask,
+)
+
+from netagent import netns
+from netagent.proxy.cli import proxy_group
+from netagent.proxy.controller import ProxyController
+
+
+class Api:
+    def __init__(self, tmp_path) -> None:
+        self.server = LabApiServer(str(tmp_path / "apiserver.json")).start()
+        kubeconfig = str(tmp_path / "kubeconfig")
+        write_kubeconfig(kubeconfig, self.server.url)
+        self.client = config.new_client_from_config(kubeconfig)
+        self.core = client.CoreV1Api(self.client)
+        self.discovery = client.DiscoveryV1Api(self.client)
+
+    def put_slice(self, body: dict) -> None:
+        name = body["metadata"]["name"]
+        try:
+            current = self.discovery.read_namespaced_endpoint_slice(name, "default")
+        except client.exceptions.ApiException:
+            self.discovery.create_namespaced_endpoint_slice("default", body)
+            return
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        self.discovery.replace_namespaced_endpoint_slice(name, "default", body)
+
+
+@pytest.fixture
+def api(tmp_path) -> Iterator[Api]:
+    api = Api(tmp_path)
+    yield api
+    api.server.stop()
+
+
+@pytest.fixture
+def controller(api: Api, node: Node, tmp_path) -> Iterator[ProxyController]:
+    proxy = ProxyController(
+        api.client,
+        NODE,
+        node.proxier.backends[0].kind,
+        (CLUSTER_CIDR,),
+        0.2,
+        state_dir=str(tmp_path),
+        families=(4,),
+        netns=node.ns,
+    )
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def reached(node: Node, tries: int = 30) -> set[str]:
+    return node.pods_reached(node.client, VIP, 80, tries=tries)
+
+
+def test_controller_follows_services_and_endpoint_slices(
+    api: Api, node: Node, controller: ProxyController
+) -> None:
+    api.core.create_namespaced_service("default", service())
+    api.put_slice(endpoint_slice("web", [endpoint("p0"), endpoint("p1")]))
+    eventually(lambda: reached(node) == {"p0", "p1"})
+    assert controller.ready.is_set()
+    api.put_slice(endpoint_slice("web", [endpoint("p2")]))
+    eventually(lambda: reached(node, tries=10) == {"p2"})
+    api.discovery.delete_namespaced_endpoint_slice("web-8080", "default")
+    eventually(lambda: _outcome(node) == "refused")
+    api.core.delete_namespaced_service("web", "default")
+    kernel = controller.proxier.backends[0]
+    eventually(lambda: _outcome(node) == "silent" and not kernel.kernel_view().entries)
+
+
+def test_show_reports_in_sync_and_calls_out_kernel_drift(
+    api: Api, node: Node, controller: ProxyController, tmp_path
+) -> None:
+    api.core.create_namespaced_service("default", service())
+    api.put_slice(endpoint_slice("web", [endpoint("p0")]))
+    eventually(lambda: reached(node, tries=3) == {"p0"})
+    runner = CliRunner()
+    args = ["show", "--state-dir", str(tmp_path), "--netns", node.ns]
+    eventually(lambda: runner.invoke(proxy_group, args).exit_code == 0)
+    result = runner.invoke(proxy_group, args)
+    assert "in sync" in result.output and "default/web:http" in result.output
+
+    _remove_service_entry(node)
+    result = runner.invoke(proxy_group, args)
+    assert result.exit_code == 1
+    assert "DIFFERS: missing in kernel: 10.244.0.10:8080" in result.output
+
+
+def test_a_burst_of_changes_is_coalesced_into_few_syncs(
+    api: Api, node: Node, controller: ProxyController
+) -> None:
+    eventually(controller.ready.is_set)
+    runs_before = controller._loop.runs
+    for i in range(40):
+        api.core.create_namespaced_service("default", service(f"s{i}", cluster_ip=f"10.96.1.{i + 1}"))
+    api.core.create_namespaced_service("default", service())
+    api.put_slice(endpoint_slice("web", [endpoint("p1")]))
+    eventually(lambda: reached(node, tries=3) == {"p1"})
+    assert controller._loop.runs - runs_before < 20  # 42 changes, at most one sync per 0.2 s
+
+
+def test_malformed_service_is_logged_and_skipped_while_others_sync(
+    api: Api, node: Node, controller: ProxyController, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="netagent.proxy.model")
+    api.core.create_namespaced_service(
+        "default", service("bad", cluster_ip="10.96.0.20", externalIPs=["not-an-ip"])
+    )
+    api.core.create_namespaced_service("default", service())
+    api.put_slice(endpoint_slice("web", [endpoint("p0")]))
+    eventually(lambda: reached(node, tries=3) == {"p0"})
+    assert any("default/bad" in r.getMessage() for r in caplog.records)
+
+
+def test_a_restarted_controller_that_cannot_list_keeps_the_rules(
+    api: Api, node: Node, controller: ProxyController, tmp_path
+) -> None:
+    api.core.create_namespaced_service("default", service())
+    api.put_slice(endpoint_slice("web", [endpoint("p0")]))
+    eventually(lambda: reached(node, tries=3) == {"p0"})
+    controller.stop()
+    api.server.stop()  # the agent comes back while the API server is unreachable
+    again = ProxyController(
+        api.client,
+        NODE,
+        controller.backend,
+        (CLUSTER_CIDR,),
+        0.2,
+        state_dir=str(tmp_path),
+        families=(4,),
+        netns=node.ns,
+    )
+    again.start()
+    try:
+        for _ in range(10):
+            assert tcp_ask(node.client, VIP, 80).pod == "p0"
+        assert not again.ready.is_set()
+    finally:
+        again.stop()
+
+
+def _outcome(node: Node) -> str:
+    """The pod that answered, "refused", or "silent" when nothing answers (an unknown VIP)."""
+    try:
+        return tcp_ask(node.client, VIP, 80, timeout=1).pod
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "silent"
+
+
+def _remove_service_entry(node: Node) -> None:
+    """Simulate drift: someone deletes the service's entry point from the kernel behind our back."""
+    if node.proxier.backends[0].kind == "nftables":
+        argv = ["nft", "delete", "element", "ip", "netagent", "service-ips", "{", f"{VIP} . tcp . 80", "}"]
+    else:
+        rules = netns.run(node.ns, ["iptables-save", "-t", "nat"]).stdout.splitlines()
+        rule = next(r for r in rules if r.startswith("-A NA-SERVICES") and VIP in r)
+        argv = ["iptables", "-t", "nat", "-D", *shlex.split(rule)[1:]]
+    netns.run(node.ns, argv)
