@@ -1,0 +1,184 @@
+"""The service model and the shared diff: pure functions, no kernel needed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from kubernetes import client
+
+from netagent.proxy.model import Endpoint, Snapshot, build_snapshot
+from netagent.proxy.ruleset import RuleSet, diff
+
+NODE = "node-a"
+
+
+def svc(name: str = "web", **spec: object) -> dict:
+    base = {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}
+    return {"metadata": {"namespace": "default", "name": name}, "spec": {**base, **spec}}
+
+
+def es(
+    endpoints: list[dict], port: int = 8080, family: int = 4, name: str = "web-a", port_name: str = "http"
+) -> dict:
+    return {
+        "metadata": {"namespace": "default", "name": name, "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": f"IPv{family}",
+        "ports": [{"name": port_name, "port": port}],
+        "endpoints": endpoints,
+    }
+
+
+def ep(ip: str, node: str = NODE, **conditions: bool) -> dict:
+    return {"addresses": [ip], "nodeName": node, "conditions": conditions}
+
+
+def only_port(snapshot: Snapshot):
+    assert len(snapshot.ports) == 1, snapshot
+    return snapshot.ports[0]
+
+
+def test_headless_and_external_name_services_are_skipped_silently() -> None:
+    snapshot = build_snapshot(
+        [svc(clusterIP="None"), svc("ext", type="ExternalName", clusterIP="")], [], NODE
+    )
+    assert snapshot == Snapshot()
+    assert snapshot.skipped == ()
+
+
+def test_named_target_port_is_taken_per_endpoint_from_its_slice() -> None:
+    slices = [es([ep("10.244.0.10")], port=8080, name="a"), es([ep("10.244.0.11")], port=9090, name="b")]
+    port = only_port(build_snapshot([svc()], slices, NODE))
+    assert {(e.ip, e.port) for e in port.cluster_endpoints} == {("10.244.0.10", 8080), ("10.244.0.11", 9090)}
+
+
+def test_ready_endpoints_win_and_serving_terminating_ones_are_the_fallback() -> None:
+    leaving = ep("10.244.0.10", ready=False, serving=True, terminating=True)
+    gone = ep("10.244.0.12", ready=False, serving=False, terminating=True)
+    port = only_port(build_snapshot([svc()], [es([leaving, gone, ep("10.244.0.11")])], NODE))
+    assert [e.ip for e in port.cluster_endpoints] == ["10.244.0.11"]
+    port = only_port(build_snapshot([svc()], [es([leaving, gone])], NODE))
+    assert [e.ip for e in port.cluster_endpoints] == ["10.244.0.10"]
+
+
+def test_external_traffic_policy_local_keeps_only_local_endpoints_for_external_traffic() -> None:
+    slices = [es([ep("10.244.0.10"), ep("10.244.1.10", node="node-b")])]
+    port = only_port(
+        build_snapshot(
+            [
+                svc(
+                    type="NodePort",
+                    externalTrafficPolicy="Local",
+                    healthCheckNodePort=32000,
+                    ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+                )
+            ],
+            slices,
+            NODE,
+        )
+    )
+    assert [e.ip for e in port.external_endpoints] == ["10.244.0.10"]
+    assert len(port.cluster_endpoints) == 2
+    assert (port.node_port, port.health_check_node_port) == (30080, 32000)
+
+
+def test_internal_traffic_policy_local_keeps_only_local_endpoints_for_cluster_traffic() -> None:
+    slices = [es([ep("10.244.0.10"), ep("10.244.1.10", node="node-b")])]
+    port = only_port(build_snapshot([svc(internalTrafficPolicy="Local")], slices, NODE))
+    assert [e.ip for e in port.cluster_endpoints] == ["10.244.0.10"]
+
+
+def test_dual_stack_service_becomes_one_port_per_family_with_that_familys_endpoints() -> None:
+    service = svc(clusterIPs=["10.96.0.10", "fd00:96::10"], externalIPs=["192.168.60.5", "2001:db8::5"])
+    slices = [es([ep("10.244.0.10")]), es([ep("fd00:244::10")], family=6, name="web-b")]
+    v4, v6 = build_snapshot([service], slices, NODE).ports
+    assert (v4.family, v4.cluster_ip, v4.external_ips, v4.cluster_endpoints[0].ip) == (
+        4,
+        "10.96.0.10",
+        ("192.168.60.5",),
+        "10.244.0.10",
+    )
+    assert (v6.family, v6.cluster_ip, v6.external_ips, v6.cluster_endpoints[0].address) == (
+        6,
+        "fd00:96::10",
+        ("2001:db8::5",),
+        "[fd00:244::10]:8080",
+    )
+
+
+def test_load_balancer_ingress_ips_and_affinity_are_read() -> None:
+    service = {
+        **svc(
+            type="LoadBalancer",
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+        ),
+        "status": {"loadBalancer": {"ingress": [{"ip": "192.168.70.5"}, {"hostname": "lb.example"}]}},
+    }
+    port = only_port(build_snapshot([service], [], NODE))
+    assert (port.external_ips, port.affinity_timeout) == (("192.168.70.5",), 60)
+
+
+@pytest.mark.parametrize(
+    "broken_spec, reason",
+    [
+        ({"ports": [{"port": 70000}]}, "port 70000"),
+        ({"ports": [{"port": 80, "protocol": "ICMP"}]}, "unsupported protocol"),
+        ({"clusterIP": "10.96.0.300"}, "invalid IP address"),
+        ({"externalIPs": ["nope"]}, "invalid IP address"),
+        ({"type": "NodePort", "ports": [{"port": 80, "nodePort": "30080"}]}, "nodePort"),
+    ],
+)
+def test_malformed_service_is_logged_and_skipped_and_others_survive(
+    broken_spec: dict, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    snapshot = build_snapshot([svc("broken", **broken_spec), svc()], [es([ep("10.244.0.10")])], NODE)
+    assert [p.name for p in snapshot.ports] == ["web"]
+    assert len(snapshot.skipped) == 1 and snapshot.skipped[0].startswith("default/broken: ")
+    assert reason in snapshot.skipped[0]
+    assert "default/broken" in caplog.text
+
+
+def test_official_client_objects_are_accepted_like_json() -> None:
+    service = client.V1Service(
+        metadata=client.V1ObjectMeta(namespace="default", name="web"),
+        spec=client.V1ServiceSpec(
+            cluster_ip="10.96.0.10", ports=[client.V1ServicePort(name="http", port=80)]
+        ),
+    )
+    endpoint_slice = client.V1EndpointSlice(
+        address_type="IPv4",
+        metadata=client.V1ObjectMeta(
+            namespace="default", name="web-a", labels={"kubernetes.io/service-name": "web"}
+        ),
+        ports=[client.DiscoveryV1EndpointPort(name="http", port=8080)],
+        endpoints=[
+            client.V1Endpoint(
+                addresses=["10.244.0.10"], node_name=NODE, conditions=client.V1EndpointConditions(ready=True)
+            )
+        ],
+    )
+    from_objects = build_snapshot([service], [endpoint_slice], NODE)
+    assert from_objects == build_snapshot([svc()], [es([ep("10.244.0.10", ready=True)])], NODE)
+
+
+def test_snapshot_survives_a_round_trip_through_json_data() -> None:
+    snapshot = build_snapshot([svc(externalIPs=["192.168.60.5"])], [es([ep("10.244.0.10")])], NODE)
+    assert Snapshot.from_dict(snapshot.to_dict()) == snapshot
+    assert isinstance(Snapshot.from_dict(snapshot.to_dict()).ports[0].cluster_endpoints[0], Endpoint)
+
+
+def test_diff_rewrites_unknown_chains_and_touches_only_what_changed() -> None:
+    applied = RuleSet(chains={"a": ("x",), "b": ("y",), "gone": ("z",)}, elements={("m", "k1"): "v1"})
+    desired = RuleSet(chains={"a": ("x",), "b": ("y2",), "new": ()}, elements={("m", "k1"): "v2"})
+    changes = diff(applied, desired)
+    assert (changes.chains.added, changes.chains.changed, changes.chains.removed) == (
+        ("new",),
+        ("b",),
+        ("gone",),
+    )
+    assert changes.elements.changed == (("m", "k1"),)
+    after_restart = RuleSet(chains={"a": None, "b": None})  # present in the kernel, content unknown
+    assert diff(after_restart, desired).chains.changed == ("a", "b")
+    assert not diff(desired, desired)
