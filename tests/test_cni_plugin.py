@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 from test_cni_support import (
@@ -225,11 +226,42 @@ def test_add_failing_part_way_leaves_no_veth_address_or_allocation(exec_node, ma
     assert "eth1" not in netns.run(pod, ["ip", "-o", "link"]).stdout
 
 
-def test_ip_masq_masquerades_traffic_leaving_the_cluster_cidr(exec_node, make_netns):
+def test_ip_masq_masquerades_only_traffic_leaving_the_cluster_cidr(exec_node, make_netns):
     conf = exec_node.conf([V4], ipMasq=True, clusterCIDR="10.77.0.0/16")
-    exec_node.add(conf, "ctr-a", make_netns("a"))
-    exec_node.add(conf, "ctr-b", make_netns("b"))  # a second ADD must not duplicate the rule
+    pod_a, pod_b, outside = make_netns("a"), make_netns("b"), make_netns("out")
+    ip_a = exec_node.add(conf, "ctr-a", pod_a)["ips"][0]["address"].split("/")[0]
+    ip_b = exec_node.add(conf, "ctr-b", pod_b)["ips"][0]["address"].split("/")[0]
+    # a host outside the cluster, on a link of the node, with no route back to the pods
+    uplink = ["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns", outside]
+    netns.run(exec_node.name, uplink)
+    netns.run(exec_node.name, ["ip", "addr", "add", "192.0.2.1/24", "dev", "up0"])
+    netns.run(exec_node.name, ["ip", "link", "set", "up0", "up"])
+    netns.run(outside, ["ip", "addr", "add", "192.0.2.2/24", "dev", "up1"])
+    netns.run(outside, ["ip", "link", "set", "up1", "up"])
 
+    assert seen_source(pod_a, outside, "192.0.2.2") == "192.0.2.1"  # masqueraded to the node
+    assert seen_source(pod_a, pod_b, ip_b) == ip_a  # inside the cluster CIDR: untouched
+
+    netns.run(exec_node.name, ["nft", "flush", "ruleset"])  # rules wiped: the next ADD restores them
+    exec_node.add(conf, "ctr-c", make_netns("c"))
     ruleset = netns.run(exec_node.name, ["nft", "list", "table", "inet", "netagent_testnet"]).stdout
-    assert ruleset.count("masquerade") == 1
-    assert "ip saddr 10.77.1.0/24 ip daddr != 10.77.0.0/16 masquerade" in ruleset
+    assert ruleset.count("masquerade") == 1  # once per network, however many ADDs
+    assert seen_source(pod_a, outside, "192.0.2.2") == "192.0.2.1"
+
+
+def seen_source(client_ns: str, server_ns: str, address: str, port: int = 8081) -> str | None:
+    """The source address a TCP server in server_ns sees for a connection from client_ns."""
+    with netns.entered(netns.path(server_ns)):
+        server = socket.create_server((address, port))
+    with netns.entered(netns.path(client_ns)):
+        client = socket.socket()
+    with server, client:
+        server.settimeout(10)
+        client.settimeout(10)
+        try:
+            client.connect((address, port))
+            conn, peer = server.accept()
+        except OSError:
+            return None
+        conn.close()
+        return peer[0]
