@@ -21,6 +21,12 @@ What it does as the real control plane does:
 - The endpoints controller (endpoints_controller.py) keeps EndpointSlices of selector Services.
 - State lives in the data file (store.py): a restart keeps every object and the resourceVersion keeps
   increasing, so a watch resuming from before the restart gets 410 and relists.
+- For kubectl: discovery (/api, /apis, /version), Table output for `get` (also -o wide, --watch) and a
+  minimal OpenAPI v3 so `kubectl apply` validates server-side (the server accepts any fields).
+
+Not served (clear errors or ignored): limit/continue (lists come whole), dryRun (400, rather than a
+write the caller did not want), server-side apply (415), deletecollection (405), admission webhooks,
+authentication (plain http, no auth; the lab is local).
 
 Usage, as a process (SIGTERM/SIGINT stop it cleanly):
 
@@ -34,8 +40,11 @@ Usage, as a process (SIGTERM/SIGINT stop it cleanly):
 
 In-process (tests):
 
-    server = LabApiServer(data_path, service_cidrs=["10.96.0.0/16"]).start()
-    write_kubeconfig(path, server.url); ...; server.stop()
+    server = LabApiServer(data_path, listen="127.0.0.1:0", netns_listen={"NETNS": "10.0.0.1:6443"},
+                          service_cidrs=["10.96.0.0/16"], history_size=5000, bookmark_interval=30.0).start()
+    write_kubeconfig(path, server.url); ...; server.stop()   # or: with LabApiServer(...) as server:
+
+`server.stop()` then `server.start()` again restarts it from the same data file (as a process restart).
 """
 
 from __future__ import annotations
@@ -708,7 +717,10 @@ class Api:
                         f"Precondition failed: {field} in precondition: "
                         f"{preconditions[field]}, {field} in object meta: {current['metadata'].get(field)}",
                     )
-            grace = int(options.get("gracePeriodSeconds") or 0)
+            grace = options.get("gracePeriodSeconds") or 0
+            if not str(grace).isdigit():
+                raise bad_request(f"gracePeriodSeconds: {grace!r} is not a number of seconds")
+            grace = int(grace)
             if t.resource.name == "pods" and grace > 0 and not current["metadata"].get("deletionTimestamp"):
                 deadline = time.time() + grace
                 meta = {
@@ -1066,6 +1078,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, DISCOVERY[url.path.rstrip("/")])
             if method == "GET" and url.path in ("/healthz", "/readyz", "/livez"):
                 return self._send_raw(200, b"ok", "text/plain")
+            if "dryRun" in query:
+                raise bad_request("dryRun is not supported by the lab API server")
             target = parse_target(url.path)
             if target is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -1117,7 +1131,10 @@ class Handler(BaseHTTPRequestHandler):
         return "as=Table" in self.headers.get("Accept", "")
 
     def _read_body(self) -> object:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            raise bad_request(f"bad Content-Length {length!r}")
+        length = int(length)
         if not length:
             return None
         raw = self.rfile.read(length)
@@ -1240,7 +1257,10 @@ class LabApiServer:
         self.controller.start()
         for server in self._servers:
             threading.Thread(
-                target=server.serve_forever, name=f"apiserver {server.server_address}", daemon=True
+                target=server.serve_forever,
+                args=(0.1,),
+                name=f"apiserver {server.server_address}",
+                daemon=True,
             ).start()
             self._serving.append(server)
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,20 @@ def test_node_status_subresource_merges_conditions_by_type_and_main_resource_ign
     ignored = cluster.core.patch_node("n1", {"status": {"addresses": []}, "metadata": {"labels": {"a": "b"}}})
     assert ignored.status.addresses[0].address == "192.168.77.1"
     assert ignored.metadata.labels == {"a": "b"}
+
+
+def test_json_patch_edits_and_a_no_op_patch_keeps_the_resource_version(cluster):
+    cluster.core.create_node(node("n1", zone="a"))
+    patched = cluster.core.patch_node(
+        "n1",
+        [
+            {"op": "add", "path": "/metadata/labels/role", "value": "edge"},
+            {"op": "remove", "path": "/metadata/labels/zone"},
+        ],
+    )
+    assert patched.metadata.labels == {"role": "edge"}
+    again = cluster.core.patch_node("n1", {"metadata": {"labels": {"role": "edge"}}})
+    assert again.metadata.resource_version == patched.metadata.resource_version
 
 
 def test_list_filters_pods_by_label_selector_and_spec_node_name(cluster):
@@ -539,6 +554,10 @@ def test_module_cli_refuses_a_bad_listen_address_with_a_clear_message(tmp_path):
     assert "nonsense" in result.stderr and "Traceback" not in result.stderr
 
 
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+@needs_kubectl
 def test_kubectl_reads_and_annotates_through_a_kubeconfig(cluster):
     cluster.core.create_node(node("n1"))
     env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
@@ -553,3 +572,35 @@ def test_kubectl_reads_and_annotates_through_a_kubeconfig(cluster):
     kubectl("label", "node", "n1", "role=worker")
     meta = cluster.core.read_node("n1").metadata
     assert meta.annotations["netagent.io/x"] == "1" and meta.labels["role"] == "worker"
+
+
+@needs_kubectl
+def test_kubectl_apply_creates_then_updates_a_service_merging_its_ports_by_port(cluster, tmp_path):
+    manifest = tmp_path / "svc.yaml"
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+
+    def apply(ports: list[dict]) -> None:
+        svc = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"type": "NodePort", "selector": {"app": "web"}, "ports": ports},
+        }
+        manifest.write_text(json.dumps(svc))
+        result = subprocess.run(
+            ["kubectl", "apply", "-f", str(manifest)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=TIMEOUT,
+        )
+        assert result.returncode == 0, result.stderr
+
+    apply([{"name": "http", "port": 80}])
+    first = cluster.core.read_namespaced_service("web", "default").spec
+    apply([{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}])
+    second = cluster.core.read_namespaced_service("web", "default").spec
+    assert [(p.name, p.port) for p in second.ports] == [("http", 80), ("dns", 53)]
+    assert second.ports[0].node_port == first.ports[0].node_port
+    apply([{"name": "dns", "port": 53, "protocol": "UDP"}])
+    assert [p.name for p in cluster.core.read_namespaced_service("web", "default").spec.ports] == ["dns"]
