@@ -87,6 +87,7 @@ SERVER_VERSION = {
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 NODE_PORT_RANGE = range(30000, 32768)
 DEFAULT_WATCH_TIMEOUT = 1800.0
+SYSTEM_NAMESPACES = ("default", "kube-system")
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
@@ -615,7 +616,7 @@ class Api:
             for key, obj in store.objects():
                 allocator.observe(Event(0, "ADDED", key[0], obj, None))
             store.add_listener(allocator.observe)
-            for name in ("default", "kube-system"):
+            for name in SYSTEM_NAMESPACES:
                 if store.find("namespaces", "", name) is None:
                     store.create(
                         "namespaces",
@@ -732,7 +733,13 @@ class Api:
                 self._schedule_removal(terminating)
                 return terminating
             if t.resource.name == "namespaces":
-                for key, _ in self.store.objects():
+                if t.name in SYSTEM_NAMESPACES:
+                    raise ApiError(
+                        403,
+                        "Forbidden",
+                        f'namespaces "{t.name}" is forbidden: this namespace may not be deleted',
+                    )
+                for key, _ in self.store.objects():  # the namespace's objects go with it
                     if key[1] == t.name:
                         self.store.delete(*key)
             deleted = self.store.delete(t.resource.name, t.store_namespace, t.name)
@@ -745,7 +752,7 @@ class Api:
     def _schedule_removal(self, pod: dict) -> None:
         """Remove a terminating pod when its grace period ends (in the lab no kubelet does)."""
         meta = pod["metadata"]
-        deadline = time.mktime(time.strptime(meta["deletionTimestamp"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        deadline = calendar.timegm(time.strptime(meta["deletionTimestamp"], "%Y-%m-%dT%H:%M:%SZ"))
 
         def remove() -> None:
             with self.store.lock:
@@ -788,11 +795,8 @@ class Api:
     def _require_namespace(self, namespace: str | None) -> None:
         if namespace is None:
             raise bad_request("a namespaced object is created under /namespaces/{namespace}/")
-        ns = self.store.find("namespaces", "", namespace)
-        if ns is None:
+        if self.store.find("namespaces", "", namespace) is None:
             raise not_found("namespaces", namespace)
-        if ns["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f"namespace {namespace} is being terminated")
 
     def _admit(self, resource: Resource, obj: dict, old: dict | None) -> None:
         if resource.name == "services":
@@ -878,10 +882,10 @@ class Api:
             return None
         if t.namespace is not None and event.obj["metadata"].get("namespace") != t.namespace:
             return None
-        now = matches(event.obj) and event.type != "DELETED"
-        before = event.old is not None and matches(event.old) and event.type != "ADDED"
         if event.type == "DELETED":
             now, before = False, matches(event.obj)
+        else:
+            now, before = matches(event.obj), event.old is not None and matches(event.old)
         if now and before:
             return {"type": "MODIFIED", "object": event.obj}
         if now:

@@ -90,12 +90,17 @@ class Journal:
                 if number == len(lines) - 1:
                     break  # torn last write: the write never completed, so nobody was told it did
                 raise ValueError(f"{self.path}: line {number + 1} is not JSON") from None
-            rv = max(rv, int(record["rv"]))
-            if "object" in record:
-                objects[object_key(record["resource"], record["object"])] = record["object"]
-            elif "deleted" in record:
-                namespace, name = record["deleted"]
-                objects.pop((record["resource"], namespace, name), None)
+            try:
+                rv = max(rv, int(record["rv"]))
+                if "object" in record:
+                    objects[object_key(record["resource"], record["object"])] = record["object"]
+                elif "deleted" in record:
+                    namespace, name = record["deleted"]
+                    objects.pop((record["resource"], namespace, name), None)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"{self.path}: line {number + 1} is not a lab API server record ({e})"
+                ) from None
         return rv, objects
 
     def compact(self, rv: int, objects: dict[Key, dict]) -> None:
@@ -164,7 +169,9 @@ class Store:
         if rv == self.rv:
             return [], rv
         oldest = self._history[0].rv if self._history else self.rv + 1
-        if rv > self.rv or rv + 1 < oldest:
+        if rv > self.rv:  # only after a lost data file: the client must start over, as with an old one
+            raise ApiError(410, "Expired", f"resource version {rv} is newer than the server's ({self.rv})")
+        if rv + 1 < oldest:
             raise ApiError(410, "Expired", f"too old resource version: {rv} ({oldest - 1})")
         return list(itertools.islice(self._history, rv + 1 - oldest, None)), self.rv
 
@@ -235,6 +242,8 @@ class Store:
             return self._commit("DELETED", resource, key, old, old)
 
     def _commit(self, type_: str, resource: str, key: Key, obj: dict, old: dict | None) -> dict:
+        if self.closed:
+            raise ApiError(503, "ServiceUnavailable", "the lab API server is shutting down")
         self.rv += 1
         obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self.rv)}}
         objects = self._objects.setdefault(resource, {})
