@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 from kubernetes import client
 
+from cni.links import host_veth_name
 from netagent import netns
 from netagent.kube import load_api_client
 
@@ -141,8 +142,8 @@ class Node:
         return pod
 
     def vanish(self, pod: Pod) -> None:
-        """The runtime crashed and lost the pod: its netns and Pod object go, no DEL ever runs."""
-        netns.delete(pod.netns)
+        """The runtime crashed and lost the pod: its Pod object goes, no DEL ever runs, and its netns
+        is leaked with its attachment (removed only at the end of the test)."""
         self.core.delete_namespaced_pod(pod.name, "default")
 
     # ---- what the node holds
@@ -156,6 +157,12 @@ class Node:
                 with open(os.path.join(directory, name)) as f:
                     found[name] = f.read().split("\n")[0]
         return found
+
+    def leftovers(self, live: list[Pod]) -> list[str]:
+        """Allocations and host veths that none of the `live` pods explains."""
+        ips, veths = {pod.ip for pod in live}, {veth_of(pod) for pod in live}
+        return ([f"allocation {ip}" for ip in self.allocations() if ip not in ips]
+                + [f"veth {name}" for name in self.veths() if name not in veths])
 
     def veths(self) -> set[str]:
         out = netns.run(self.ns, ["ip", "-o", "link", "show", "type", "veth"]).stdout
@@ -199,8 +206,6 @@ def node(make_netns, tmp_path) -> Iterator[Node]:
 
 
 def veth_of(pod: Pod) -> str:
-    from cni.links import host_veth_name
-
     return host_veth_name(pod.container_id, "eth0")
 
 

@@ -1,0 +1,273 @@
+"""Crash resilience with real processes killed by SIGKILL, in real netns with real traffic:
+
+- the CNI plugin killed at random points of ADD and of DEL, many times: one GC pass afterwards
+  leaves nothing leaked, and live pods keep their IPs and their established TCP connections;
+- the agent killed in the middle of syncs: the restarted agent converges and an established
+  cross-node TCP connection survives;
+- the API server stopped for a while: nodes keep forwarding with their last state, then apply a
+  change made once it is back;
+- two agents on one node: the second refuses, naming the lock, and the first is undisturbed.
+
+`plugin_kill_rounds` is also what benchmarks/faults.py runs to print the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import test_agent
+import test_gc
+from kubernetes import client
+from test_agent import (
+    API_ADDRESS,
+    NODE_IPS,
+    Cluster,
+    LongLivedConnection,
+    all_pairs_reachable,
+    reachable,
+    start_all,
+)
+from test_gc import ECHO_PORT, Node, Pod, wait_for
+from test_node_network import NetlinkMonitor, build_cluster, kernel_dump, ns_run
+
+from netagent import netns
+from netagent.kube import load_api_client
+
+apiserver = pytest.importorskip("netns_lab.apiserver")
+
+agents, cluster, node = test_agent.agents, test_agent.cluster, test_gc.node  # fixtures, shared as they are
+ITERATIONS = 30  # per verb; benchmarks/faults.py runs more
+
+
+# ------------------------------------------------------------------------ the plugin killed mid-call
+
+
+@dataclass
+class FaultFigures:
+    iterations: int = 0  # plugin runs started, ADD and DEL together
+    faults_injected: int = 0  # runs killed while still working
+    partial_states: int = 0  # leftovers those kills made (allocations + veths no live pod explains)
+    leaks_after_gc: int = 0
+    connections_dropped: int = 0
+
+
+class NodeConnection:
+    """An established TCP connection from the node to a pod's echo server, kept for the whole run."""
+
+    def __init__(self, node: Node, pod: Pod) -> None:
+        with netns.entered(netns.path(node.ns)):
+            self.sock = socket.create_connection((pod.ip, ECHO_PORT), timeout=10)
+
+    def alive(self) -> bool:
+        try:
+            self.sock.sendall(b"still there?")
+            return self.sock.recv(64) == b"still there?"
+        except OSError:
+            return False
+
+
+def kill_at_random_point(node: Node, command: str, pod: Pod, window: float, rng: random.Random) -> bool:
+    """Run the plugin as a runtime does and SIGKILL it after a random delay in [0, window).
+
+    True when the kill hit a plugin still at work (a fault injected), False when it had finished.
+    """
+    proc = subprocess.Popen(node.plugin_argv(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=node.plugin_env(command, pod))
+    proc.stdin.write(json.dumps(node.conf).encode())
+    proc.stdin.close()
+    time.sleep(rng.uniform(0, window))
+    hit = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    return hit
+
+
+def timed_cni(node: Node, command: str, pod: Pod) -> float:
+    started = time.monotonic()
+    node.cni(command, pod)
+    return time.monotonic() - started
+
+
+def abandon(pod: Pod, index: int) -> None:
+    """The runtime lost the pod; every other one also loses its netns (which takes the veth with it)."""
+    if index % 2:
+        netns.delete(pod.netns)
+
+
+def plugin_kill_rounds(node: Node, iterations: int, rng: random.Random) -> FaultFigures:
+    """Two live pods with established connections; then `iterations` ADDs and `iterations` DELs each
+    SIGKILLed at a random point; then one `netagent gc` pass. Returns what happened."""
+    figures = FaultFigures()
+    live = [node.run_pod("live1"), node.run_pod("live2")]
+    connections = [NodeConnection(node, pod) for pod in live]
+    probe = node.new_pod("probe")  # one undisturbed ADD and DEL: how long a whole call takes here
+    add_window, del_window = timed_cni(node, "ADD", probe), timed_cni(node, "DEL", probe)
+
+    for i in range(iterations):
+        pod = node.new_pod(f"a{i}")
+        figures.faults_injected += kill_at_random_point(node, "ADD", pod, add_window, rng)
+        abandon(pod, i)
+    for i in range(iterations):
+        pod = node.new_pod(f"d{i}")
+        node.cni("ADD", pod)
+        figures.faults_injected += kill_at_random_point(node, "DEL", pod, del_window, rng)
+        abandon(pod, i)
+    figures.iterations = 2 * iterations
+
+    figures.partial_states = len(node.leftovers(live))
+    done = node.gc("--grace", "0")
+    assert done.returncode == 0, done.stderr
+    figures.leaks_after_gc = len(node.leftovers(live))
+    figures.connections_dropped = sum(not c.alive() for c in connections)
+    figures.connections_dropped += sum(not node.answers(pod) for pod in live)
+    return figures
+
+
+def test_plugin_killed_at_random_points_of_add_and_del_leaves_nothing_after_gc(node):
+    figures = plugin_kill_rounds(node, ITERATIONS, random.Random(5))
+
+    assert figures.faults_injected >= ITERATIONS // 2  # most kills hit a plugin at work
+    assert figures.partial_states > 0  # the kills did leave state behind ...
+    assert figures.leaks_after_gc == 0  # ... and one GC pass released all of it
+    assert figures.connections_dropped == 0
+
+
+# ------------------------------------------------------------------------ the agent killed mid-sync
+
+
+def test_agent_killed_in_the_middle_of_syncs_converges_on_restart_and_a_connection_survives(cluster):
+    agent = start_all(cluster, "vxlan")[0]
+    first, second, third = cluster.nodes
+    wait_for(lambda: all_pairs_reachable(cluster), 60, "pod<->pod across all nodes")
+    connection = LongLivedConnection(first, second)
+    rng = random.Random(7)
+    try:
+        for kill in range(6):  # node3 leaves, comes back, ... (and is back at the end): a sync is due
+            if kill % 2:
+                cluster.register(third)
+            else:
+                cluster.core.delete_node(third.name)
+            time.sleep(rng.uniform(0, 0.3))
+            agent.stop(signal.SIGKILL)
+            assert connection.round_trip(b"agent dead")
+            agent = cluster.agent(first, "vxlan")
+            agent.wait_ready()
+
+        wait_for(lambda: all_pairs_reachable(cluster), 60, "convergence after the last restart")
+        with NetlinkMonitor(first.ns) as monitor:  # converged: one more restart has nothing to change
+            agent.stop(signal.SIGKILL)
+            cluster.agent(first, "vxlan").wait_ready()
+        assert monitor.lines == []
+        assert connection.round_trip(b"after")
+    finally:
+        connection.close()
+
+
+# ------------------------------------------------------------------------ the API server away
+
+
+class ApiServerProcess:
+    """The lab API server as its own process (listening inside every node netns), so that stopping it
+    is what an outage is: the process dies and every connection to it breaks."""
+
+    def __init__(self, data_path: str, nodes: list, work_dir) -> None:
+        self.argv = [sys.executable, "-m", "netns_lab.apiserver", "--data", data_path,
+                     "--listen", "127.0.0.1:0"]
+        for each in nodes:
+            self.argv += ["--listen-netns", f"{each.ns}={API_ADDRESS}"]
+        self.ready_file = str(work_dir / "apiserver.ready")
+        self.log_path = str(work_dir / "apiserver.log")
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> ApiServerProcess:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ready_file)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([*self.argv, "--ready-file", self.ready_file], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        wait_for(lambda: os.path.exists(self.ready_file) or self.proc.poll() is not None, 60, "API server")
+        with open(self.ready_file) as f:
+            self.url = json.load(f)["url"]
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def cluster_with_api_process(make_netns, prefix, tmp_path,
+                             agents) -> Iterator[tuple[Cluster, ApiServerProcess]]:
+    nodes = build_cluster(make_netns, prefix, NODE_IPS)
+    server = ApiServerProcess(str(tmp_path / "api.json"), nodes, tmp_path).start()
+    try:
+        yield Cluster(nodes, server, tmp_path, agents), server
+    finally:
+        for agent in agents:
+            agent.stop(signal.SIGKILL)
+        server.kill()
+
+
+def test_nodes_keep_forwarding_while_the_api_server_is_down_and_catch_up_when_it_returns(
+        cluster_with_api_process):
+    cluster, server = cluster_with_api_process
+    agents_started = start_all(cluster, "vxlan")
+    first, second, third = cluster.nodes
+    wait_for(lambda: all_pairs_reachable(cluster), 60, "pod<->pod across all nodes")
+    connection = LongLivedConnection(first, second)
+    try:
+        server.kill()
+        deadline = time.monotonic() + 8  # long enough for every agent to notice and back off
+        while time.monotonic() < deadline:
+            assert all_pairs_reachable(cluster)
+            assert connection.round_trip(b"api server down")
+            time.sleep(0.5)
+        assert all(agent.proc.poll() is None for agent in agents_started)
+
+        server.start()
+        kubeconfig = str(cluster.tmp_path / "returned-kubeconfig")
+        apiserver.write_kubeconfig(kubeconfig, server.url)
+        client.CoreV1Api(load_api_client(kubeconfig)).delete_node(third.name)  # a change once it is back
+
+        routes = lambda: ns_run(first.ns, "ip", "route", "show", "proto", "211")  # noqa: E731
+        wait_for(lambda: third.pod_cidr not in routes(), 90, "node1 to apply node3's removal")
+        assert reachable(first, second)
+        assert connection.round_trip(b"api server back")
+    finally:
+        connection.close()
+
+
+# ------------------------------------------------------------------------ two agents, one node
+
+
+def test_a_second_agent_on_a_node_refuses_naming_the_lock_and_the_first_keeps_forwarding(cluster):
+    agents_started = start_all(cluster, "vxlan")
+    first, second, _ = cluster.nodes
+    wait_for(lambda: all_pairs_reachable(cluster), 60, "pod<->pod across all nodes")
+    before = kernel_dump(first.ns)
+    state_dir = agents_started[0].state_dir
+
+    intruder = netns.run(first.ns, [sys.executable, "-m", "netagent.cli", "run", "--node-name", first.name,
+                                    "--kubeconfig", cluster.node_kubeconfig, "--state-dir", state_dir,
+                                    "--healthz-bind", "", "--metrics-bind", ""], check=False, timeout=60)
+
+    assert intruder.returncode == 1
+    lock = os.path.join(state_dir, "agent.lock")
+    assert f"another netagent is already running on this node: {lock} is locked by pid" in intruder.stderr
+    assert "Traceback" not in intruder.stderr
+    assert agents_started[0].proc.poll() is None
+    assert kernel_dump(first.ns) == before
+    assert reachable(first, second)
