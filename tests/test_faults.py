@@ -57,7 +57,7 @@ ITERATIONS = 30  # per verb; benchmarks/faults.py runs more
 class FaultFigures:
     iterations: int = 0  # plugin runs started, ADD and DEL together
     faults_injected: int = 0  # runs killed while still working
-    partial_states: int = 0  # leftovers those kills made (allocations + veths no live pod explains)
+    leftovers_before_gc: int = 0  # allocations + veths no live pod explains, left by the kills
     leaks_after_gc: int = 0
     connections_dropped: int = 0
 
@@ -125,7 +125,7 @@ def plugin_kill_rounds(node: Node, iterations: int, rng: random.Random) -> Fault
         abandon(pod, i)
     figures.iterations = 2 * iterations
 
-    figures.partial_states = len(node.leftovers(live))
+    figures.leftovers_before_gc = len(node.leftovers(live))
     done = node.gc("--grace", "0")
     assert done.returncode == 0, done.stderr
     figures.leaks_after_gc = len(node.leftovers(live))
@@ -138,7 +138,7 @@ def test_plugin_killed_at_random_points_of_add_and_del_leaves_nothing_after_gc(n
     figures = plugin_kill_rounds(node, ITERATIONS, random.Random(5))
 
     assert figures.faults_injected >= ITERATIONS // 2  # most kills hit a plugin at work
-    assert figures.partial_states > 0  # the kills did leave state behind ...
+    assert figures.leftovers_before_gc > 0  # the kills did leave state behind ...
     assert figures.leaks_after_gc == 0  # ... and one GC pass released all of it
     assert figures.connections_dropped == 0
 
