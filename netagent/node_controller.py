@@ -90,6 +90,7 @@ class NodeController:
         self._ipr: IPRoute | None = None
         self._network: VxlanNetwork | RoutedNetwork | None = None
         self._last_errors: dict[str, str] = {}
+        self._last_waiting: list[str] = []
         self._entries = Gauge("netagent_node_network_entries", "Kernel entries programmed for other nodes",
                               registry=registry)
         self._node_errors = Gauge("netagent_node_network_errors",
@@ -192,6 +193,11 @@ class NodeController:
         if report.added or report.changed or report.removed:
             log.info("node sync: %d peers, %d entries (+%d ~%d -%d)", peer_count, report.entries,
                      report.added, report.changed, report.removed)
+        if report.waiting != self._last_waiting:
+            if report.waiting:
+                log.info("waiting for node(s) %s to publish %s", ", ".join(report.waiting),
+                         ANNOTATION_VTEP_MAC)
+            self._last_waiting = report.waiting
         for name, message in report.errors.items():
             if self._last_errors.get(name) != message:
                 log.error("cannot program node %s: %s", name, message)

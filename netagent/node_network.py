@@ -77,6 +77,7 @@ class SyncReport:
     removed: int = 0
     entries: int = 0
     errors: dict[str, str] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)  # peers that have not published what we need yet
 
 
 def find_underlay(ipr: IPRoute, iface: str | None = None, node_ip: str | None = None) -> Underlay:
@@ -323,8 +324,8 @@ class VxlanNetwork:
         report = SyncReport()
         fdb, neighbours, routes = {}, {}, {}
         for peer in peers:
-            if not peer.vtep_mac:
-                report.errors[peer.name] = f"node {peer.name} has not published {ANNOTATION_VTEP_MAC} yet"
+            if not peer.vtep_mac:  # its agent has not started yet: normal while a cluster comes up
+                report.waiting.append(peer.name)
                 continue
             fdb[peer.vtep_mac] = peer.node_ip
             for cidr in peer.pod_cidrs:

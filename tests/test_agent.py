@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 
@@ -28,12 +29,14 @@ from test_node_network import (
 )
 
 from netagent import netns, nodestate
+from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.kube import Informer, SyncLoop, load_api_client
 
 apiserver = pytest.importorskip("netns_lab.apiserver")
 
 NODE_IPS = ["192.168.77.1/24", "192.168.77.2/24", "192.168.77.3/24"]
-API_ADDRESS = "127.0.0.1:6443"  # each node netns gets its own listener on its own loopback
+API_ADDRESS = "127.0.0.1:6443"  # each node netns gets its own API listener on its own loopback
+METRICS_URL = "http://127.0.0.1:10249/metrics"  # the agent's default --metrics-bind, inside its node netns
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
@@ -159,6 +162,64 @@ def test_bad_flags_give_a_clear_error_without_traceback(make_netns, tmp_path):
                               "10.250.0.1/24", "--state-dir", str(tmp_path)], check=False, timeout=60)
     assert result.returncode == 2
     assert "is not a network CIDR" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- health and metrics endpoints
+
+
+def http_get(ns: str, url: str) -> tuple[int, bytes]:
+    with netns.entered(netns.path(ns)):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+
+def test_healthz_is_503_until_the_first_sync_then_200_until_a_change_waits_too_long(make_netns):
+    from prometheus_client import CollectorRegistry
+
+    node = make_netns("node")
+    tracker = SyncTracker(CollectorRegistry(), timeout=0.5)
+    tracker.expect("node")
+    with netns.entered(netns.path(node)):
+        server = HealthServer("127.0.0.1:0", tracker)
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/healthz"
+    try:
+        status, body = http_get(node, url)
+        assert status == 503 and json.loads(body)["lastUpdated"] == ""
+
+        tracker.synced("node", 0.01)
+        status, body = http_get(node, url)
+        assert status == 200 and set(json.loads(body)) >= {"lastUpdated", "currentTime"}
+
+        tracker.changes_pending("node")
+        wait_for(lambda: http_get(node, url)[0] == 503, 10, "a stuck change to turn healthz 503")
+    finally:
+        server.stop()
+
+
+def test_metrics_count_syncs_per_controller(make_netns):
+    from prometheus_client import CollectorRegistry
+
+    node = make_netns("node")
+    registry = CollectorRegistry()
+    tracker = SyncTracker(registry)
+    tracker.synced("node", 0.02)
+    tracker.failed("node")
+    with netns.entered(netns.path(node)):
+        metrics = MetricsServer("127.0.0.1:0", registry)
+        metrics.start()
+    try:
+        status, body = http_get(node, f"http://127.0.0.1:{metrics.port}/metrics")
+        text = body.decode()
+        assert status == 200
+        assert 'netagent_sync_total{controller="node",result="ok"} 1.0' in text
+        assert 'netagent_sync_total{controller="node",result="error"} 1.0' in text
+        assert 'netagent_sync_duration_seconds_count{controller="node"} 1.0' in text
+    finally:
+        metrics.stop()
 
 
 # ---------------------------------------------------------------- informer and sync loop
@@ -387,15 +448,17 @@ def test_agents_connect_pods_across_nodes_over_tcp_and_udp(cluster, network):
     assert ("netagent.io/vtep-mac" in annotations) == (network == "vxlan")
 
 
-def test_healthz_answers_like_kube_proxy_once_synced(cluster):
+def test_healthz_and_metrics_report_the_synced_node_controller(cluster):
     start_all(cluster, "vxlan")
     node = cluster.nodes[0]
-    with netns.entered(netns.path(node.ns)), urllib.request.urlopen("http://127.0.0.1:10256/healthz",
-                                                                   timeout=10) as response:
-        body = json.loads(response.read())
-        status = response.status
+
+    status, body = http_get(node.ns, "http://127.0.0.1:10256/healthz")
     assert status == 200
-    assert body["lastUpdated"] and body["currentTime"]
+    assert json.loads(body)["lastUpdated"]
+    # 2 other nodes x (fdb + neighbour + route), once both have published their VTEP MAC
+    wait_for(lambda: "netagent_node_network_entries 6.0" in http_get(node.ns, METRICS_URL)[1].decode(), 60,
+             "6 entries in /metrics")
+    assert 'netagent_sync_total{controller="node",result="ok"}' in http_get(node.ns, METRICS_URL)[1].decode()
 
 
 def test_deleting_a_node_removes_exactly_its_entries_on_the_others(cluster):
