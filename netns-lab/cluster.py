@@ -171,6 +171,7 @@ def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
         "--state-dir", node.state_dir, "--network", state.network, "--underlay-iface", topology.NODE_IFACE,
         "--cluster-cidr", str(CLUSTER_CIDR), "--service-cidr", SERVICE_CIDR, "--proxy", state.proxy,
         "--healthz-bind", f"{node.ip}:{HEALTHZ_PORT}", "--metrics-bind", f"{node.ip}:{METRICS_PORT}",
+        "--cni-data-dir", node.ipam_dir,
     )
     return processes.spawn(netns.exec_argv(node.netns, argv), node.agent_log)
 
