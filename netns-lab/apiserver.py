@@ -431,6 +431,43 @@ PATCHERS: dict[str, Callable[[dict, object], object]] = {
 # ---------------------------------------------------------------- service allocation
 
 
+def is_string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def validate_metadata(meta: dict) -> None:
+    """The shape every object's metadata must have (the real apiserver rejects the rest with 422 too)."""
+    for field in ("name", "generateName", "namespace"):
+        if not isinstance(meta.get(field, ""), str):
+            raise invalid(f"metadata.{field}: Invalid value: must be a string")
+    for field in ("labels", "annotations"):
+        if meta.get(field) is not None and not is_string_map(meta[field]):
+            raise invalid(f"metadata.{field}: Invalid value: must be a map of strings to strings")
+
+
+def validate_service_spec(spec: object) -> None:
+    """The shape of a Service spec that allocation and the endpoints controller rely on."""
+    if not isinstance(spec, dict):
+        raise invalid("spec: Invalid value: must be an object")
+    if spec.get("selector") is not None and not is_string_map(spec["selector"]):
+        raise invalid("spec.selector: Invalid value: must be a map of strings to strings")
+    ports = spec.get("ports", [])
+    if not isinstance(ports, list) or not all(isinstance(p, dict) for p in ports):
+        raise invalid("spec.ports: Invalid value: must be a list of objects")
+    for i, port in enumerate(ports):
+        number = port.get("port")
+        if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 65535:
+            raise invalid(f"spec.ports[{i}].port: Invalid value: {number!r}: must be between 1 and 65535")
+        if port.get("protocol", "TCP") not in ("TCP", "UDP", "SCTP"):
+            raise invalid(f"spec.ports[{i}].protocol: Unsupported value: {port['protocol']!r}")
+        if not isinstance(port.get("targetPort", 0), int | str):
+            raise invalid(f"spec.ports[{i}].targetPort: Invalid value: must be a number or a port name")
+        if not isinstance(port.get("nodePort") or 0, int):
+            raise invalid(f"spec.ports[{i}].nodePort: Invalid value: must be a number")
+
+
 class ServiceAllocator:
     """ClusterIPs and nodePorts for Services, as the apiserver's allocators hand them out.
 
@@ -474,13 +511,12 @@ class ServiceAllocator:
         """Fill in a Service's defaults and allocations in place; Invalid if what it asks for is taken."""
         owner = (svc["metadata"]["namespace"], svc["metadata"]["name"])
         spec = svc.setdefault("spec", {})
+        validate_service_spec(spec)
         old_spec = (old or {}).get("spec") or {}
         spec.setdefault("type", "ClusterIP")
         spec.setdefault("sessionAffinity", "None")
         for port in spec.setdefault("ports", []):
             port.setdefault("protocol", "TCP")
-            if "port" not in port:
-                raise invalid("spec.ports[].port: Required value")
             port.setdefault("targetPort", port["port"])
         if spec["type"] == "ExternalName":
             return
@@ -778,6 +814,7 @@ class Api:
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise bad_request("metadata must be an object")
+        validate_metadata(meta)
         if t.resource.namespaced:
             if meta.get("namespace") not in (None, "", t.namespace):
                 raise bad_request(

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import threading
 
-from netns_lab.store import ApiError, Event, Store
+from netns_lab.store import Event, Store
 
 log = logging.getLogger("netns_lab.endpoints_controller")
 
@@ -33,10 +33,17 @@ def selects(selector: dict | None, pod: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def pod_ips(pod: dict) -> list[str]:
+def pod_ips(pod: dict) -> dict[str, list[str]]:
+    """The pod's IPs by address family ("IPv4"/"IPv6"); anything that is not an IP is left out."""
     status = pod.get("status") or {}
     ips = [entry.get("ip") for entry in status.get("podIPs") or []] or [status.get("podIP")]
-    return [ip for ip in ips if ip]
+    by_family: dict[str, list[str]] = {}
+    for ip in ips:
+        try:
+            by_family.setdefault(f"IPv{ipaddress.ip_address(ip).version}", []).append(ip)
+        except ValueError:
+            continue
+    return by_family
 
 
 def is_ready(pod: dict) -> bool:
@@ -98,7 +105,7 @@ def desired_slices(service: dict, pods: list[dict]) -> dict[str, dict]:
             continue
         ports = resolve_ports(service, pod)
         for family in families:
-            addresses = [ip for ip in pod_ips(pod) if f"IPv{ipaddress.ip_address(ip).version}" == family]
+            addresses = pod_ips(pod).get(family)
             if addresses:
                 groups.setdefault((family, ports), []).append(endpoint(pod, addresses[0], publish_not_ready))
     if not groups:  # as the real controller: a placeholder slice says "selected, but nothing there"
@@ -216,13 +223,8 @@ class EndpointsController:
             for key in sorted(keys):
                 try:
                     self.sync(*key)
-                except (
-                    ApiError,
-                    ValueError,
-                    KeyError,
-                    TypeError,
-                ) as e:  # one bad Service must not stop others
-                    log.error("endpointslices of service %s/%s: %s", key[0], key[1], e)
+                except Exception as e:  # an odd Pod or Service must not stop the controller for the others
+                    log.error("endpointslices of service %s/%s: %s: %s", key[0], key[1], type(e).__name__, e)
 
     def sync(self, namespace: str, name: str) -> None:
         """Make the Service's controller-managed EndpointSlices what they should be, writing only changes."""

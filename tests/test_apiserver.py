@@ -202,6 +202,32 @@ def test_list_filters_pods_by_label_selector_and_spec_node_name(cluster):
     assert int(listed.metadata.resource_version) >= 3
 
 
+def raw_request(cluster: Cluster, method: str, path: str, body: bytes) -> tuple[int, dict]:
+    """A request the typed client would refuse to send (it validates bodies itself)."""
+    response = cluster.core.api_client.rest_client.pool_manager.request(
+        method, cluster.server.url + path, body=body, headers={"Content-Type": "application/json"}
+    )
+    return response.status, json.loads(response.data)
+
+
+def test_malformed_objects_are_refused_with_clear_statuses_and_the_server_keeps_serving(cluster):
+    services = "/api/v1/namespaces/default/services"
+    bad_services = [
+        service("bad-port", ports=[{"port": "eighty"}]),
+        service("bad-protocol", ports=[{"port": 80, "protocol": "ICMP"}]),
+        {"metadata": {"name": "bad-labels", "labels": {"app": 5}}, "spec": {"ports": [{"port": 80}]}},
+        {"metadata": {"name": "bad-spec"}, "spec": ["not", "an", "object"]},
+    ]
+    for body in bad_services:
+        code, status = raw_request(cluster, "POST", services, json.dumps(body).encode())
+        assert (code, status["kind"], status["reason"]) == (422, "Status", "Invalid"), body
+        assert status["message"]
+    code, status = raw_request(cluster, "POST", "/api/v1/nodes", b"{not json")
+    assert (code, status["reason"]) == (400, "BadRequest")
+    assert cluster.core.list_namespaced_service("default").items == []
+    assert cluster.core.create_namespaced_service("default", service("good")).spec.cluster_ip
+
+
 def test_objects_in_a_missing_namespace_are_refused_with_404(cluster):
     with pytest.raises(ApiException) as missing:
         cluster.core.create_namespaced_pod("nowhere", pod("a", None))
@@ -410,6 +436,25 @@ def test_endpoint_slices_follow_pod_labels_readiness_and_named_target_ports(clus
 
     cluster.core.patch_namespaced_pod("w2", "default", {"metadata": {"labels": {"app": "other"}}})
     eventually(lambda: set(endpoints_of(cluster, "web")) == {"10.244.1.5"})
+
+
+def test_dual_stack_service_gets_a_slice_per_address_family(tmp_path):
+    lab = Cluster(tmp_path, service_cidrs=["10.96.0.0/16", "fd00:96::/112"]).start()
+    try:
+        lab.core.create_namespaced_service(
+            "default", service("ds", selector={"app": "web"}, ip_family_policy="PreferDualStack")
+        )
+        body = pod("w1", "10.244.1.5", app="web")
+        body["status"]["podIPs"] = [{"ip": "10.244.1.5"}, {"ip": "fd00:244:1::5"}]
+        lab.core.create_namespaced_pod("default", body)
+
+        def families() -> dict[str, list[str]]:
+            slices = lab.discovery.list_namespaced_endpoint_slice("default").items
+            return {s.address_type: [a for e in s.endpoints or [] for a in e.addresses] for s in slices}
+
+        eventually(lambda: families() == {"IPv4": ["10.244.1.5"], "IPv6": ["fd00:244:1::5"]})
+    finally:
+        lab.stop()
 
 
 def test_gracefully_deleted_pod_is_a_terminating_endpoint_until_it_is_gone(cluster):
