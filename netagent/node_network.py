@@ -96,14 +96,15 @@ def find_underlay(ipr: IPRoute, iface: str | None = None, node_ip: str | None = 
         raise NodeNetworkError("cannot find the underlay interface: give --underlay-iface "
                                "(no interface holds the node IP and there is no default route)")
     link = ipr.get_links(index)[0]
-    subnets = tuple(
-        ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}").network
-        for a in ipr.get_addr(index=index)
-        if a["scope"] == 0  # global scope: link-local addresses do not make a node reachable
-    )
-    if node_ip is None:
-        node_ip = next((str(a.get("IFA_ADDRESS")) for a in ipr.get_addr(index=index, family=socket.AF_INET)
-                        if a["scope"] == 0), None)
+    addresses = [a for a in ipr.get_addr(index=index) if a["scope"] == 0]  # link-local reaches no node
+    subnets = tuple(ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}").network
+                    for a in addresses)
+    local_ips = [str(a.get("IFA_ADDRESS")) for a in addresses]
+    if node_ip not in local_ips:  # no hint, or the Node's address is not ours here: use what we hold
+        if node_ip is not None:
+            log.warning("node IP %s is not on %s; using that interface's own address", node_ip,
+                        link.get("IFLA_IFNAME"))
+        node_ip = next((ip for ip in local_ips if ipaddress.ip_address(ip).version == 4), None)
     return Underlay(link.get("IFLA_IFNAME"), index, link.get("IFLA_MTU"), node_ip, subnets)
 
 

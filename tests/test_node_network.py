@@ -152,7 +152,7 @@ def kernel_dump(ns: str) -> str:
     Operational state (UNKNOWN -> UP as links settle) is not ours and is left out."""
     return re.sub(r" state [A-Z]+", "", "\n".join([
         ns_run(ns, "ip", "link", "show"),
-        ns_run(ns, "ip", "-d", "link", "show", "netagent.1"),
+        ns_run(ns, "ip", "-d", "link", "show", "type", "vxlan"),
         ns_run(ns, "ip", "addr", "show"),
         ns_run(ns, "ip", "route", "show", "table", "all"),
         ns_run(ns, "ip", "neigh", "show", "nud", "permanent"),
