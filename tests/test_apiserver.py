@@ -530,6 +530,28 @@ def test_restart_from_the_data_file_keeps_objects_and_old_watches_get_410(tmp_pa
         lab.stop()
 
 
+def start_cli_server(tmp_path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    """`python -m netns_lab.apiserver` as the lab runs it; returns the process and its ready file."""
+    ready = tmp_path / "ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "netns_lab.apiserver",
+        "--data",
+        str(tmp_path / "state.json"),
+        "--listen",
+        "127.0.0.1:0",
+        "--ready-file",
+        str(ready),
+        *extra,
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    eventually(lambda: ready.exists() or process.poll() is not None)
+    assert process.poll() is None, process.communicate()[0]
+    return process, json.loads(ready.read_text())
+
+
 def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_veth(tmp_path, make_netns):
     server_ns, node_ns = make_netns("srv"), make_netns("node")
     netns.run(
@@ -538,28 +560,8 @@ def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_ve
     for ns, address in ((server_ns, "10.123.0.1/24"), (node_ns, "10.123.0.2/24")):
         netns.run(ns, ["ip", "addr", "add", address, "dev", "eth0"])
         netns.run(ns, ["ip", "link", "set", "eth0", "up"])
-    ready = tmp_path / "ready.json"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "netns_lab.apiserver",
-            "--data",
-            str(tmp_path / "state.json"),
-            "--listen",
-            "127.0.0.1:0",
-            "--listen-netns",
-            f"{server_ns}=10.123.0.1:6443",
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process, info = start_cli_server(tmp_path, "--listen-netns", f"{server_ns}=10.123.0.1:6443")
     try:
-        eventually(lambda: ready.exists() or process.poll() is not None)
-        info = json.loads(ready.read_text())
         assert info["url"] == f"http://127.0.0.1:{info['port']}" and info["pid"] == process.pid
 
         host_kubeconfig = str(tmp_path / "host.kubeconfig")
@@ -578,6 +580,29 @@ def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_ve
         output, _ = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_a_killed_server_restarts_with_every_acknowledged_write(tmp_path):
+    kubeconfig = str(tmp_path / "kubeconfig")
+    process, info = start_cli_server(tmp_path)
+    try:
+        write_kubeconfig(kubeconfig, info["url"])
+        core = client.CoreV1Api(config.new_client_from_config(kubeconfig))
+        for i in range(20):
+            last = core.create_node(node(f"n{i}")).metadata.resource_version
+    finally:
+        process.kill()  # no clean shutdown: only what reached the data file survives
+        process.communicate()
+
+    process, info = start_cli_server(tmp_path)
+    try:
+        write_kubeconfig(kubeconfig, info["url"])
+        core = client.CoreV1Api(config.new_client_from_config(kubeconfig))
+        assert len(core.list_node().items) == 20
+        assert int(core.create_node(node("after")).metadata.resource_version) > int(last)
+    finally:
+        process.terminate()
+        process.communicate()
 
 
 def test_module_cli_refuses_a_bad_listen_address_with_a_clear_message(tmp_path):
