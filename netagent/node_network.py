@@ -36,6 +36,7 @@ VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8 bytes
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
+IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
 
 # Annotations netagent publishes on its own Node so other nodes can program their entries.
@@ -234,6 +235,9 @@ class RoutedNetwork:
             for cidr in peer.pod_cidrs:
                 if _family(vtep_address(cidr)) == _family(peer.node_ip):
                     desired[cidr] = (peer.node_ip, self.underlay.index, False)
+                else:  # a v6 pod CIDR cannot be routed via a v4 next hop: vxlan mode carries both
+                    report.errors[peer.name] = (f"routes mode: pod CIDR {cidr} of node {peer.name} has no "
+                                                f"node IP of its family (node IP {peer.node_ip})")
         current = self.routes.current()
         _reconcile("route", current, desired, self.routes.put, self.routes.delete, report)
         return report
@@ -317,7 +321,10 @@ class VxlanNetwork:
             self.ipr.addr("del", index=self.index, address=address, prefixlen=prefixlen)
         for address, prefixlen in want - have:
             log.info("add VTEP address %s/%d to %s", address, prefixlen, self.device)
-            self.ipr.addr("add", index=self.index, address=address, prefixlen=prefixlen)
+            # no duplicate address detection: the address is ours by construction, and a tentative
+            # address would delay the first packets to this node's pods by a second or more
+            self.ipr.addr("add", index=self.index, address=address, prefixlen=prefixlen,
+                          flags=IFA_F_NODAD if prefixlen == 128 else 0)
 
     def sync(self, peers: Iterable[PeerNode]) -> SyncReport:
         if self.index is None:

@@ -33,9 +33,12 @@ class Node:
     node_ip: str
     pod_cidr: str
     pod_ip: str
+    pod_cidr6: str
+    pod_ip6: str
 
-    def peer(self, vtep_mac: str | None = None) -> PeerNode:
-        return PeerNode(self.name, self.node_ip, (self.pod_cidr,), vtep_mac)
+    def peer(self, vtep_mac: str | None = None, dual_stack: bool = False) -> PeerNode:
+        cidrs = (self.pod_cidr, self.pod_cidr6) if dual_stack else (self.pod_cidr,)
+        return PeerNode(self.name, self.node_ip, cidrs, vtep_mac)
 
 
 def ns_run(ns: str, *argv: str) -> str:
@@ -45,7 +48,8 @@ def ns_run(ns: str, *argv: str) -> str:
 
 
 def build_cluster(make_netns: Callable[[str], str], prefix: str, node_ips: list[str]) -> list[Node]:
-    """Underlay bridge netns + one node netns per IP (veth eth0 on the bridge) + one pod per node."""
+    """Underlay bridge netns + one node netns per IP (veth eth0 on the bridge) + one pod per node.
+    Pods are dual-stack (10.244.i.10/24 and fd00:10:244:i::10/64); the node routes only what it is given."""
     underlay = make_netns("ul")
     ns_run(underlay, "ip", "link", "add", "br0", "type", "bridge")
     ns_run(underlay, "ip", "link", "set", "br0", "up")
@@ -69,7 +73,12 @@ def build_cluster(make_netns: Callable[[str], str], prefix: str, node_ips: list[
         ns_run(pod_ns, "ip", "addr", "add", f"{pod_ip}/24", "dev", "eth0")
         ns_run(pod_ns, "ip", "link", "set", "eth0", "up")
         ns_run(pod_ns, "ip", "route", "add", "default", "via", gateway)
-        nodes.append(Node(f"node{i}", node_ns, pod_ns, node_ip.split("/")[0], pod_cidr, pod_ip))
+        pod_cidr6, gateway6, pod_ip6 = f"fd00:10:244:{i}::/64", f"fd00:10:244:{i}::1", f"fd00:10:244:{i}::10"
+        ns_run(node_ns, "ip", "addr", "add", f"{gateway6}/64", "dev", "cni0", "nodad")
+        ns_run(pod_ns, "ip", "addr", "add", f"{pod_ip6}/64", "dev", "eth0", "nodad")
+        ns_run(pod_ns, "ip", "-6", "route", "add", "default", "via", gateway6)
+        nodes.append(Node(f"node{i}", node_ns, pod_ns, node_ip.split("/")[0], pod_cidr, pod_ip, pod_cidr6,
+                          pod_ip6))
     return nodes
 
 
@@ -99,10 +108,14 @@ def vxlan_peers(nodes: list[Node], networks: list[VxlanNetwork], me: int) -> lis
     return [n.peer(net.vtep_mac) for i, (n, net) in enumerate(zip(nodes, networks, strict=True)) if i != me]
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def tcp_exchange(client_ns: str, server_ns: str, server_ip: str, port: int = 5001) -> bytes:
     """Connect from one pod to another and return what the server echoed back."""
     with netns.entered(netns.path(server_ns)):
-        listener = socket.create_server((server_ip, port))
+        listener = socket.create_server((server_ip, port), family=_family(server_ip))
     listener.settimeout(10)
 
     def serve() -> None:
@@ -127,9 +140,9 @@ def tcp_exchange(client_ns: str, server_ns: str, server_ip: str, port: int = 500
 
 def udp_exchange(client_ns: str, server_ns: str, server_ip: str, port: int = 5002) -> bytes:
     with netns.entered(netns.path(server_ns)):
-        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        server = socket.socket(_family(server_ip), socket.SOCK_DGRAM)
     with netns.entered(netns.path(client_ns)):
-        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client = socket.socket(_family(server_ip), socket.SOCK_DGRAM)
     with server, client:
         server.bind((server_ip, port))
         server.settimeout(10)
@@ -213,6 +226,29 @@ def test_vxlan_mode_carries_pod_to_pod_tcp_and_udp_across_nodes(make_netns, pref
         assert "vxlan id 1" in link and "dstport 4789" in link and "nolearning" in link
         assert "mtu 1450" in link
         assert ns_run(nodes[0].ns, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
+
+
+def test_vxlan_mode_carries_dual_stack_pod_traffic_over_one_ipv4_underlay(make_netns, prefix):
+    nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24"])
+    sockets = [open_iproute(n.ns) for n in nodes]
+    try:
+        networks = []
+        for node, ipr in zip(nodes, sockets, strict=True):
+            with netns.entered(netns.path(node.ns)):
+                network = VxlanNetwork(ipr, find_underlay(ipr, "eth0"))
+                network.setup([node.pod_cidr, node.pod_cidr6])
+            networks.append(network)
+        for i, network in enumerate(networks):
+            other = nodes[1 - i]
+            report = network.sync([other.peer(networks[1 - i].vtep_mac, dual_stack=True)])
+            assert (report.added, report.errors) == (5, {})  # fdb + 2 neighbours + 2 routes
+
+        assert tcp_exchange(nodes[0].pod_ns, nodes[1].pod_ns, nodes[1].pod_ip6) == b"HELLO OVER TCP"
+        assert udp_exchange(nodes[1].pod_ns, nodes[0].pod_ns, nodes[0].pod_ip6) == b"HELLO OVER UDP"
+        assert tcp_exchange(nodes[0].pod_ns, nodes[1].pod_ns, nodes[1].pod_ip) == b"HELLO OVER TCP"
+    finally:
+        for ipr in sockets:
+            ipr.close()
 
 
 def test_vxlan_node_removal_removes_exactly_its_entries(make_netns, prefix):
