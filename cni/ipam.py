@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 
 from cni import errors
 from cni.config import IPAddress, IpRange
@@ -26,7 +28,17 @@ from cni.errors import CniError
 Owner = tuple[str, str]  # (container id, ifname)
 LOCK_FILE = "lock"
 TMP_PREFIX = ".tmp-"
+INDEX_PREFIX = "owner-"
 LAST_RESERVED_PREFIX = "last_reserved_ip."
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One read of the directory's names (no file contents)."""
+
+    # names are kept as text: parsing hundreds of addresses per ADD would cost more than the disk work
+    inodes: dict[str, int]  # every allocation's address and its inode
+    indexed: dict[str, list[str]]  # owner key -> addresses whose index entry is current
 
 
 class Store:
@@ -37,7 +49,7 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the network's allocation lock; on entry, sweep temp files of crashed writers."""
+        """Hold the network's allocation lock (an flock: released by the kernel if the holder dies)."""
         try:
             os.makedirs(self.directory, mode=0o755, exist_ok=True)
             lock_path = os.path.join(self.directory, LOCK_FILE)
@@ -46,7 +58,6 @@ class Store:
             raise CniError(errors.IO_FAILURE, f"cannot open IPAM store {self.directory}", str(e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._remove_temp_files()
             yield
         finally:
             os.close(fd)  # releases the flock
@@ -70,62 +81,88 @@ class Store:
 
     def drop(self, address: IPAddress) -> None:
         """Remove one allocation (caller holds the lock): GC decides per address under one lock hold."""
-        self._unlink(address)
+        with contextlib.suppress(OSError):
+            owner = _read_owner(self._path(address))
+            self._unlink(_index_name(owner, address))
+        self._unlink(str(address))
 
     def allocate(self, owner: Owner, ranges: Iterable[IpRange]) -> list[IPAddress]:
         """One address per range for owner; an owner that already holds one keeps it (retried ADD)."""
         allocated: list[IPAddress] = []
         with self.locked():
-            taken = self.allocations()
+            scan = self._scan()
+            held = self._held_by(owner, scan)
+            taken = set(scan.inodes)  # addresses as text
             try:
                 for pool in ranges:
-                    held = [a for a, o in taken.items() if o == owner and a in pool.subnet]
-                    address = held[0] if held else self._reserve(owner, pool, taken)
-                    allocated.append(address)
+                    mine = [a for a in held if a in pool.subnet]
+                    allocated.append(mine[0] if mine else self._reserve(owner, pool, taken))
             except BaseException:
                 for address in allocated:
-                    if address not in taken:
-                        self._unlink(address)
+                    if address not in held:
+                        self._unlink(str(address))
+                        self._unlink(_index_name(owner, address))
                 raise
         return allocated
 
     def release(self, owner: Owner) -> list[IPAddress]:
         """Free every address owner holds; an unknown owner is not an error (DEL is idempotent)."""
-        return self._release_unless(lambda candidate: candidate != owner)
-
-    def release_all_except(self, valid: frozenset[Owner]) -> list[IPAddress]:
-        return self._release_unless(lambda candidate: candidate in valid)
-
-    def _release_unless(self, keep: Callable[[Owner], bool]) -> list[IPAddress]:
         with self.locked():
-            freed = [address for address, owner in self.allocations().items() if not keep(owner)]
+            freed = self._held_by(owner, self._scan())
             for address in freed:
-                self._unlink(address)
+                self._unlink(str(address))
+                self._unlink(_index_name(owner, address))
         return freed
 
     def exhausted(self, ranges: Iterable[IpRange]) -> list[IpRange]:
         """The ranges with no free address left."""
         with self.locked():
-            taken = self.allocations()
+            taken = [ipaddress.ip_address(text) for text in self._scan().inodes]
         return [pool for pool in ranges if _free_count(pool, taken) == 0]
 
-    def _reserve(self, owner: Owner, pool: IpRange, taken: dict[IPAddress, Owner]) -> IPAddress:
+    def _scan(self) -> _Scan:
+        """List the directory once (caller holds the lock) and sweep what crashed writers left behind."""
+        inodes: dict[str, int] = {}
+        index_entries: list[os.DirEntry] = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(TMP_PREFIX):
+                    self._unlink(entry.name)
+                elif entry.name.startswith(INDEX_PREFIX):
+                    index_entries.append(entry)
+                elif entry.name[0].isdigit() or ":" in entry.name:  # only address files look like this
+                    inodes[entry.name] = entry.inode()
+        indexed: dict[str, list[str]] = {}
+        for entry in index_entries:
+            _, key, text = entry.name.split("-", 2)
+            if inodes.get(text) == entry.inode():
+                indexed.setdefault(key, []).append(text)
+            else:  # its allocation is gone (or was never linked): a stale hint
+                self._unlink(entry.name)
+        return _Scan(inodes, indexed)
+
+    def _held_by(self, owner: Owner, scan: _Scan) -> list[IPAddress]:
+        """owner's addresses; reading the few candidate files rules out a hash collision."""
+        candidates = [ipaddress.ip_address(text) for text in scan.indexed.get(_owner_key(owner), [])]
+        return [address for address in candidates if _read_owner(self._path(address)) == owner]
+
+    def _reserve(self, owner: Owner, pool: IpRange, taken: set[str]) -> IPAddress:
         address = self._next_free(pool, taken)
-        path = os.path.join(self.directory, str(address))
         tmp = os.path.join(self.directory, f"{TMP_PREFIX}{os.getpid()}-{address}")
         try:
             with open(tmp, "w") as f:
                 f.write(f"{owner[0]}\n{owner[1]}\n")
-            os.link(tmp, path)
+            os.link(tmp, os.path.join(self.directory, _index_name(owner, address)))
+            os.link(tmp, self._path(address))
             os.unlink(tmp)
             with open(os.path.join(self.directory, f"{LAST_RESERVED_PREFIX}{pool.subnet.version}"), "w") as f:
                 f.write(str(address))
         except OSError as e:
             raise CniError(errors.IO_FAILURE, f"cannot record allocation of {address}", str(e)) from None
-        taken[address] = owner
+        taken.add(str(address))
         return address
 
-    def _next_free(self, pool: IpRange, taken: dict[IPAddress, Owner]) -> IPAddress:
+    def _next_free(self, pool: IpRange, taken: Collection[str]) -> IPAddress:
         """Round-robin from just after the last reserved address, wrapping inside the range."""
         first, last = int(pool.start), int(pool.end)
         size = last - first + 1
@@ -136,12 +173,13 @@ class Store:
         # a free address is found within len(taken)+2 steps unless the range is full
         for step in range(min(size, len(taken) + 2)):
             candidate = ipaddress.ip_address(first + (offset + step) % size)
-            if candidate != pool.gateway and candidate not in taken:
+            if candidate != pool.gateway and str(candidate) not in taken:
                 return candidate
+        used = _used_count(pool, [ipaddress.ip_address(text) for text in taken])
         raise CniError(
             errors.POOL_EXHAUSTED,
             f"no free address left in {pool.subnet} ({pool.start}-{pool.end})",
-            f"{_used_count(pool, taken)} addresses allocated under {self.directory}",
+            f"{used} addresses allocated under {self.directory}",
         )
 
     def _last_reserved(self, pool: IpRange) -> IPAddress | None:
@@ -151,15 +189,20 @@ class Store:
         except OSError:
             return None
 
-    def _unlink(self, address: IPAddress) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.directory, str(address)))
+    def _path(self, address: IPAddress) -> str:
+        return os.path.join(self.directory, str(address))
 
-    def _remove_temp_files(self) -> None:
-        for name in os.listdir(self.directory):
-            if name.startswith(TMP_PREFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.directory, name))
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.directory, name))
+
+
+def _owner_key(owner: Owner) -> str:
+    return hashlib.sha256(f"{owner[0]}\n{owner[1]}".encode()).hexdigest()[:16]
+
+
+def _index_name(owner: Owner, address: IPAddress) -> str:
+    return f"{INDEX_PREFIX}{_owner_key(owner)}-{address}"
 
 
 def _address_or_none(name: str) -> IPAddress | None:

@@ -5,6 +5,7 @@ inside the node netns, and move real traffic between pod namespaces."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -103,7 +104,8 @@ class CniNode:
             return {}
         found = {}
         for name in os.listdir(directory):
-            if name[0].isdigit() or ":" in name:
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(name)  # allocation files are named by their address
                 with open(os.path.join(directory, name)) as f:
                     found[name] = f.read()
         return found
