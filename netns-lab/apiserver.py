@@ -1203,8 +1203,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
-        for event in events:
-            self._chunk(event)
+        try:
+            for event in events:
+                self._chunk(event)
+        except ConnectionError:
+            raise
+        except Exception:  # too late for an error response: end the stream, the client will re-watch
+            log.exception("watch %s failed", self.path)
+            self.close_connection = True
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 

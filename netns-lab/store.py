@@ -75,7 +75,8 @@ class Journal:
     def __init__(self, path: str):
         self.path = path
         self._file = None
-        self._lines = 0
+        self._lines = 0  # in the file now
+        self._objects_at_compaction = 0  # the file is compacted again once it holds 2x these + 1000 lines
 
     def load(self) -> tuple[int, dict[Key, dict]]:
         rv, objects = 0, {}
