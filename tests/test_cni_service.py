@@ -39,7 +39,9 @@ def test_shim_passes_the_agents_error_object_and_exit_code_through(make_netns, t
     assert outcome.result["code"] == 6
 
 
-def test_socket_is_root_only_and_a_restarted_agent_replaces_a_stale_socket(make_netns, tmp_path):
+def test_socket_is_root_only_a_dead_agent_means_fallback_and_a_restart_replaces_the_socket(
+    make_netns, tmp_path
+):
     node = make_node(make_netns, tmp_path)
     socket_path = str(tmp_path / "state" / "cni.sock")
     node.plugin = [compile_shim(str(tmp_path), socket_path)]
@@ -50,6 +52,8 @@ def test_socket_is_root_only_and_a_restarted_agent_replaces_a_stale_socket(make_
         first.send_signal(signal.SIGKILL)  # crash: the socket file stays behind
         first.wait(timeout=30)
     assert os.path.exists(socket_path)
+    refused = node.call("VERSION", {"cniVersion": "1.1.0"})  # connect() refused: the Python plugin answers
+    assert refused.code == 0 and refused.result["cniVersion"] == "1.1.0"
 
     with running_service(node.name, socket_path):
         outcome = node.call("VERSION", {"cniVersion": "1.1.0"})
