@@ -11,7 +11,9 @@ Never touching a live pod is the first rule:
     and veth before the API server reports its IP: allocations by their file's age, and a veth that
     no allocation explains by how long it has been seen orphaned (recorded in gc.json by name and
     ifindex, since the kernel keeps no creation time for links);
-  - without a pod list from the API server nothing is collected at all.
+  - without a pod list from the API server nothing is collected at all;
+  - once the agent wrote this node's pod CIDRs (STATE/node.json), addresses outside them are not
+    this node's to judge and are left alone (a data dir shared by mistake loses nothing).
 The kernel and disk work is cni.gc.sweep, the same code the CNI GC verb runs.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -31,7 +34,7 @@ from typing import Any
 import click
 
 from cni import gc as cni_gc
-from cni.config import DEFAULT_DATA_DIR
+from cni.config import DEFAULT_DATA_DIR, IPNetwork
 from cni.install import PLUGIN_NAME
 from netagent import nodestate
 from netagent.files import atomic_write
@@ -69,8 +72,9 @@ class GcState:
             for reason, n in by_reason.items():
                 reasons[reason] = reasons.get(reason, 0) + n
         why = "; ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-        return (f"{self.passes} passes (last {ago:.0f}s ago), released {self.count('allocation')} "
-                f"allocations and {self.count('veth')} veths" + (f" ({why})" if why else ""))
+        passes = f"{self.passes} pass{'es' if self.passes > 1 else ''} (last {ago:.0f}s ago)"
+        released = f"released {self.count('allocation')} allocations and {self.count('veth')} veths"
+        return f"{passes}, {released}" + (f" ({why})" if why else "")
 
 
 def read_state(state_dir: str) -> GcState:
@@ -102,6 +106,7 @@ def _updating_state(state_dir: str, save: bool) -> Iterator[GcState]:
 class PassResult:
     releases: tuple[cni_gc.Release, ...]
     waiting: int  # candidates kept only because they are still inside the grace period
+    foreign: int  # attachments left alone because their addresses are outside this node's pod CIDRs
 
 
 class Collector:
@@ -117,8 +122,9 @@ class Collector:
 
     def run_once(self, dry_run: bool = False) -> PassResult:
         live = self.live_pod_ips()  # before any lock: a failing API server must stop the pass here
+        own_cidrs = _node_pod_cidrs(self.state_dir)
         with _updating_state(self.state_dir, save=not dry_run) as state:
-            judge = _PassJudge(live, self.grace, state.orphan_veths_seen)
+            judge = _PassJudge(live, own_cidrs, self.grace, state.orphan_veths_seen)
             report = cni_gc.sweep(self.network_name, self.data_dir, judge.attachment, judge.orphan_veth,
                                   dry_run=dry_run)
             if not dry_run:
@@ -132,27 +138,38 @@ class Collector:
             owner = "/".join(release.owner) if release.owner else "no owner"
             log.info("%s %s %s (attachment %s): %s", "would release" if dry_run else "released",
                      release.kind, release.name, owner, release.reason)
-        return PassResult(report.releases, judge.waiting)
+        return PassResult(report.releases, judge.waiting, judge.foreign)
 
 
 class _PassJudge:
     """The keep-or-collect rules of the module docstring, for one pass."""
 
-    def __init__(self, live_ips: frozenset[str], grace: float, orphans_seen: dict[str, float]) -> None:
+    def __init__(self, live_ips: frozenset[str], own_cidrs: tuple[IPNetwork, ...] | None, grace: float,
+                 orphans_seen: dict[str, float]) -> None:
         self.live_ips = live_ips
+        self.own_cidrs = own_cidrs
         self.grace = grace
         self.now = time.time()
         self.orphans_seen = orphans_seen
         self.orphans_kept: dict[str, float] = {}
         self.waiting = 0
+        self.foreign = 0
 
     def attachment(self, attachment: cni_gc.Attachment) -> str | None:
         if any(str(address) in self.live_ips for address in attachment.addresses):
+            return None
+        if not self._inside_own_cidrs(attachment):
+            self.foreign += 1
             return None
         if attachment.age < self.grace:
             self.waiting += 1
             return None
         return NO_LIVE_POD
+
+    def _inside_own_cidrs(self, attachment: cni_gc.Attachment) -> bool:
+        if self.own_cidrs is None:
+            return True
+        return any(address in cidr for address in attachment.addresses for cidr in self.own_cidrs)
 
     def orphan_veth(self, veth: cni_gc.Veth) -> str | None:
         key = f"{veth.name}@{veth.index}"
@@ -162,6 +179,15 @@ class _PassJudge:
             self.waiting += 1
             return None
         return ORPHAN_VETH
+
+
+def _node_pod_cidrs(state_dir: str) -> tuple[IPNetwork, ...] | None:
+    """This node's pod CIDRs from the agent's node state; None when it has not been written."""
+    try:
+        state = nodestate.read(os.path.join(state_dir, "node.json"))
+    except FileNotFoundError:
+        return None
+    return tuple(ipaddress.ip_network(cidr) for cidr in state.pod_cidrs)
 
 
 def pod_ips(pods: list[Any]) -> frozenset[str]:
@@ -266,7 +292,8 @@ def gc_cmd(dry_run: bool, state_dir: str, kubeconfig: str | None, node_name: str
         owner = f"container {release.owner[0]} {release.owner[1]}" if release.owner else "no allocation"
         click.echo(f"{verb} {release.kind} {release.name} ({owner}): {release.reason}")
     click.echo(f"node {node_name}, network {network_name}: {verb} {len(result.releases)}; "
-               f"{result.waiting} kept inside the {grace:.0f}s grace period")
+               f"{result.waiting} kept inside the {grace:.0f}s grace period, {result.foreign} outside this "
+               "node's pod CIDRs left alone")
     click.echo(f"totals: {read_state(state_dir).summary()}")
 
 
