@@ -19,8 +19,9 @@ What it does as the real control plane does:
 - Pods: deleted at once, unless DeleteOptions/query ask for gracePeriodSeconds > 0: then the pod is
   terminating (deletionTimestamp set) for that long, then removed.
 - The endpoints controller (endpoints_controller.py) keeps EndpointSlices of selector Services.
-- State lives in the data file (store.py): a restart keeps every object and the resourceVersion keeps
-  increasing, so a watch resuming from before the restart gets 410 and relists.
+- State lives in the data file (store.py; JSON lines, appended and flushed before each write is
+  answered, so even a SIGKILL loses nothing acknowledged): a restart keeps every object and the
+  resourceVersion keeps increasing, so a watch resuming from before the restart gets 410 and relists.
 - For kubectl: discovery (/api, /apis, /version), Table output for `get` (also -o wide, --watch) and a
   minimal OpenAPI v3 so `kubectl apply` validates server-side (the server accepts any fields).
 
@@ -44,7 +45,8 @@ In-process (tests):
                           service_cidrs=["10.96.0.0/16"], history_size=5000, bookmark_interval=30.0).start()
     write_kubeconfig(path, server.url); ...; server.stop()   # or: with LabApiServer(...) as server:
 
-`server.stop()` then `server.start()` again restarts it from the same data file (as a process restart).
+`server.stop()` then `server.start()` again restarts it from the same data file (as a process restart);
+with port 0 it gets a new port, so pass the old address as `listen` to keep the URL.
 """
 
 from __future__ import annotations
