@@ -8,12 +8,15 @@ directory), so even an `up` killed with SIGKILL half-way is cleaned up completel
 
 from __future__ import annotations
 
+import concurrent.futures
+import importlib
 import ipaddress
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,38 +75,28 @@ def exists(lab: Lab) -> bool:
 
 
 def _build(lab: Lab, count: int, network: str, proxy: str, timeout: float, progress: Progress) -> LabState:
-    os.makedirs(lab.dir, exist_ok=True)
-    state = LabState(name=lab.name, network=network, proxy=proxy)
-    for index in range(1, count + 1):
-        node = f"n{index}"
-        state.nodes[node] = NodeInfo(name=node, netns=lab.node_netns(node), ip=topology.node_ip(index),
-                                     pod_cidr=node_pod_cidr(index), dir=lab.node_dir(node))
-    lab.save(state)
+    state = _plan(lab, count, network, proxy)
+    # Slow starters first, so they overlap: install-cni processes and the kubernetes client import.
+    installing = _start_cni_install(state)
+    kube_import = threading.Thread(target=importlib.import_module, args=("netns_lab.kube",), daemon=True)
+    kube_import.start()
 
     progress(f"underlay: netns {lab.underlay_netns}, bridge {topology.UNDERLAY_BRIDGE} "
              f"{topology.UNDERLAY_GATEWAY}/{topology.UNDERLAY.prefixlen}")
     topology.create_underlay(lab.underlay_netns)
-    for node in state.nodes.values():
-        topology.attach_node(lab.underlay_netns, node.netns, f"v{node.name}", node.ip)
-        progress(f"node {node.name}: netns {node.netns}, eth0 {node.ip}, podCIDR {node.pod_cidr}")
-
-    _start_apiserver(lab, state, timeout)
+    _spawn_apiserver(lab, state)  # it binds inside the underlay netns; nodes are wired meanwhile
+    _wire_nodes(lab, state, progress)
+    _wait_for_apiserver(lab, state, timeout)
     lab.save(state)
     progress(f"API server: {state.api_url} (agents: {state.api_internal_url}); kubeconfig {lab.kubeconfig}")
 
-    from netns_lab import kube  # the kubernetes client costs ~0.3 s to import: only when needed
-
-    api = kube.connect(lab.kubeconfig)
-    for node in state.nodes.values():
-        kube.create_node(api, node.name, node.ip, node.pod_cidr)
-    _install_cni(state)
-    progress(f"CNI plugin installed on {', '.join(state.nodes)}")
+    kube_import.join()
+    _register_nodes(lab, state)
+    _finish_cni_install(installing)
+    progress(f"Nodes registered, CNI plugin installed on {', '.join(state.nodes)}")
 
     for node in state.nodes.values():
         node.agent = _start_agent(state, node)
-        node.responder = processes.spawn(
-            netns.exec_argv(node.netns, _python_module("netns_lab.responder", "--name", node.name)),
-            os.path.join(node.dir, "responder.log"))
         lab.save(state)
     progress(f"agents started (network {network}, proxy {proxy}); waiting for them to be ready")
     _wait_for_agents(state, timeout, progress)
@@ -112,9 +105,47 @@ def _build(lab: Lab, count: int, network: str, proxy: str, timeout: float, progr
     return state
 
 
-def _start_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
-    from netns_lab.apiserver import write_kubeconfig
+def _plan(lab: Lab, count: int, network: str, proxy: str) -> LabState:
+    """The lab's state before anything exists: node names, IPs, pod CIDRs, directories."""
+    state = LabState(name=lab.name, network=network, proxy=proxy)
+    for index in range(1, count + 1):
+        node = f"n{index}"
+        state.nodes[node] = NodeInfo(name=node, netns=lab.node_netns(node), ip=topology.node_ip(index),
+                                     pod_cidr=node_pod_cidr(index), dir=lab.node_dir(node))
+        os.makedirs(state.nodes[node].state_dir)
+    lab.save(state)
+    return state
 
+
+def _wire_nodes(lab: Lab, state: LabState, progress: Progress) -> None:
+    """Each node's netns on the underlay, with the responder `lab check` uses for pod->node.
+
+    Nodes are wired concurrently: it is mostly waiting for `ip` processes.
+    """
+    def wire(node: NodeInfo) -> None:
+        topology.attach_node(lab.underlay_netns, node.netns, f"v{node.name}", node.ip)
+        node.responder = processes.spawn(
+            netns.exec_argv(node.netns, _python_module("netns_lab.responder", "--name", node.name)),
+            os.path.join(node.dir, "responder.log"))
+        progress(f"node {node.name}: netns {node.netns}, eth0 {node.ip}, podCIDR {node.pod_cidr}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        wired = [pool.submit(wire, node) for node in state.nodes.values()]
+    lab.save(state)
+    for future in wired:
+        future.result()  # the first failure, if any
+
+
+def _register_nodes(lab: Lab, state: LabState) -> None:
+    """The lab's node IPAM and kubelet part: a Node per node, with its podCIDR, InternalIP and Ready."""
+    from netns_lab import kube
+
+    api = kube.connect(lab.kubeconfig)
+    for node in state.nodes.values():
+        kube.create_node(api, node.name, node.ip, node.pod_cidr)
+
+
+def _spawn_apiserver(lab: Lab, state: LabState) -> None:
     argv = _python_module(
         "netns_lab.apiserver", "--data", lab.api_data, "--listen", "127.0.0.1:0",
         "--listen-netns", f"{lab.underlay_netns}={topology.UNDERLAY_GATEWAY}:{API_PORT}",
@@ -122,6 +153,13 @@ def _start_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
     )
     state.apiserver = processes.spawn(argv, lab.api_log)
     lab.save(state)
+
+
+def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
+    """Until its ready file appears; then write the kubeconfigs for the host and for each node."""
+    from netns_lab.apiserver import write_kubeconfig
+
+    assert state.apiserver is not None
     deadline = time.monotonic() + timeout
     while not os.path.exists(lab.api_ready):
         if not state.apiserver.alive():
@@ -145,8 +183,8 @@ def _read_api_url(ready_file: str) -> str:
         raise LabError(f"unreadable API server ready file {ready_file}: {e}") from None
 
 
-def _install_cni(state: LabState) -> None:
-    """`netagent install-cni` into each node's own dirs, all nodes at once."""
+def _start_cni_install(state: LabState) -> list[tuple[NodeInfo, subprocess.Popen]]:
+    """`netagent install-cni` into each node's own dirs, all nodes at once (see _finish_cni_install)."""
     running = []
     for node in state.nodes.values():
         argv = _python_module(
@@ -155,6 +193,10 @@ def _install_cni(state: LabState) -> None:
         )
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         running.append((node, proc))
+    return running
+
+
+def _finish_cni_install(running: list[tuple[NodeInfo, subprocess.Popen]]) -> None:
     failures = []
     for node, proc in running:
         output, _ = proc.communicate()
@@ -165,7 +207,6 @@ def _install_cni(state: LabState) -> None:
 
 
 def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
-    os.makedirs(node.state_dir, exist_ok=True)
     argv = _python_module(
         "netagent.cli", "run", "--node-name", node.name, "--kubeconfig", node.kubeconfig,
         "--state-dir", node.state_dir, "--network", state.network, "--underlay-iface", topology.NODE_IFACE,
