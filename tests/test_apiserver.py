@@ -350,7 +350,7 @@ def test_service_without_cluster_ip_gets_one_from_the_service_cidr_and_headless_
     assert outside.value.status == 422
 
 
-def test_node_ports_are_allocated_kept_on_update_and_freed_on_delete(cluster):
+def test_node_ports_are_allocated_kept_on_update_and_freed_when_no_longer_needed(cluster):
     svc = cluster.core.create_namespaced_service("default", service("np", "NodePort"))
     node_port = svc.spec.ports[0].node_port
     assert 30000 <= node_port <= 32767
@@ -365,7 +365,7 @@ def test_node_ports_are_allocated_kept_on_update_and_freed_on_delete(cluster):
             "default", service("np2", "NodePort", ports=[{"port": 81, "nodePort": node_port}])
         )
     assert taken.value.status == 422
-    cluster.core.delete_namespaced_service("np", "default")
+    cluster.core.patch_namespaced_service("np", "default", {"spec": {"type": "ClusterIP"}})
     reused = cluster.core.create_namespaced_service(
         "default", service("np2", "NodePort", ports=[{"port": 81, "nodePort": node_port}])
     )
@@ -637,7 +637,9 @@ def test_kubectl_reads_and_annotates_through_a_kubeconfig(cluster):
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    assert "n1" in kubectl("get", "nodes")
+    table = kubectl("get", "nodes", "-o", "wide").split()
+    assert table[:5] == ["NAME", "STATUS", "AGE", "INTERNAL-IP", "POD-CIDR"]  # the server's Table columns
+    assert table[5:6] == ["n1"] and "192.168.77.1" in table
     kubectl("annotate", "node", "n1", "netagent.io/x=1")
     kubectl("label", "node", "n1", "role=worker")
     meta = cluster.core.read_node("n1").metadata
