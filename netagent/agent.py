@@ -96,8 +96,11 @@ class Agent:
             if cfg.standalone:
                 self._write_standalone_node_state()
             else:
-                self._start_controllers()
-                self._start_gc()
+                from netagent.kube import load_api_client
+
+                api_client = load_api_client(cfg.kubeconfig)
+                self._start_controllers(api_client)
+                self._start_gc(api_client)
             self._wait_until_ready()
             self.stopping.wait()
         finally:
@@ -120,24 +123,20 @@ class Agent:
             log.info("metrics listening on %s", cfg.metrics_bind)
 
     def _start_cni_service(self) -> None:
-        try:
-            from netagent.cni_service import CniService
-        except ImportError:  # the CNI fast path is optional: the plugin falls back to in-process work
-            log.warning("CNI service not available in this build; the plugin will run standalone")
-            return
+        from netagent.cni_service import CniService
+
         service = CniService(self.config.cni_socket_path)
         service.start()
         self._stoppables.append(service)
         log.info("CNI service listening on %s", self.config.cni_socket_path)
 
-    def _start_gc(self) -> None:
+    def _start_gc(self, api_client: Any) -> None:
         """Release CNI state leaked by pods gone from this node: at start, then every --gc-interval."""
         from netagent.gc import start_collector
-        from netagent.kube import load_api_client
 
         cfg = self.config
         if cfg.gc_interval > 0:
-            self._stoppables.append(start_collector(load_api_client(cfg.kubeconfig), cfg.node_name,
+            self._stoppables.append(start_collector(api_client, cfg.node_name,
                                                     cfg.cni_data_dir, cfg.state_dir, cfg.gc_interval,
                                                     cfg.gc_grace))
 
@@ -156,12 +155,10 @@ class Agent:
         log.info("standalone: wrote %s (pod CIDRs %s, MTU %d)", cfg.node_state_path,
                  ",".join(state.pod_cidrs), state.mtu)
 
-    def _start_controllers(self) -> None:
-        from netagent.kube import load_api_client
+    def _start_controllers(self, api_client: Any) -> None:
         from netagent.node_controller import NodeController
 
         cfg = self.config
-        api_client = load_api_client(cfg.kubeconfig)
         nodes = NodeController(
             api_client, cfg.node_name, network=cfg.network, node_state_path=cfg.node_state_path,
             tracker=self.tracker, registry=self._registry, cluster_cidrs=cfg.cluster_cidrs,
