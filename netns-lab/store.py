@@ -174,7 +174,9 @@ class Store:
             raise ApiError(410, "Expired", f"resource version {rv} is newer than the server's ({self.rv})")
         if rv + 1 < oldest:
             raise ApiError(410, "Expired", f"too old resource version: {rv} ({oldest - 1})")
-        return list(itertools.islice(self._history, rv + 1 - oldest, None)), self.rv
+        # Taken from the newest end: a watcher that is keeping up costs O(its new events), not O(window).
+        newest_first = list(itertools.islice(reversed(self._history), self.rv - rv))
+        return newest_first[::-1], self.rv
 
     # -- writing
 
