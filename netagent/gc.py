@@ -14,7 +14,8 @@ Never touching a live pod is the first rule:
   - without a pod list from the API server nothing is collected at all;
   - once the agent wrote this node's pod CIDRs (STATE/node.json), addresses outside them are not
     this node's to judge and are left alone (a data dir shared by mistake loses nothing).
-The kernel and disk work is cni.gc.sweep, the same code the CNI GC verb runs.
+The kernel and disk work is cni.gc.sweep, the same code the CNI GC verb runs; the agent also
+forgets the conntrack entries of every address it releases.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -138,6 +140,8 @@ class Collector:
             owner = "/".join(release.owner) if release.owner else "no owner"
             log.info("%s %s %s (attachment %s): %s", "would release" if dry_run else "released",
                      release.kind, release.name, owner, release.reason)
+            if release.kind == "allocation" and not dry_run:
+                forget_flows(release.name)
         return PassResult(report.releases, judge.waiting, judge.foreign)
 
 
@@ -179,6 +183,20 @@ class _PassJudge:
             self.waiting += 1
             return None
         return ORPHAN_VETH
+
+
+def forget_flows(address: str) -> None:
+    """Delete the node's conntrack entries from, to, or DNATed to a released address, so a pod that
+    gets the address next does not inherit a dead pod's flows. Best effort: entries also time out."""
+    for selector in ("--orig-src", "--orig-dst", "--reply-src"):
+        try:
+            done = subprocess.run(["conntrack", "-D", selector, address], capture_output=True, text=True,
+                                  check=False, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("conntrack cleanup for %s skipped: %s", address, exc)
+            return
+        if done.returncode != 0 and "0 flow entries" not in done.stderr:  # 1 = nothing matched
+            log.warning("conntrack %s %s failed: %s", selector, address, done.stderr.strip())
 
 
 def _node_pod_cidrs(state_dir: str) -> tuple[IPNetwork, ...] | None:

@@ -228,6 +228,21 @@ def test_gc_releases_the_ip_and_veth_of_a_vanished_pod_and_live_pods_keep_theirs
     assert "released 1 allocations and 1 veths" in done.stdout  # the totals line
 
 
+def test_conntrack_entries_of_a_released_address_are_forgotten_and_a_live_pods_are_kept(node):
+    live = node.run_pod("live")
+    gone = node.run_pod("gone")
+    node.vanish(gone)
+    for pod in (live, gone):
+        netns.run(node.ns, ["conntrack", "-I", "-p", "udp", "-s", pod.ip, "-d", "10.244.1.1",
+                            "--sport", "5353", "--dport", "53", "--timeout", "300"])
+
+    node.gc("--grace", "0")
+
+    flows = netns.run(node.ns, ["conntrack", "-L", "-p", "udp"]).stdout
+    assert f"src={live.ip} " in flows
+    assert f"src={gone.ip} " not in flows
+
+
 def test_dry_run_prints_what_would_go_and_changes_nothing(node):
     live = node.run_pod("live")
     gone = node.run_pod("gone")
