@@ -24,7 +24,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -38,6 +38,7 @@ NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
+VXLAN_DEVICE_PREFIX = "netagent."  # + VNI: the VXLAN device netagent owns
 
 # Annotations netagent publishes on its own Node so other nodes can program their entries.
 ANNOTATION_VTEP_MAC = "netagent.io/vtep-mac"  # MAC address of the node's VXLAN device
@@ -134,6 +135,18 @@ def enable_forwarding() -> None:
             f.write("1")
 
 
+def remove_stale_overlays(ipr: IPRoute, keep: str | None = None) -> None:
+    """Delete VXLAN devices netagent made that the current mode/VNI no longer uses (their FDB,
+    neighbour and route entries go with them)."""
+    for link in ipr.get_links():
+        name = link.get("IFLA_IFNAME")
+        info = link.get("IFLA_LINKINFO")
+        is_vxlan = info is not None and info.get("IFLA_INFO_KIND") == "vxlan"
+        if is_vxlan and name.startswith(VXLAN_DEVICE_PREFIX) and name != keep:
+            log.info("remove %s: not used in the current network mode", name)
+            ipr.link("del", index=link["index"])
+
+
 def vtep_mac_for(node_ip: str) -> str:
     """A stable, locally administered unicast MAC derived from the node IP."""
     digest = hashlib.sha256(ipaddress.ip_address(node_ip).packed).digest()
@@ -183,28 +196,40 @@ def _apply(kind: str, key: Any, action: Callable[[], None], report: SyncReport) 
     return True
 
 
+class NextHop(NamedTuple):
+    """Where one of our routes sends a pod CIDR (compared as a tuple, printed for humans)."""
+
+    gateway: str
+    oif: int
+    onlink: bool
+
+    def __str__(self) -> str:
+        return f"via {self.gateway} dev #{self.oif}{' onlink' if self.onlink else ''}"
+
+
 class _RouteTable:
-    """Our routes (protocol ROUTE_PROTOCOL in the main table) as {dst: (gateway, oif, onlink)}."""
+    """Our routes (protocol ROUTE_PROTOCOL in the main table) as {dst: NextHop}."""
 
     def __init__(self, ipr: IPRoute) -> None:
         self.ipr = ipr
 
-    def current(self) -> dict[str, tuple[str, int, bool]]:
+    def current(self) -> dict[str, NextHop]:
         routes = {}
         for family in (socket.AF_INET, socket.AF_INET6):
             for r in self.ipr.get_routes(family=family, table=MAIN_TABLE):
                 if r["proto"] != ROUTE_PROTOCOL:
                     continue
                 dst = f"{r.get('RTA_DST')}/{r['dst_len']}"
-                routes[dst] = (r.get("RTA_GATEWAY"), r.get("RTA_OIF"), bool(r["flags"] & RTNH_F_ONLINK))
+                onlink = bool(r["flags"] & RTNH_F_ONLINK)
+                routes[dst] = NextHop(r.get("RTA_GATEWAY"), r.get("RTA_OIF"), onlink)
         return routes
 
-    def put(self, dst: str, value: tuple[str, int, bool]) -> None:
+    def put(self, dst: str, value: NextHop) -> None:
         gateway, oif, onlink = value
         self.ipr.route("replace", dst=dst, gateway=gateway, oif=oif, proto=ROUTE_PROTOCOL,
                        table=MAIN_TABLE, flags=RTNH_F_ONLINK if onlink else 0)
 
-    def delete(self, dst: str, value: tuple[str, int, bool]) -> None:
+    def delete(self, dst: str, value: NextHop) -> None:
         gateway, oif, _ = value
         self.ipr.route("del", dst=dst, gateway=gateway, oif=oif, proto=ROUTE_PROTOCOL, table=MAIN_TABLE)
 
@@ -223,6 +248,7 @@ class RoutedNetwork:
 
     def setup(self) -> None:
         enable_forwarding()
+        remove_stale_overlays(self.ipr)
 
     def sync(self, peers: Iterable[PeerNode]) -> SyncReport:
         report = SyncReport()
@@ -234,7 +260,7 @@ class RoutedNetwork:
                 continue
             for cidr in peer.pod_cidrs:
                 if _family(vtep_address(cidr)) == _family(peer.node_ip):
-                    desired[cidr] = (peer.node_ip, self.underlay.index, False)
+                    desired[cidr] = NextHop(peer.node_ip, self.underlay.index, False)
                 else:  # a v6 pod CIDR cannot be routed via a v4 next hop: vxlan mode carries both
                     report.errors[peer.name] = (f"routes mode: pod CIDR {cidr} of node {peer.name} has no "
                                                 f"node IP of its family (node IP {peer.node_ip})")
@@ -262,7 +288,7 @@ class VxlanNetwork:
         self.underlay = underlay
         self.vni = vni
         self.port = port
-        self.device = f"netagent.{vni}"[:15]
+        self.device = f"{VXLAN_DEVICE_PREFIX}{vni}"[:15]
         self.vtep_mac = vtep_mac_for(underlay.node_ip)
         self.index: int | None = None
         self.routes = _RouteTable(ipr)
@@ -274,6 +300,7 @@ class VxlanNetwork:
     def setup(self, local_pod_cidrs: Iterable[str]) -> None:
         """Make the device exist with our parameters, carry our VTEP addresses, and be up."""
         enable_forwarding()
+        remove_stale_overlays(self.ipr, keep=self.device)
         self.index = self._ensure_device()
         self._ensure_vtep_addresses({vtep_address(c) for c in local_pod_cidrs})
 
@@ -339,7 +366,7 @@ class VxlanNetwork:
             for cidr in peer.pod_cidrs:
                 gateway = vtep_address(cidr)
                 neighbours[gateway] = peer.vtep_mac
-                routes[cidr] = (gateway, self.index, True)
+                routes[cidr] = NextHop(gateway, self.index, True)
         # Add order fdb -> neighbour -> route (a route never points at an unresolvable hop); the
         # deletions of a removed node happen in the same order, which is harmless: its route is
         # onlink and its traffic has nowhere to go anyway.
