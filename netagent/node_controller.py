@@ -68,6 +68,13 @@ def peer_from_node(node: Any) -> PeerNode | None:
     return PeerNode(node.metadata.name, node_ip, pod_cidrs, annotations.get(ANNOTATION_VTEP_MAC))
 
 
+def networking_view(node: Any) -> tuple[Any, ...]:
+    """Everything a sync reads from a Node: equal views mean a change is irrelevant to us."""
+    annotations = node.metadata.annotations or {}
+    return (pod_cidrs_of(node), internal_ip_of(node), annotations.get(ANNOTATION_NODE_IP),
+            annotations.get(ANNOTATION_VTEP_MAC))
+
+
 class NodeController:
     """Watches Nodes and runs node syncs in its own thread (see module docstring)."""
 
@@ -109,6 +116,10 @@ class NodeController:
             self._ipr.close()
 
     def _on_node_event(self, event_type: str, node: Any, old: Any) -> None:
+        # Nodes are rewritten often for reasons we don't care about (status conditions, images,
+        # heartbeats): only a change of what we program from a Node is worth a sync.
+        if event_type == "MODIFIED" and networking_view(node) == networking_view(old):
+            return
         self.tracker.changes_pending(CONTROLLER)
         self._loop.request()
 

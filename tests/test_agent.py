@@ -378,6 +378,28 @@ def test_sync_loop_retries_a_failed_sync():
         loop.stop()
 
 
+# ---------------------------------------------------------------- node controller decisions
+
+
+def v1_node(pod_cidr: str = "10.244.1.0/24", labels: dict | None = None, ready: str = "True",
+            annotations: dict | None = None) -> client.V1Node:
+    return client.V1Node(
+        metadata=client.V1ObjectMeta(name="n", labels=labels, annotations=annotations),
+        spec=client.V1NodeSpec(pod_cidr=pod_cidr, pod_cidrs=[pod_cidr]),
+        status=client.V1NodeStatus(addresses=[client.V1NodeAddress(type="InternalIP", address="192.0.2.1")],
+                                   conditions=[client.V1NodeCondition(type="Ready", status=ready)]),
+    )
+
+
+def test_node_changes_that_do_not_affect_networking_do_not_trigger_a_sync():
+    from netagent.node_controller import networking_view
+
+    base = networking_view(v1_node())
+    assert networking_view(v1_node(labels={"zone": "b"}, ready="False")) == base
+    assert networking_view(v1_node(pod_cidr="10.244.9.0/24")) != base
+    assert networking_view(v1_node(annotations={"netagent.io/vtep-mac": "0e:6e:00:00:00:01"})) != base
+
+
 # ---------------------------------------------------------------- agents in a netns cluster
 
 
