@@ -25,26 +25,23 @@ def add(request: Request, network: Network) -> dict[str, Any]:
     store = ipam.Store(conf.data_dir, conf.name)
     host_name = links.host_veth_name(request.container_id, request.ifname)
     undo: list[Callable[[], object]] = []
-    with links.pod_iproute(request.netns) as (pod_ipr, pod_ns_fd), links.node_iproute() as node_ipr:
-        if links.find(pod_ipr, request.ifname) is not None:
-            raise CniError(errors.KERNEL_FAILURE, f"{request.ifname} already exists in {request.netns}")
+    with links.open_pod(request.netns) as pod_ns, links.node_iproute() as node_ipr:
         try:
             addresses = store.allocate(request.owner, network.ranges)
             undo.append(lambda: store.release(request.owner))
             gateways = [(r.gateway, r.subnet.prefixlen) for r in network.ranges]
             bridge = links.ensure_bridge(node_ipr, conf.bridge, network.mtu, gateways)
             links.enable_forwarding([r.subnet for r in network.ranges])
-            if links.node_index(host_name) is not None:  # the leftover of an ADD killed half-way
+            if links.local_index(host_name) is not None:  # the leftover of an ADD killed half-way
                 links.delete(node_ipr, host_name)
-            host, pod_mac = links.create_veth(
-                node_ipr, host_name, request.ifname, pod_ns_fd, network.mtu, links.network_alias(conf.name)
+            alias = links.network_alias(conf.name)
+            host, pod = links.create_veth(
+                node_ipr, host_name, pod_ns, request.ifname, network.mtu, bridge, alias, conf.hairpin
             )
             undo.append(lambda: links.delete(node_ipr, host_name))
-            links.plug_into_bridge(node_ipr, host, bridge, conf.hairpin)
-            pod = links.configure_pod_interface(
-                pod_ipr,
-                request.ifname,
-                pod_mac,
+            links.configure_pod_interface(
+                pod_ns.ipr,
+                pod,
                 [(a, r.subnet.prefixlen) for a, r in zip(addresses, network.ranges, strict=True)],
                 [r.gateway for r in network.ranges],
             )
@@ -72,7 +69,8 @@ def check(request: Request, conf: NetConf) -> None:
     interfaces = prev.get("interfaces", [])
     expected_ips = [ip["address"] for ip in prev.get("ips", []) if _points_to(ip, interfaces, request)]
     host_name = links.host_veth_name(request.container_id, request.ifname)
-    with links.pod_iproute(request.netns) as (pod_ipr, _), links.node_iproute() as node_ipr:
+    with links.open_pod(request.netns) as pod_ns, links.node_iproute() as node_ipr:
+        pod_ipr = pod_ns.ipr
         pod = links.find(pod_ipr, request.ifname)
         if pod is None:
             _drift(f"{request.ifname} is missing from {request.netns}")

@@ -1,8 +1,11 @@
 """Netlink work for one attachment: the node bridge, the veth pair, and the pod side of it.
 
 All of it goes through pyroute2 sockets. A socket belongs to the netns it was opened in, so the pod's
-socket is opened after a short setns() into CNI_NETNS (`pod_iproute`) and then used from the node's
+socket is opened after a short setns() into CNI_NETNS (`open_pod`) and then used from the node's
 side; the calling thread never stays in the pod's namespace while doing work.
+
+ADD is on the critical path of every pod start, so each step here is one netlink message where the
+kernel allows it, and lookups by name use a single RTM_GETLINK or an ioctl, never a dump.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def node_iproute() -> IPRoute:
     return IPRoute()
 
 
-def node_index(name: str) -> int | None:
+def local_index(name: str) -> int | None:
     """ifindex of a link in the calling thread's netns, by ioctl: far cheaper than a netlink query."""
     try:
         return socket.if_nametoindex(name)
@@ -59,9 +62,23 @@ def node_index(name: str) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class PodNetns:
+    """The pod's netns: its path, an fd (to move links into it) and a netlink socket opened inside it."""
+
+    path: str
+    fd: int
+    ipr: IPRoute
+
+    def index(self, name: str) -> int | None:
+        from netagent.netns import entered
+
+        with entered(self.path):
+            return local_index(name)
+
+
 @contextlib.contextmanager
-def pod_iproute(netns_path: str) -> Iterator[tuple[IPRoute, int]]:
-    """A netlink socket inside the pod's netns plus an fd of that netns (for moving links into it)."""
+def open_pod(netns_path: str) -> Iterator[PodNetns]:
     from netagent.netns import entered
 
     try:
@@ -76,7 +93,7 @@ def pod_iproute(netns_path: str) -> Iterator[tuple[IPRoute, int]]:
             msg = f"{netns_path} is not a network namespace"
             raise CniError(errors.UNKNOWN_CONTAINER, msg, str(e)) from None
         with ipr:
-            yield ipr, ns_fd
+            yield PodNetns(netns_path, ns_fd, ipr)
     finally:
         os.close(ns_fd)
 
@@ -115,52 +132,51 @@ def ensure_bridge(ipr: IPRoute, name: str, mtu: int, gateways: list[tuple[IPAddr
 
 
 def create_veth(
-    ipr: IPRoute, host_name: str, pod_ifname: str, pod_ns_fd: int, mtu: int, alias: str
-) -> tuple[Link, str]:
-    """Create the pair with the peer born inside the pod netns under its final name (no rename step).
+    ipr: IPRoute,
+    host_name: str,
+    pod: PodNetns,
+    pod_ifname: str,
+    mtu: int,
+    bridge: Link,
+    alias: str,
+    hairpin: bool,
+) -> tuple[Link, Link]:
+    """Create the pair already plugged into the bridge, the peer born inside the pod netns under its
+    final name (no rename step); then, in one message, bring the host end up, stamp the network's
+    alias and set hairpin. Both MACs are chosen here so the result needs no read-back.
 
-    Both MACs are chosen here so the result needs no read-back; returns the host end and the pod MAC.
+    Either the veth ends up complete or it is removed again before the error propagates.
     """
     host_mac, pod_mac = random_mac(), random_mac()
-    with _kernel(f"create veth {host_name}"):
+    peer = {"ifname": pod_ifname, "net_ns_fd": pod.fd, "mtu": mtu, "address": pod_mac}
+    # the host name was freed just before, so "exists" can only mean the pod's interface name is taken
+    with _kernel(f"create veth {host_name}"), _exists_means(f"{pod_ifname} already exists in {pod.path}"):
         ipr.link(
-            "add",
-            ifname=host_name,
-            kind="veth",
-            mtu=mtu,
-            address=host_mac,
-            peer={"ifname": pod_ifname, "net_ns_fd": pod_ns_fd, "mtu": mtu, "address": pod_mac},
+            "add", ifname=host_name, kind="veth", master=bridge.index, mtu=mtu, address=host_mac, peer=peer
         )
-    index = node_index(host_name)
-    if index is None:
-        raise CniError(errors.KERNEL_FAILURE, f"veth {host_name} vanished right after creation")
-    with _kernel(f"set alias on {host_name}"):
-        ipr.link("set", index=index, ifalias=alias)
-    return Link(host_name, index, host_mac), pod_mac
-
-
-def plug_into_bridge(ipr: IPRoute, host: Link, bridge: Link, hairpin: bool) -> None:
-    with _kernel(f"attach {host.name} to {bridge.name}"):
-        ipr.link("set", index=host.index, master=bridge.index, state="up")
-        if hairpin:
-            ipr.brport("set", index=host.index, mode=1)
+    try:
+        host_index, pod_index = local_index(host_name), pod.index(pod_ifname)
+        if host_index is None or pod_index is None:
+            raise CniError(errors.KERNEL_FAILURE, f"veth {host_name} vanished right after creation")
+        port = {"kind": "bridge_slave", "mode": 1} if hairpin else {}  # IFLA_BRPORT_MODE 1 = hairpin
+        with _kernel(f"bring up {host_name} on {bridge.name}"):
+            ipr.link("set", index=host_index, ifalias=alias, flags=IFF_UP, change=IFF_UP, **port)
+    except BaseException:
+        delete(ipr, host_name)
+        raise
+    return Link(host_name, host_index, host_mac), Link(pod_ifname, pod_index, pod_mac)
 
 
 def configure_pod_interface(
-    ipr: IPRoute, ifname: str, mac: str, addresses: list[tuple[IPAddress, int]], gateways: list[IPAddress]
-) -> Link:
+    ipr: IPRoute, pod: Link, addresses: list[tuple[IPAddress, int]], gateways: list[IPAddress]
+) -> None:
     """Addresses, link up, then one default route per family via the bridge's gateway."""
-    with _kernel(f"configure {ifname} in the pod"):
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise CniError(errors.KERNEL_FAILURE, f"{ifname} did not appear in the pod netns")
-        pod = Link(ifname, found[0], mac)
+    with _kernel(f"configure {pod.name} in the pod"):
         for address, prefixlen in addresses:
             _add_address(ipr, pod.index, address, prefixlen)
-        ipr.link("set", index=pod.index, state="up")
+        ipr.link("set", index=pod.index, flags=IFF_UP, change=IFF_UP)
         for gateway in gateways:
             ipr.route("add", dst=default_route(gateway.version), gateway=str(gateway), oif=pod.index)
-    return pod
 
 
 def delete(ipr: IPRoute, name: str) -> bool:
@@ -248,6 +264,17 @@ def _unless_exists() -> Iterator[None]:
     except NetlinkError as e:
         if e.code != errno.EEXIST:
             raise
+
+
+@contextlib.contextmanager
+def _exists_means(msg: str) -> Iterator[None]:
+    """EEXIST from the kernel, explained for this step."""
+    try:
+        yield
+    except NetlinkError as e:
+        if e.code == errno.EEXIST:
+            raise CniError(errors.KERNEL_FAILURE, msg) from None
+        raise
 
 
 @contextlib.contextmanager
