@@ -50,7 +50,17 @@ NO_LIVE_POD = "no live pod on this node has its IP"
 ORPHAN_VETH = "veth without an allocation"
 FINISHED_PHASES = ("Succeeded", "Failed")  # such a pod's sandbox is gone: its IP is no longer in use
 
-LivePodIps = Callable[[], frozenset[str]]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What says an attachment is in use, gathered before each pass."""
+
+    pod_ips: frozenset[str]  # of the pods the API server says run on this node
+    sandboxes: frozenset[str] | None = None  # container ids the runtime still has; None: no runtime known
+
+
+GatherEvidence = Callable[[], Evidence]
 
 
 @dataclass
@@ -108,25 +118,26 @@ def _updating_state(state_dir: str, save: bool) -> Iterator[GcState]:
 class PassResult:
     releases: tuple[cni_gc.Release, ...]
     waiting: int  # candidates kept only because they are still inside the grace period
+    in_runtime: int  # attachments without a live pod IP kept because the runtime still has the sandbox
     foreign: int  # attachments left alone because their addresses are outside this node's pod CIDRs
 
 
 class Collector:
-    """One pass compares the node's attachments with the live pods' IPs and releases the leftovers."""
+    """One pass compares the node's attachments with the evidence of use and releases the leftovers."""
 
     def __init__(self, network_name: str, data_dir: str, state_dir: str, grace: float,
-                 live_pod_ips: LivePodIps) -> None:
+                 gather_evidence: GatherEvidence) -> None:
         self.network_name = network_name
         self.data_dir = data_dir
         self.state_dir = state_dir
         self.grace = grace
-        self.live_pod_ips = live_pod_ips
+        self.gather_evidence = gather_evidence
 
     def run_once(self, dry_run: bool = False) -> PassResult:
-        live = self.live_pod_ips()  # before any lock: a failing API server must stop the pass here
+        evidence = self.gather_evidence()  # before any lock: an unreachable source must stop the pass here
         own_cidrs = _node_pod_cidrs(self.state_dir)
         with _updating_state(self.state_dir, save=not dry_run) as state:
-            judge = _PassJudge(live, own_cidrs, self.grace, state.orphan_veths_seen)
+            judge = _PassJudge(evidence, own_cidrs, self.grace, state.orphan_veths_seen)
             report = cni_gc.sweep(self.network_name, self.data_dir, judge.attachment, judge.orphan_veth,
                                   dry_run=dry_run)
             if not dry_run:
@@ -142,25 +153,30 @@ class Collector:
                      release.kind, release.name, owner, release.reason)
             if release.kind == "allocation" and not dry_run:
                 forget_flows(release.name)
-        return PassResult(report.releases, judge.waiting, judge.foreign)
+        return PassResult(report.releases, judge.waiting, judge.in_runtime, judge.foreign)
 
 
 class _PassJudge:
     """The keep-or-collect rules of the module docstring, for one pass."""
 
-    def __init__(self, live_ips: frozenset[str], own_cidrs: tuple[IPNetwork, ...] | None, grace: float,
+    def __init__(self, evidence: Evidence, own_cidrs: tuple[IPNetwork, ...] | None, grace: float,
                  orphans_seen: dict[str, float]) -> None:
-        self.live_ips = live_ips
+        self.evidence = evidence
         self.own_cidrs = own_cidrs
         self.grace = grace
         self.now = time.time()
         self.orphans_seen = orphans_seen
         self.orphans_kept: dict[str, float] = {}
         self.waiting = 0
+        self.in_runtime = 0
         self.foreign = 0
 
     def attachment(self, attachment: cni_gc.Attachment) -> str | None:
-        if any(str(address) in self.live_ips for address in attachment.addresses):
+        if any(str(address) in self.evidence.pod_ips for address in attachment.addresses):
+            return None
+        sandboxes = self.evidence.sandboxes
+        if sandboxes is not None and attachment.owner[0] in sandboxes:
+            self.in_runtime += 1
             return None
         if not self._inside_own_cidrs(attachment):
             self.foreign += 1
@@ -232,14 +248,15 @@ class GcController:
     """
 
     def __init__(self, api_client: Any, node_name: str, network_name: str, data_dir: str, state_dir: str,
-                 interval: float, grace: float) -> None:
+                 interval: float, grace: float, containerd_socket: str | None = None) -> None:
         from kubernetes import client
 
         from netagent.kube import Informer, SyncLoop
 
         self.pods = Informer("pods", client.CoreV1Api(api_client).list_pod_for_all_namespaces,
                              field_selector=node_selector(node_name))
-        self.collector = Collector(network_name, data_dir, state_dir, grace, self._live_pod_ips)
+        self.containerd_socket = containerd_socket
+        self.collector = Collector(network_name, data_dir, state_dir, grace, self._evidence)
         self.loop = SyncLoop("gc", self._pass, min_interval=min(interval, 1.0), max_interval=interval)
 
     def start(self) -> None:
@@ -251,27 +268,55 @@ class GcController:
         self.loop.stop()
         self.pods.stop()
 
-    def _live_pod_ips(self) -> frozenset[str]:
+    def _evidence(self) -> Evidence:
         if not self.pods.wait_for_sync(timeout=30):
             raise RuntimeError("the pods of this node are not listed yet: collecting nothing without them")
-        return pod_ips(self.pods.store.list())
+        return Evidence(pod_ips(self.pods.store.list()), _sandboxes_or_none(self.containerd_socket))
 
     def _pass(self) -> None:
         result = self.collector.run_once()
-        log.info("GC pass: released %d, %d kept inside the grace period", len(result.releases),
-                 result.waiting)
+        log.info("GC pass: released %d; kept %d inside the grace period, %d live in the runtime",
+                 len(result.releases), result.waiting, result.in_runtime)
 
 
-def _list_live_pod_ips(kubeconfig: str | None, node_name: str) -> LivePodIps:
-    def listed() -> frozenset[str]:
+def containerd_sandboxes(socket_path: str) -> frozenset[str]:
+    """Every container id containerd still has, in the forms a CNI call names a pod by: CRI uses the
+    sandbox's id, `ctr run --cni` uses "<namespace>-<id>". Raises RuntimeError when ctr cannot answer."""
+    namespaces = _ctr(socket_path, "namespaces", "list", "-q")
+    ids: set[str] = set()
+    for namespace in namespaces:
+        for container_id in _ctr(socket_path, "--namespace", namespace, "containers", "list", "-q"):
+            ids.update((container_id, f"{namespace}-{container_id}"))
+    return frozenset(ids)
+
+
+def _ctr(socket_path: str, *args: str) -> list[str]:
+    try:
+        done = subprocess.run(["ctr", "--address", socket_path, *args], capture_output=True, text=True,
+                              check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"cannot ask containerd at {socket_path} for its sandboxes: {exc}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot ask containerd at {socket_path} for its sandboxes: "
+                           f"{(done.stderr or done.stdout).strip()}")
+    return done.stdout.split()
+
+
+def _sandboxes_or_none(containerd_socket: str | None) -> frozenset[str] | None:
+    return None if containerd_socket is None else containerd_sandboxes(containerd_socket)
+
+
+def _listed_evidence(kubeconfig: str | None, node_name: str, containerd_socket: str | None) -> GatherEvidence:
+    """For one pass by hand: list this node's pods now (and the runtime's sandboxes, if one is given)."""
+    def gather() -> Evidence:
         from kubernetes import client
 
         from netagent.kube import load_api_client
 
         core = client.CoreV1Api(load_api_client(kubeconfig))
-        return pod_ips(core.list_pod_for_all_namespaces(field_selector=node_selector(node_name),
-                                                        _request_timeout=30).items)
-    return listed
+        pods = core.list_pod_for_all_namespaces(field_selector=node_selector(node_name), _request_timeout=30)
+        return Evidence(pod_ips(pods.items), _sandboxes_or_none(containerd_socket))
+    return gather
 
 
 def _default_node_name(state_dir: str) -> str:
@@ -294,31 +339,35 @@ def _default_node_name(state_dir: str) -> str:
 @click.option("--network-name", default=PLUGIN_NAME, show_default=True, help="The CNI network's name.")
 @click.option("--grace", type=click.FloatRange(0.0), default=DEFAULT_GRACE, show_default=True,
               help="Seconds an attachment without a live pod is left alone (a pod may be being created).")
+@click.option("--containerd-socket", default=None,
+              help="Also keep every attachment whose container containerd still has (via ctr).")
 def gc_cmd(dry_run: bool, state_dir: str, kubeconfig: str | None, node_name: str | None, data_dir: str,
-           network_name: str, grace: float) -> None:
+           network_name: str, grace: float, containerd_socket: str | None) -> None:
     """Run one GC pass on this node (in its network namespace) and print what it released."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     node_name = node_name or _default_node_name(state_dir)
-    collector = Collector(network_name, data_dir, state_dir, grace, _list_live_pod_ips(kubeconfig, node_name))
+    evidence = _listed_evidence(kubeconfig, node_name, containerd_socket)
+    collector = Collector(network_name, data_dir, state_dir, grace, evidence)
     try:
         result = collector.run_once(dry_run=dry_run)
-    except Exception as exc:  # API server unreachable, bad kubeconfig, netlink or disk failure
+    except Exception as exc:  # API server or runtime unreachable, bad kubeconfig, netlink or disk failure
         raise click.ClickException(f"GC pass on node {node_name} failed, nothing released: "
                                    f"{type(exc).__name__}: {exc}") from None
     verb = "would release" if dry_run else "released"
     for release in result.releases:
         owner = f"container {release.owner[0]} {release.owner[1]}" if release.owner else "no allocation"
         click.echo(f"{verb} {release.kind} {release.name} ({owner}): {release.reason}")
-    click.echo(f"node {node_name}, network {network_name}: {verb} {len(result.releases)}; "
-               f"{result.waiting} kept inside the {grace:.0f}s grace period, {result.foreign} outside this "
-               "node's pod CIDRs left alone")
+    click.echo(f"node {node_name}, network {network_name}: {verb} {len(result.releases)}; kept "
+               f"{result.waiting} inside the {grace:.0f}s grace period, {result.in_runtime} live in the "
+               f"runtime, {result.foreign} outside this node's pod CIDRs")
     click.echo(f"totals: {read_state(state_dir).summary()}")
 
 
 def start_collector(api_client: Any, node_name: str, data_dir: str, state_dir: str, interval: float,
-                    grace: float) -> GcController:
+                    grace: float, containerd_socket: str | None = None) -> GcController:
     """What `netagent run` calls: the collector for the netagent network, already running."""
-    controller = GcController(api_client, node_name, PLUGIN_NAME, data_dir, state_dir, interval, grace)
+    controller = GcController(api_client, node_name, PLUGIN_NAME, data_dir, state_dir, interval, grace,
+                              containerd_socket)
     controller.start()
     log.info("GC every %.0fs (grace %.0fs) of %s/%s", interval, grace, data_dir, PLUGIN_NAME)
     return controller

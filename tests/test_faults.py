@@ -107,30 +107,41 @@ def abandon(pod: Pod, index: int) -> None:
 
 def plugin_kill_rounds(node: Node, iterations: int, rng: random.Random) -> FaultFigures:
     """Two live pods with established connections; then `iterations` ADDs and `iterations` DELs each
-    SIGKILLed at a random point; then one `netagent gc` pass. Returns what happened."""
+    SIGKILLed at a random point; then one `netagent gc` pass. Returns what happened.
+
+    The connections are checked after every iteration and after GC; a fresh connection to each live
+    pod at the end proves it still has its IP. A connection that fails once counts as dropped."""
     figures = FaultFigures()
     live = [node.run_pod("live1"), node.run_pod("live2")]
     connections = [NodeConnection(node, pod) for pod in live]
+    dropped: set[int] = set()
+
+    def check_connections() -> None:
+        for i, connection in enumerate(connections):
+            if i not in dropped and not connection.alive():
+                dropped.add(i)
+
     probe = node.new_pod("probe")  # one undisturbed ADD and DEL: how long a whole call takes here
     add_window, del_window = timed_cni(node, "ADD", probe), timed_cni(node, "DEL", probe)
-
     for i in range(iterations):
         pod = node.new_pod(f"a{i}")
         figures.faults_injected += kill_at_random_point(node, "ADD", pod, add_window, rng)
         abandon(pod, i)
+        check_connections()
     for i in range(iterations):
         pod = node.new_pod(f"d{i}")
         node.cni("ADD", pod)
         figures.faults_injected += kill_at_random_point(node, "DEL", pod, del_window, rng)
         abandon(pod, i)
+        check_connections()
     figures.iterations = 2 * iterations
 
     figures.leftovers_before_gc = len(node.leftovers(live))
     done = node.gc("--grace", "0")
     assert done.returncode == 0, done.stderr
     figures.leaks_after_gc = len(node.leftovers(live))
-    figures.connections_dropped = sum(not c.alive() for c in connections)
-    figures.connections_dropped += sum(not node.answers(pod) for pod in live)
+    check_connections()
+    figures.connections_dropped = len(dropped) + sum(not node.answers(pod) for pod in live)
     return figures
 
 

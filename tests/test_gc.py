@@ -4,6 +4,7 @@ comparing the two. Live pods are proven alive by TCP after every collection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+import test_containerd
 from kubernetes import client
+from netns_lab.containerd_networks import install_netagent
+from netns_lab.containerd_node import ContainerdNode
 
 from cni.links import host_veth_name
 from netagent import netns, nodestate
@@ -30,6 +34,7 @@ SUBNET = "10.244.1.0/24"
 API_ADDRESS = "127.0.0.1:6443"  # the node netns' own loopback
 ECHO_PORT = 7007
 PLUGIN = os.path.join(os.path.dirname(sys.executable), "netagent-cni")
+needs_containerd = test_containerd.pytestmark
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
@@ -59,6 +64,7 @@ class EchoServer:
             self.listener = socket.create_server(("0.0.0.0", ECHO_PORT))
         self.listener.settimeout(0.5)
         self.stopping = threading.Event()
+        self.connections: list[socket.socket] = []  # no idle timeout: long-lived ones must stay up
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -70,22 +76,23 @@ class EchoServer:
                 continue
             except OSError:
                 return
+            self.connections.append(conn)
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     @staticmethod
     def _echo(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(60)
-            try:
-                while data := conn.recv(4096):
-                    conn.sendall(data)
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            while data := conn.recv(4096):
+                conn.sendall(data)
 
     def close(self) -> None:
         self.stopping.set()
         self.listener.close()
         self.thread.join(5)
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
 
 class Node:
@@ -264,7 +271,7 @@ def test_an_attachment_younger_than_the_grace_period_is_kept(node):
     done = node.gc("--grace", "300")
 
     assert done.returncode == 0, done.stderr
-    assert "released 0; 1 kept inside the 300s grace period" in done.stdout
+    assert "released 0; kept 1 inside the 300s grace period" in done.stdout
     assert len(node.allocations()) == 1 and veth_of(creating) in node.veths()
 
 
@@ -274,7 +281,7 @@ def test_a_veth_without_allocation_goes_only_after_being_seen_orphaned_for_the_g
     os.unlink(os.path.join(node.data_dir, NETWORK, ip))  # only the veth is left of it
 
     first = node.gc("--grace", "1")
-    assert "1 kept inside" in first.stdout and veth_of(pod) in node.veths()
+    assert "kept 1 inside" in first.stdout and veth_of(pod) in node.veths()
     time.sleep(1.2)
     second = node.gc("--grace", "1")
 
@@ -290,7 +297,7 @@ def test_addresses_outside_the_pod_cidrs_of_the_node_are_not_its_to_collect(node
 
     done = node.gc("--grace", "0")
 
-    assert "released 0; 0 kept inside the 0s grace period, 1 outside this node's pod CIDRs" in done.stdout
+    assert "released 0; kept 0 inside the 0s grace period, 0 live in the runtime, 1 outside" in done.stdout
     assert gone.ip in node.allocations()
 
 
@@ -320,6 +327,54 @@ def test_the_cni_gc_verb_runs_the_same_sweep_and_keeps_the_valid_attachments(nod
     assert node.allocations() == {keep.ip: keep.container_id}
     assert node.veths() == {veth_of(keep)}
     assert node.answers(keep)
+
+
+# ------------------------------------------------------------------------------ a runtime's sandboxes
+
+busybox_image = test_containerd.busybox_image  # a fixture, shared as it is
+
+
+@pytest.fixture
+def containerd(node, busybox_image) -> Iterator[ContainerdNode]:
+    """containerd confined to the node, its CNI being netagent's installed conflist (same IPAM dir)."""
+    with ContainerdNode(node.ns) as runtime:
+        runtime.import_image(busybox_image.path)
+        install_netagent(runtime.bin_dir, runtime.conf_dir, node.state_dir, node.data_dir, SUBNET)
+        node_state = nodestate.NodeState(NODE_NAME, (SUBNET,), 1500)
+        nodestate.write(node_state, os.path.join(node.state_dir, "node.json"))
+        yield runtime
+
+
+@needs_containerd
+def test_an_attachment_whose_sandbox_the_runtime_still_has_is_kept_even_without_a_pod_object(
+        node, containerd, busybox_image):
+    sandbox = containerd.run_pod(busybox_image.ref, "web", ["sleep", "600"])
+    [sandbox_ip] = [address.split("/")[0] for address in sandbox.ipv4_addresses()]
+    ghost = node.new_pod("ghost")  # a leaked attachment containerd knows nothing about
+    ghost_ip = node.cni("ADD", ghost)["ips"][0]["address"].split("/")[0]
+
+    without_runtime = node.gc("--grace", "0", "--dry-run")
+    with_runtime = node.gc("--grace", "0", "--containerd-socket", containerd.socket)
+
+    assert f"would release allocation {sandbox_ip}" in without_runtime.stdout  # no Pod object says it lives
+    assert with_runtime.returncode == 0, with_runtime.stderr
+    assert f"released allocation {ghost_ip}" in with_runtime.stdout
+    assert "1 live in the runtime" in with_runtime.stdout
+    assert set(node.allocations()) == {sandbox_ip}
+    assert sandbox.ipv4_addresses() == [f"{sandbox_ip}/24"]
+    containerd.remove_pod(sandbox)  # its CNI DEL releases the rest
+    assert node.allocations() == {}
+
+
+def test_an_unreachable_runtime_means_nothing_is_released(node):
+    gone = node.run_pod("gone")
+    node.vanish(gone)
+
+    done = node.gc("--grace", "0", "--containerd-socket", "/nonexistent/containerd.sock")
+
+    assert done.returncode == 1
+    assert "cannot ask containerd at /nonexistent/containerd.sock for its sandboxes" in done.stderr
+    assert gone.ip in node.allocations()
 
 
 # ------------------------------------------------------------------------------ the agent's collector
