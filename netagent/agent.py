@@ -55,6 +55,7 @@ class AgentConfig:
     gc_interval: float = DEFAULT_GC_INTERVAL
     gc_grace: float = DEFAULT_GC_GRACE
     cni_data_dir: str = DEFAULT_DATA_DIR
+    containerd_socket: str | None = None
 
     @property
     def lock_path(self) -> str:
@@ -138,7 +139,7 @@ class Agent:
         if cfg.gc_interval > 0:
             self._stoppables.append(start_collector(api_client, cfg.node_name,
                                                     cfg.cni_data_dir, cfg.state_dir, cfg.gc_interval,
-                                                    cfg.gc_grace))
+                                                    cfg.gc_grace, cfg.containerd_socket))
 
     def _write_standalone_node_state(self) -> None:
         """No API server: pod CIDRs come from flags, no other nodes to reach, MTU = underlay MTU."""
@@ -274,13 +275,15 @@ def _default_node_name() -> str:
               help="Seconds an attachment without a live pod is left alone (it may be being created).")
 @click.option("--cni-data-dir", default=DEFAULT_DATA_DIR, show_default=True,
               help="The CNI plugin's IPAM dataDir, which GC sweeps.")
+@click.option("--containerd-socket", default=None,
+              help="GC also keeps every attachment whose container containerd still has.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs: tuple[str, ...],
             state_dir: str, network: str, underlay_iface: str | None, vxlan_vni: int, vxlan_port: int,
             cluster_cidrs: tuple[str, ...], service_cidr: str, proxy: str, healthz_bind: str,
             metrics_bind: str, min_sync_period: float, gc_interval: float, gc_grace: float,
-            cni_data_dir: str, log_level: str) -> None:
+            cni_data_dir: str, containerd_socket: str | None, log_level: str) -> None:
     """Run the node agent: node networking, CNI service and (optionally) the service proxy."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if standalone and not pod_cidrs:
@@ -294,6 +297,7 @@ def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs:
         vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, service_cidr=service_cidr, proxy=proxy,
         healthz_bind=healthz_bind, metrics_bind=metrics_bind, min_sync_period=min_sync_period,
         gc_interval=gc_interval, gc_grace=gc_grace, cni_data_dir=cni_data_dir,
+        containerd_socket=containerd_socket,
     )
     agent = Agent(config)
     for signum in (signal.SIGTERM, signal.SIGINT):
