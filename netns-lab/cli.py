@@ -92,10 +92,14 @@ def status_cmd(name: str) -> None:
         rows.append((pod.name, pod.node, " ".join(pod.ips), labels, server))
     click.echo("\n" + _table(rows))
     if state.api_url:
+        try:
+            targets = kube.service_targets(kube.connect(lab.kubeconfig))
+        except LabError as e:
+            click.echo(f"\nservices: {e}")
+            sys.exit(1)
         rows = [("SERVICE", "CLUSTER-IP", "PORTS", "BACKENDS")]
-        for target in kube.service_targets(kube.connect(lab.kubeconfig)):
-            rows.append((target.service, target.cluster_ip, f"{target.port}/{target.protocol}",
-                         ",".join(sorted(target.backends)) or "-"))
+        rows += [(t.service, t.cluster_ip, f"{t.port}/{t.protocol}", ",".join(sorted(t.backends)) or "-")
+                 for t in targets]
         click.echo("\n" + _table(rows))
 
 

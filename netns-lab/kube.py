@@ -9,10 +9,13 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
@@ -26,8 +29,15 @@ def connect(kubeconfig: str) -> k8s.ApiClient:
     return k8s_config.new_client_from_config(config_file=kubeconfig)
 
 
-def api_error(e: ApiException) -> LabError:
-    return LabError(f"API server: {e.status} {e.reason}: {(e.body or '').strip()[:300]}")
+@contextlib.contextmanager
+def api_errors() -> Iterator[None]:
+    """API failures as one-line LabErrors: a refusal (with its Status message) or an unreachable server."""
+    try:
+        yield
+    except ApiException as e:
+        raise LabError(f"API server: {e.status} {e.reason}: {(e.body or '').strip()[:300]}") from None
+    except urllib3.exceptions.HTTPError as e:
+        raise LabError(f"the lab API server is unreachable ({type(e).__name__})") from None
 
 
 def create_node(api: k8s.ApiClient, name: str, address: str, pod_cidr: str) -> None:
@@ -41,10 +51,8 @@ def create_node(api: k8s.ApiClient, name: str, address: str, pod_cidr: str) -> N
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
         },
     }
-    try:
+    with api_errors():
         k8s.CoreV1Api(api).create_node(body)
-    except ApiException as e:
-        raise api_error(e) from None
 
 
 def register_pod(api: k8s.ApiClient, pod: PodInfo, host_ip: str) -> None:
@@ -67,18 +75,17 @@ def register_pod(api: k8s.ApiClient, pod: PodInfo, host_ip: str) -> None:
                            {"type": "ContainersReady", "status": "True"}],
         },
     }
-    try:
+    with api_errors():
         k8s.CoreV1Api(api).create_namespaced_pod(NAMESPACE, body)
-    except ApiException as e:
-        raise api_error(e) from None
 
 
 def delete_pod(api: k8s.ApiClient, name: str) -> None:
-    try:
-        k8s.CoreV1Api(api).delete_namespaced_pod(name, NAMESPACE)
-    except ApiException as e:
-        if e.status != 404:
-            raise api_error(e) from None
+    with api_errors():
+        try:
+            k8s.CoreV1Api(api).delete_namespaced_pod(name, NAMESPACE)
+        except ApiException as e:
+            if e.status != 404:  # already gone is what we wanted
+                raise
 
 
 SUPPORTED_KINDS = {("v1", "Service"), ("discovery.k8s.io/v1", "EndpointSlice")}
@@ -101,15 +108,22 @@ def apply(api: k8s.ApiClient, docs: Iterable[dict]) -> list[str]:
             for doc in docs]
 
 
+def _existing(read: Callable[[], Any]) -> Any | None:
+    """The object `read` fetches, or None when it does not exist yet."""
+    try:
+        return read()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 def _apply_service(api: k8s.ApiClient, doc: dict) -> str:
     core = k8s.CoreV1Api(api)
     name, namespace = doc["metadata"]["name"], doc["metadata"].get("namespace", NAMESPACE)
-    try:
-        try:
-            existing = core.read_namespaced_service(name, namespace)
-        except ApiException as e:
-            if e.status != 404:
-                raise
+    with api_errors():
+        existing = _existing(lambda: core.read_namespaced_service(name, namespace))
+        if existing is None:
             svc = core.create_namespaced_service(namespace, doc)
             return f"service/{name} created (clusterIP {svc.spec.cluster_ip})"
         body = {**doc, "metadata": {**doc["metadata"], "resourceVersion": existing.metadata.resource_version}}
@@ -118,26 +132,19 @@ def _apply_service(api: k8s.ApiClient, doc: dict) -> str:
         spec.setdefault("clusterIPs", existing.spec.cluster_ips)
         svc = core.replace_namespaced_service(name, namespace, body)
         return f"service/{name} configured (clusterIP {svc.spec.cluster_ip})"
-    except ApiException as e:
-        raise api_error(e) from None
 
 
 def _apply_endpointslice(api: k8s.ApiClient, doc: dict) -> str:
     discovery = k8s.DiscoveryV1Api(api)
     name, namespace = doc["metadata"]["name"], doc["metadata"].get("namespace", NAMESPACE)
-    try:
-        try:
-            existing = discovery.read_namespaced_endpoint_slice(name, namespace)
-        except ApiException as e:
-            if e.status != 404:
-                raise
+    with api_errors():
+        existing = _existing(lambda: discovery.read_namespaced_endpoint_slice(name, namespace))
+        if existing is None:
             discovery.create_namespaced_endpoint_slice(namespace, doc)
             return f"endpointslice/{name} created"
         body = {**doc, "metadata": {**doc["metadata"], "resourceVersion": existing.metadata.resource_version}}
         discovery.replace_namespaced_endpoint_slice(name, namespace, body)
         return f"endpointslice/{name} configured"
-    except ApiException as e:
-        raise api_error(e) from None
 
 
 @dataclass(frozen=True)
@@ -157,11 +164,9 @@ class ServiceTarget:
 
 def service_targets(api: k8s.ApiClient) -> list[ServiceTarget]:
     """Every port of every IPv4 ClusterIP service, with the pods behind its ready endpoints (maybe none)."""
-    try:
+    with api_errors():
         services = k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE).items
         slices = k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(NAMESPACE).items
-    except ApiException as e:
-        raise api_error(e) from None
     backends: dict[str, set[str]] = {}
     for eps in slices:
         service = (eps.metadata.labels or {}).get("kubernetes.io/service-name")
