@@ -179,7 +179,8 @@ def _remove_service_entry(node: Node) -> None:
     if node.proxier.backends[0].kind == "nftables":
         argv = ["nft", "delete", "element", "ip", "netagent", "service-ips", "{", f"{VIP} . tcp . 80", "}"]
     else:
-        rules = netns.run(node.ns, ["iptables-save", "-t", "nat"]).stdout.splitlines()
+        iptables = node.proxier.backends[0].kind  # iptables or iptables-legacy
+        rules = netns.run(node.ns, [f"{iptables}-save", "-t", "nat"]).stdout.splitlines()
         rule = next(r for r in rules if r.startswith("-A NA-SERVICES") and VIP in r)
-        argv = ["iptables", "-t", "nat", "-D", *shlex.split(rule)[1:]]
+        argv = [iptables, "-t", "nat", "-D", *shlex.split(rule)[1:]]
     netns.run(node.ns, argv)

@@ -172,7 +172,7 @@ def _ip(ns: str, *args: str) -> None:
     netns.run(ns, ["ip", *args])
 
 
-@pytest.fixture(params=["iptables", "nftables"], name="node")
+@pytest.fixture(params=["iptables", "iptables-legacy", "nftables"], name="node")
 def node_fixture(request: pytest.FixtureRequest, make_netns: Callable[[str], str]) -> Iterator[Node]:
     node_ns, client_ns = make_netns("node"), make_netns("client")
     netns.run(node_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])

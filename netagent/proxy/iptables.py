@@ -70,15 +70,16 @@ def _key(table: str, chain: str) -> str:
 
 
 class IptablesBackend(Backend):
+    """Through the system's `iptables` (on Debian the nf_tables variant)."""
+
     kind = "iptables"
+    tools = {4: ("iptables-restore", "iptables-save"), 6: ("ip6tables-restore", "ip6tables-save")}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._missing_hooks: tuple[tuple[str, str, str], ...] = ()
-        v6 = self.family == 6
-        self._restore = "ip6tables-restore" if v6 else "iptables-restore"
-        self._save = "ip6tables-save" if v6 else "iptables-save"
-        self._host_len = "/128" if v6 else "/32"
+        self._restore, self._save = self.tools[self.family]
+        self._host_len = "/128" if self.family == 6 else "/32"
 
     # -- rendering ------------------------------------------------------------------------------
     def render(self, ports: Sequence[ServicePort]) -> RuleSet:
@@ -279,4 +280,16 @@ def _options(words: list[str]) -> dict[str, str]:
         w: words[i + 1]
         for i, w in enumerate(words[:-1])
         if w.startswith("-") and not words[i + 1].startswith("-")
+    }
+
+
+class IptablesLegacyBackend(IptablesBackend):
+    """Same rules through the legacy xtables tools: the nf_tables variant of iptables-restore grows
+    superlinearly with the ruleset (2,000 services: 8 s CPU, 4,000: 27 s), legacy stays near linear
+    (4,000: 1.8 s). Do not mix with `iptables` rules of other components in the same netns."""
+
+    kind = "iptables-legacy"
+    tools = {
+        4: ("iptables-legacy-restore", "iptables-legacy-save"),
+        6: ("ip6tables-legacy-restore", "ip6tables-legacy-save"),
     }

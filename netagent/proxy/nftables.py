@@ -2,13 +2,16 @@
 
   services           daddr . proto . port  vmap @service-ips        -> svc-x (cluster IP) / ext-x
                      local daddr: proto . port vmap @service-nodeports -> ext-x
-  svc-x / ext-x      same policy as the iptables backend; `numgen random mod N vmap` picks an endpoint
-  sep-x              hairpin masquerade, affinity set update, dnat
+  svc-x / ext-x      same policy as the iptables backend; `numgen random mod N-i 0 dnat to ...`
+                     rules pick an endpoint (no chain and no anonymous set per endpoint or service:
+                     objects, not rules, are what makes a big nft transaction slow; see _balance)
+  sep-x              only for ClientIP affinity: one per endpoint, remembers the client in a dynamic
+                     timeout set (named by endpoint and timeout) and DNATs
+  nat-postrouting    hairpin (source == endpoint, looked up in @hairpin) and marked packets masquerade
   reject-check       (filter hooks, new connections) destinations in @reject-ips / @reject-nodeports
                      are rejected: nothing DNATed them, so nothing serves them.
-Session affinity uses one dynamic timeout set of client addresses per endpoint (named by endpoint and
-timeout, so a changed timeout is a new set). Every sync is one `nft -f` transaction: new objects,
-rewritten chains (flush + rules inside the transaction), element changes, then removals.
+Every sync is one `nft -f` transaction: new objects, rewritten chains (flush + rules inside the
+transaction), element changes, then removals.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from netagent.proxy.ruleset import RuleSet, RuleSetDiff
 TABLE = "netagent"
 SERVICE_IPS, SERVICE_NODEPORTS = "service-ips", "service-nodeports"
 REJECT_IPS, REJECT_NODEPORTS = "reject-ips", "reject-nodeports"
-ELEMENT_CONTAINERS = (SERVICE_IPS, SERVICE_NODEPORTS, REJECT_IPS, REJECT_NODEPORTS)
+HAIRPIN = "hairpin"  # "endpoint ip . endpoint ip": a connection from an endpoint to itself
+ELEMENT_CONTAINERS = (SERVICE_IPS, SERVICE_NODEPORTS, REJECT_IPS, REJECT_NODEPORTS, HAIRPIN)
 MARK_MASQ, MASQ_OFF_CLUSTER = "mark-for-masquerade", "masq-off-cluster"
 BASE_CHAINS = {  # name -> base chain spec
     "nat-prerouting": "type nat hook prerouting priority -100;",
@@ -94,8 +98,9 @@ class NftablesBackend(Backend):
                 if not p.external_endpoints:
                     elements[(REJECT_NODEPORTS, f"{proto} . {p.node_port}")] = ""
             for e in {*p.cluster_endpoints, *p.external_endpoints}:
-                chains[sep_chain(p, e)] = self._endpoint_chain(p, e)
+                elements[(HAIRPIN, f"{e.ip} . {e.ip}")] = ""
                 if p.affinity_timeout:
+                    chains[sep_chain(p, e)] = self._endpoint_chain(p, e)
                     name = affinity_set(p, e)
                     objects[name] = (
                         f"set {name} {{ type {self._addr_type}; flags dynamic,timeout; "
@@ -110,6 +115,7 @@ class NftablesBackend(Backend):
             SERVICE_NODEPORTS: f"map {SERVICE_NODEPORTS} {{ type inet_proto . inet_service : verdict; }}",
             REJECT_IPS: f"set {REJECT_IPS} {{ type {key}; }}",
             REJECT_NODEPORTS: f"set {REJECT_NODEPORTS} {{ type inet_proto . inet_service; }}",
+            HAIRPIN: f"set {HAIRPIN} {{ type {self._addr_type} . {self._addr_type}; }}",
         }
 
     def _fixed_chains(self) -> dict[str, tuple[str, ...]]:
@@ -120,6 +126,7 @@ class NftablesBackend(Backend):
             "nat-prerouting": ("jump services",),
             "nat-output": ("jump services",),
             "nat-postrouting": (
+                f"{ip} saddr . {ip} daddr @{HAIRPIN} masquerade fully-random",
                 f"meta mark & {mark} == 0 return",
                 f"meta mark set meta mark ^ {mark}",
                 "masquerade fully-random",
@@ -162,27 +169,34 @@ class NftablesBackend(Backend):
         return tuple(rules) if p.external_endpoints or p.cluster_endpoints else None
 
     def _balance(self, p: ServicePort, endpoints: Sequence[Endpoint]) -> list[str]:
+        """Rule i takes the connection with probability 1/(N-i): uniform over N, like iptables'
+        statistic chain. Deliberately no anonymous `numgen ... map {}` per service: the kernel
+        allocates anonymous set names by scanning every set in the table, so 10,000 of them make
+        one transaction take tens of seconds (measured), while plain rules stay linear."""
         if not endpoints:
             return []
         rules = []
-        if p.affinity_timeout:
+        if p.affinity_timeout:  # a known client goes back to its endpoint; a new one is balanced
             rules += [
                 f"{self._nf_family} saddr @{affinity_set(p, e)} goto {sep_chain(p, e)}" for e in endpoints
             ]
-        if len(endpoints) == 1:
-            rules.append(f"goto {sep_chain(p, endpoints[0])}")
-        else:
-            choices = ", ".join(f"{i} : goto {sep_chain(p, e)}" for i, e in enumerate(endpoints))
-            rules.append(f"numgen random mod {len(endpoints)} vmap {{ {choices} }}")
+        proto = p.protocol.lower()
+        for i, e in enumerate(endpoints):
+            pick = f"numgen random mod {len(endpoints) - i} 0 " if i < len(endpoints) - 1 else ""
+            action = (
+                f"goto {sep_chain(p, e)}"
+                if p.affinity_timeout
+                else f"meta l4proto {proto} dnat to {e.address}"
+            )
+            rules.append(pick + action)
         return rules
 
     def _endpoint_chain(self, p: ServicePort, e: Endpoint) -> tuple[str, ...]:
-        ip = self._nf_family
-        rules = [f"{ip} saddr {e.ip} jump {MARK_MASQ}"]  # hairpin: a pod reaching itself
-        if p.affinity_timeout:
-            rules.append(f"update @{affinity_set(p, e)} {{ {ip} saddr }}")
-        rules.append(f"meta l4proto {p.protocol.lower()} dnat to {e.address}")
-        return tuple(rules)
+        """Only with ClientIP affinity: remember which endpoint this client got."""
+        return (
+            f"update @{affinity_set(p, e)} {{ {self._nf_family} saddr }}",
+            f"meta l4proto {p.protocol.lower()} dnat to {e.address}",
+        )
 
     # -- kernel side ----------------------------------------------------------------------------
     def _listing(self) -> list[dict]:
@@ -225,8 +239,14 @@ class NftablesBackend(Backend):
             if name in BASE_CHAINS:
                 lines.append(f"add chain {t} {name} {{ {BASE_CHAINS[name]} }}")
             lines.append(f"flush chain {t} {name}")
-        for name in (*changes.chains.added, *changes.chains.changed):
-            lines += [f"add rule {t} {name} {rule}" for rule in desired.chains[name] or ()]
+        rewritten = [
+            name for name in (*changes.chains.added, *changes.chains.changed) if desired.chains[name]
+        ]
+        if rewritten:  # the block form parses much faster than one `add rule` line per rule
+            lines.append(f"table {t} {{")
+            for name in rewritten:
+                lines += [f"chain {name} {{", *(desired.chains[name] or ()), "}"]
+            lines.append("}")
         for container, keys in _grouped((*changes.elements.removed, *changes.elements.changed)):
             lines.append(f"delete element {t} {container} {{ {', '.join(keys)} }}")
         for container, keys in _grouped((*changes.elements.added, *changes.elements.changed)):

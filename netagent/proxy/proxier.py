@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from netagent.proxy.backend import Backend, NodeContext, expected_backends
 from netagent.proxy.conntrack import delete_udp_flows, removed_udp_endpoints
 from netagent.proxy.healthcheck import HealthCheckServers
-from netagent.proxy.iptables import IptablesBackend
+from netagent.proxy.iptables import IptablesBackend, IptablesLegacyBackend
 from netagent.proxy.model import Snapshot
 from netagent.proxy.nftables import NftablesBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS: dict[str, type[Backend]] = {"iptables": IptablesBackend, "nftables": NftablesBackend}
+BACKENDS: dict[str, type[Backend]] = {
+    backend.kind: backend for backend in (IptablesBackend, IptablesLegacyBackend, NftablesBackend)
+}
 
 
 def make_backends(
