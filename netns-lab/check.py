@@ -133,6 +133,13 @@ def render(report: Report, node_of: dict[str, str]) -> str:
     for kind, outs in kinds.items():
         lines.append(f"{kind:<24} {sum(o.passed for o in outs)}/{len(outs)} passed")
     lines += report.notes
+    for column in report.columns:
+        via_service = [o for o in report.outcomes
+                       if o.probe.target == column and o.probe.kind == "pod->service"]
+        if via_service:
+            answered = sorted({o.answer for o in via_service if o.passed})
+            lines.append(f"{column} answered by {len(answered)} of {len(via_service[0].probe.expected)} "
+                         f"backends: {', '.join(answered) or 'none'}")
     for o in report.outcomes:
         if not o.passed:
             p = o.probe

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,14 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def interrupt_on_sigterm() -> None:
+    """A long command stopped with SIGTERM cleans up as on Ctrl-C (KeyboardInterrupt)."""
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def say(message: str) -> None:
     click.echo(f"[lab] {message}", err=True)
 
@@ -51,6 +60,7 @@ def lab_group() -> None:
 @friendly
 def up_cmd(name: str, nodes: int, network: str, proxy: str, timeout: float) -> None:
     """Create the lab and wait until every node's agent is ready."""
+    interrupt_on_sigterm()
     cluster.up(name, nodes=nodes, network=network, proxy=proxy, timeout=timeout, progress=say)
 
 
@@ -199,5 +209,6 @@ def demo_cmd(name: str, network: str, proxy: str | None) -> None:
     """The main job: 3 nodes, 2 pods each, a Service, the connectivity matrix, then what next."""
     from netns_lab import demo
 
+    interrupt_on_sigterm()
     if not demo.run(name, network=network, proxy=proxy, progress=say, out=click.echo):
         sys.exit(1)

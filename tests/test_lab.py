@@ -121,6 +121,14 @@ def test_down_after_an_up_killed_half_way_leaves_nothing(lab_name: str):
     assert residue(lab_name) == []
 
 
+def test_an_up_that_times_out_says_why_and_leaves_nothing(lab_name: str):
+    result = lab_cmd(lab_name, "up", "--nodes", "2", "--timeout", "0.5", check=False)
+
+    assert result.returncode == 1
+    assert "not ready within" in result.stderr and "Traceback" not in result.stderr
+    assert residue(lab_name) == []
+
+
 def test_a_second_up_of_the_same_lab_is_refused_and_harms_nothing(lab_name: str):
     lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
     again = lab_cmd(lab_name, "up", "--nodes", "1", check=False)
