@@ -165,7 +165,7 @@ def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
         if not state.apiserver.alive():
             raise LabError(f"the API server exited:\n{log_tail(lab.api_log)}")
         if time.monotonic() > deadline:
-            raise LabError(f"the API server was not ready within {timeout:.0f}s:\n{log_tail(lab.api_log)}")
+            raise LabError(f"the API server was not ready within {timeout:g}s:\n{log_tail(lab.api_log)}")
         time.sleep(0.05)
     state.api_url = _read_api_url(lab.api_ready)
     state.api_internal_url = f"http://{topology.UNDERLAY_GATEWAY}:{API_PORT}"
@@ -230,7 +230,7 @@ def _wait_for_agents(state: LabState, timeout: float, progress: Progress) -> Non
                                f"{log_tail(node.agent_log)}")
         if waiting and time.monotonic() > deadline:
             node = next(iter(waiting.values()))
-            raise LabError(f"agent(s) on {', '.join(waiting)} not ready within {timeout:.0f}s; "
+            raise LabError(f"agent(s) on {', '.join(waiting)} not ready within {timeout:g}s; "
                            f"log of {node.name} ({node.agent_log}):\n{log_tail(node.agent_log)}")
         time.sleep(0.1)
 
