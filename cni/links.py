@@ -51,7 +51,13 @@ def network_alias(network_name: str) -> str:
 
 def node_iproute() -> IPRoute:
     """A netlink socket in the calling thread's netns, which is the node's."""
-    return IPRoute()
+    return _iproute()
+
+
+def _iproute() -> IPRoute:
+    """A request-only socket: no multicast groups, so the node's link/address/route events (every
+    concurrent ADD makes some) are not queued on it and parsed while waiting for our own replies."""
+    return IPRoute(groups=0)
 
 
 def local_index(name: str) -> int | None:
@@ -88,7 +94,7 @@ def open_pod(netns_path: str) -> Iterator[PodNetns]:
     try:
         try:
             with entered(netns_path):
-                ipr = IPRoute()
+                ipr = _iproute()
         except OSError as e:
             msg = f"{netns_path} is not a network namespace"
             raise CniError(errors.UNKNOWN_CONTAINER, msg, str(e)) from None
