@@ -54,6 +54,8 @@ def test_host_port_reaches_the_pod_through_portmap_and_bandwidth(make_netns, tmp
     node_ip = result["ips"][0]["gateway"]
 
     assert tcp_reaches(node.name, pod, node_ip, HOST_PORT, listen=(pod_ip, CONTAINER_PORT))
+    # the pod reaching itself through its own hostPort leaves and re-enters by the same bridge port
+    assert tcp_reaches(pod, pod, node_ip, HOST_PORT, listen=(pod_ip, CONTAINER_PORT)), "hairpin"
     host_veth = result["interfaces"][1]["name"]
     qdiscs = json.loads(netns.run(node.name, ["tc", "-j", "qdisc", "show", "dev", host_veth]).stdout)
     assert any(q["kind"] == "tbf" for q in qdiscs)  # bandwidth shaped the pod's host veth
