@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 
 from test_cni_support import compile_shim, make_node, ping, running_service
 
@@ -87,3 +88,19 @@ def answer_or_reset(client: socket.socket) -> bytes:
         return client.recv(16)
     except ConnectionResetError:  # the service closed with our bytes unread
         return b""
+
+
+def test_an_agent_that_accepts_but_dies_mid_request_makes_the_shim_ask_to_try_again(make_netns, tmp_path):
+    node = make_node(make_netns, tmp_path)
+    socket_path = str(tmp_path / "dying.sock")
+    node.plugin = [compile_shim(str(tmp_path), socket_path)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(socket_path)
+        listener.listen(1)
+        hang_up = threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True)
+        hang_up.start()
+        outcome = node.call("ADD", node.conf([V4]), "ctr-a", make_netns("a"))
+        hang_up.join(timeout=30)
+
+    assert outcome.code == 1
+    assert outcome.result["code"] == 11  # not a fallback: the agent may have done part of the work
