@@ -255,7 +255,7 @@ def down(name: str, progress: Progress = print) -> None:
         recorded = []
         if not found:
             break
-        processes.stop(found)
+        processes.stop(found, grace=0)  # all they own is deleted next: no graceful shutdown needed
         stopped |= found
     else:
         raise LabError(f"processes of lab {name!r} keep reappearing; not removing its namespaces")

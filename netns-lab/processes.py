@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+KILL_WAIT = 5.0  # seconds a SIGKILLed process may take to disappear
+
 
 @dataclass(frozen=True)
 class ProcRef:
@@ -62,20 +64,27 @@ def spawn(argv: Sequence[str], log_path: str, env: dict[str, str] | None = None)
 
 
 def stop(procs: Iterable[ProcRef], grace: float = 3.0) -> None:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL whatever is left."""
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL whatever is left (grace 0: SIGKILL at once).
+
+    Returns once they are all gone (or after KILL_WAIT for a process stuck in the kernel).
+    """
     living = [p for p in procs if p.alive()]
-    for p in living:
-        _signal(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while living and time.monotonic() < deadline:
-        time.sleep(0.05)
-        living = [p for p in living if p.alive()]
+    if grace > 0:
+        for p in living:
+            _signal(p.pid, signal.SIGTERM)
+        living = _wait_for_exit(living, grace)
     for p in living:
         _signal(p.pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while living and time.monotonic() < deadline:
+    _wait_for_exit(living, KILL_WAIT)
+
+
+def _wait_for_exit(procs: list[ProcRef], seconds: float) -> list[ProcRef]:
+    """The processes still alive after waiting up to `seconds` for them."""
+    deadline = time.monotonic() + seconds
+    while procs and time.monotonic() < deadline:
         time.sleep(0.02)
-        living = [p for p in living if p.alive()]
+        procs = [p for p in procs if p.alive()]
+    return procs
 
 
 def _signal(pid: int, sig: int) -> None:
