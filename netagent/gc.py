@@ -6,12 +6,13 @@ this node and their IPs; whatever of our network no live pod explains is release
 logged and counted in STATE/gc.json (shown by `netagent gc` and `lab status`).
 
 Never touching a live pod is the first rule:
-  - an attachment holding the IP of a live pod on this node is kept, whatever its age;
+  - an attachment holding the IP of a live pod on this node is kept, whatever its age, and so is
+    one whose sandbox the container runtime still has, when a runtime is given (containerd);
   - anything else is kept during a grace period, because a pod being created holds its allocation
     and veth before the API server reports its IP: allocations by their file's age, and a veth that
     no allocation explains by how long it has been seen orphaned (recorded in gc.json by name and
     ifindex, since the kernel keeps no creation time for links);
-  - without a pod list from the API server nothing is collected at all;
+  - without a pod list from the API server (or a runtime's answer, when given) nothing is collected;
   - once the agent wrote this node's pod CIDRs (STATE/node.json), addresses outside them are not
     this node's to judge and are left alone (a data dir shared by mistake loses nothing).
 The kernel and disk work is cni.gc.sweep, the same code the CNI GC verb runs; the agent also
@@ -50,6 +51,9 @@ NO_LIVE_POD = "no live pod on this node has its IP"
 ORPHAN_VETH = "veth without an allocation"
 FINISHED_PHASES = ("Succeeded", "Failed")  # such a pod's sandbox is gone: its IP is no longer in use
 
+
+class EvidenceUnavailable(RuntimeError):
+    """The pods (or the runtime's sandboxes) could not be listed: the pass stops before touching anything."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,10 @@ class Collector:
         self.gather_evidence = gather_evidence
 
     def run_once(self, dry_run: bool = False) -> PassResult:
-        evidence = self.gather_evidence()  # before any lock: an unreachable source must stop the pass here
+        try:
+            evidence = self.gather_evidence()
+        except Exception as exc:  # API server or runtime unreachable, bad kubeconfig, ...
+            raise EvidenceUnavailable(f"{type(exc).__name__}: {exc}") from exc
         own_cidrs = _node_pod_cidrs(self.state_dir)
         with _updating_state(self.state_dir, save=not dry_run) as state:
             judge = _PassJudge(evidence, own_cidrs, self.grace, state.orphan_veths_seen)
@@ -152,7 +159,7 @@ class Collector:
             log.info("%s %s %s (attachment %s): %s", "would release" if dry_run else "released",
                      release.kind, release.name, owner, release.reason)
             if release.kind == "allocation" and not dry_run:
-                forget_flows(release.name)
+                _forget_flows(release.name)
         return PassResult(report.releases, judge.waiting, judge.in_runtime, judge.foreign)
 
 
@@ -201,7 +208,7 @@ class _PassJudge:
         return ORPHAN_VETH
 
 
-def forget_flows(address: str) -> None:
+def _forget_flows(address: str) -> None:
     """Delete the node's conntrack entries from, to, or DNATed to a released address, so a pod that
     gets the address next does not inherit a dead pod's flows. Best effort: entries also time out."""
     for selector in ("--orig-src", "--orig-dst", "--reply-src"):
@@ -271,6 +278,8 @@ class GcController:
     def _evidence(self) -> Evidence:
         if not self.pods.wait_for_sync(timeout=30):
             raise RuntimeError("the pods of this node are not listed yet: collecting nothing without them")
+        if _node_pod_cidrs(self.collector.state_dir) is None:  # the CIDR guard must be in force
+            raise RuntimeError("this node's pod CIDRs are not known yet (no node.json): collecting nothing")
         return Evidence(pod_ips(self.pods.store.list()), _sandboxes_or_none(self.containerd_socket))
 
     def _pass(self) -> None:
@@ -350,9 +359,11 @@ def gc_cmd(dry_run: bool, state_dir: str, kubeconfig: str | None, node_name: str
     collector = Collector(network_name, data_dir, state_dir, grace, evidence)
     try:
         result = collector.run_once(dry_run=dry_run)
-    except Exception as exc:  # API server or runtime unreachable, bad kubeconfig, netlink or disk failure
-        raise click.ClickException(f"GC pass on node {node_name} failed, nothing released: "
-                                   f"{type(exc).__name__}: {exc}") from None
+    except EvidenceUnavailable as exc:
+        raise click.ClickException(f"GC pass on node {node_name} failed, nothing released: {exc}") from None
+    except Exception as exc:  # netlink or disk failure part-way: what is done is done, a rerun finishes
+        raise click.ClickException(f"GC pass on node {node_name} failed part-way ({type(exc).__name__}: "
+                                   f"{exc}); run it again to finish") from None
     verb = "would release" if dry_run else "released"
     for release in result.releases:
         owner = f"container {release.owner[0]} {release.owner[1]}" if release.owner else "no allocation"
