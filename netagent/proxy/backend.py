@@ -37,6 +37,17 @@ class NodeContext:
 
 
 @dataclass(frozen=True)
+class Fragment:
+    """What one ServicePort contributes: its own chains/objects/elements, and its lines in the
+    backend's shared chains (e.g. iptables' NA-SERVICES), which render() concatenates."""
+
+    chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    objects: Mapping[str, str] = field(default_factory=dict)
+    elements: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    shared: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ChainFacts:
     """The parts of a chain that decide where a connection ends up."""
 
@@ -105,6 +116,7 @@ class Backend(ABC):
         self.family = family
         self.netns = netns
         self._applied: RuleSet | None = None  # None: unknown, read the kernel before the next sync
+        self._fragments: dict[ServicePort, Fragment] = {}  # memo: unchanged ports are not re-rendered
 
     def sync(self, ports: Sequence[ServicePort]) -> RuleSetDiff:
         """Make the kernel match `ports` in one transaction; returns what changed.
@@ -124,9 +136,37 @@ class Backend(ABC):
         self._applied = desired
         return changes
 
-    @abstractmethod
     def render(self, ports: Sequence[ServicePort]) -> RuleSet:
         """The complete desired RuleSet for these ports (all of this backend's family)."""
+        chains: dict[str, tuple[str, ...] | None] = {}
+        objects: dict[str, str] = {}
+        elements: dict[tuple[str, str], str] = {}
+        shared: dict[str, list[str]] = {}
+        fragments = {}
+        for p in ports:
+            fragment = self._fragments.get(p) or self.render_port(p)
+            fragments[p] = fragment
+            chains.update(fragment.chains)
+            objects.update(fragment.objects)
+            elements.update(fragment.elements)
+            for name, lines in fragment.shared.items():
+                shared.setdefault(name, []).extend(lines)
+        self._fragments = fragments
+        chains.update(self.fixed_chains(shared))
+        objects.update(self.fixed_objects())
+        return RuleSet(chains=chains, objects=objects, elements=elements)
+
+    @abstractmethod
+    def render_port(self, p: ServicePort) -> Fragment:
+        """Everything one service port needs."""
+
+    @abstractmethod
+    def fixed_chains(self, shared: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
+        """The chains every node has, shared chains filled with the ports' lines."""
+
+    def fixed_objects(self) -> dict[str, str]:
+        """Sets/maps every node has (none unless the backend uses them)."""
+        return {}
 
     @abstractmethod
     def read_kernel(self) -> RuleSet:

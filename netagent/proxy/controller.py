@@ -33,7 +33,7 @@ from netagent.kube import Informer, SyncLoop
 from netagent.nodestate import DEFAULT_STATE_DIR
 from netagent.proxy.backend import NodeContext
 from netagent.proxy.healthcheck import HealthCheckServers
-from netagent.proxy.model import Snapshot, build_snapshot
+from netagent.proxy.model import Snapshot, SnapshotBuilder
 from netagent.proxy.proxier import Proxier
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class ProxyController:
         )
         self._loop = SyncLoop(CONTROLLER, self.sync, min_interval=min_sync_period, max_interval=resync_period)
         self._written: Snapshot | None = None
+        self._builder = SnapshotBuilder(node_name)
 
     def start(self) -> None:
         if self.tracker:
@@ -113,7 +114,7 @@ class ProxyController:
         for informer in (self.services, self.slices):
             if not informer.synced:  # SyncLoop retries with backoff; the first list also requests a sync
                 raise CachesNotListedError(f"{informer.kind} not listed yet")
-        snapshot = build_snapshot(self.services.store.list(), self.slices.store.list(), self.node.node_name)
+        snapshot = self._builder.build(self.services.store.list(), self.slices.store.list())
         try:
             changed = self.proxier.sync(snapshot)
         except Exception:

@@ -25,6 +25,7 @@ from netagent.proxy.backend import (
     MASQUERADE_MARK,
     Backend,
     ChainFacts,
+    Fragment,
     KernelView,
     balance_probabilities,
     destination,
@@ -82,39 +83,48 @@ class IptablesBackend(Backend):
         self._host_len = "/128" if self.family == 6 else "/32"
 
     # -- rendering ------------------------------------------------------------------------------
-    def render(self, ports: Sequence[ServicePort]) -> RuleSet:
-        nat: dict[str, list[str]] = {SERVICES: [], NODEPORTS: []}
-        reject: list[str] = []
-        for p in ports:
-            match = f"-p {p.protocol.lower()} -m {p.protocol.lower()} --dport {p.port}"
-            comment = f'-m comment --comment "{p.display_name}"'
-            if p.cluster_endpoints:
-                nat[SERVICES].append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {svc_chain(p)}")
-                nat[svc_chain(p)] = [f"-j {MASQ_OFF_CLUSTER}", *self._balance(p, p.cluster_endpoints)]
-            else:
-                reject.append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {_reject(p.protocol)}")
-            external_chain = self._external_chain(p)
-            for ip in p.external_ips:
-                rule = f"-d {ip}{self._host_len} {match} {comment}"
-                if external_chain:
-                    nat[SERVICES].append(f"{rule} -j {ext_chain(p)}")
-                if not p.external_endpoints:
-                    reject.append(f"{rule} -j {_reject(p.protocol)}")
-            if p.node_port:
-                rule = f"-p {p.protocol.lower()} -m {p.protocol.lower()} --dport {p.node_port} {comment}"
-                if external_chain:
-                    nat[NODEPORTS].append(f"{rule} -j {ext_chain(p)}")
-                if not p.external_endpoints:
-                    reject.append(f"-m addrtype --dst-type LOCAL {rule} -j {_reject(p.protocol)}")
+    def render_port(self, p: ServicePort) -> Fragment:
+        services, nodeports, reject = [], [], []
+        chains: dict[str, tuple[str, ...]] = {}
+        match = f"-p {p.protocol.lower()} -m {p.protocol.lower()} --dport {p.port}"
+        comment = f'-m comment --comment "{p.display_name}"'
+        if p.cluster_endpoints:
+            services.append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {svc_chain(p)}")
+            chains[_key("nat", svc_chain(p))] = (
+                f"-j {MASQ_OFF_CLUSTER}",
+                *self._balance(p, p.cluster_endpoints),
+            )
+        else:
+            reject.append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {_reject(p.protocol)}")
+        external_chain = self._external_chain(p)
+        for ip in p.external_ips:
+            rule = f"-d {ip}{self._host_len} {match} {comment}"
             if external_chain:
-                nat[ext_chain(p)] = external_chain
-            for e in {*p.cluster_endpoints, *p.external_endpoints}:
-                nat[sep_chain(p, e)] = self._endpoint_chain(p, e)
-        nat[SERVICES].append(f"-m addrtype --dst-type LOCAL -j {NODEPORTS}")
-        nat.update(self._fixed_nat_chains())
+                services.append(f"{rule} -j {ext_chain(p)}")
+            if not p.external_endpoints:
+                reject.append(f"{rule} -j {_reject(p.protocol)}")
+        if p.node_port:
+            rule = f"-p {p.protocol.lower()} -m {p.protocol.lower()} --dport {p.node_port} {comment}"
+            if external_chain:
+                nodeports.append(f"{rule} -j {ext_chain(p)}")
+            if not p.external_endpoints:
+                reject.append(f"-m addrtype --dst-type LOCAL {rule} -j {_reject(p.protocol)}")
+        if external_chain:
+            chains[_key("nat", ext_chain(p))] = tuple(external_chain)
+        for e in {*p.cluster_endpoints, *p.external_endpoints}:
+            chains[_key("nat", sep_chain(p, e))] = tuple(self._endpoint_chain(p, e))
+        shared = {SERVICES: services, NODEPORTS: nodeports, REJECT: reject}
+        return Fragment(chains=chains, shared={name: tuple(lines) for name, lines in shared.items() if lines})
+
+    def fixed_chains(self, shared: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
+        nat = {
+            SERVICES: [*shared.get(SERVICES, ()), f"-m addrtype --dst-type LOCAL -j {NODEPORTS}"],
+            NODEPORTS: shared.get(NODEPORTS, []),
+            **self._fixed_nat_chains(),
+        }
         chains = {_key("nat", name): tuple(rules) for name, rules in nat.items()}
-        chains[_key("filter", REJECT)] = tuple(reject)
-        return RuleSet(chains=chains)
+        chains[_key("filter", REJECT)] = tuple(shared.get(REJECT, ()))
+        return chains
 
     def _fixed_nat_chains(self) -> dict[str, list[str]]:
         mark = f"{MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x}"

@@ -23,6 +23,7 @@ from netagent.proxy.backend import (
     MASQUERADE_MARK,
     Backend,
     ChainFacts,
+    Fragment,
     KernelView,
     SyncError,
     destination,
@@ -73,42 +74,39 @@ class NftablesBackend(Backend):
         self._table = f"{self._nf_family} {TABLE}"
 
     # -- rendering ------------------------------------------------------------------------------
-    def render(self, ports: Sequence[ServicePort]) -> RuleSet:
-        chains = self._fixed_chains()
-        objects = self._fixed_objects()
+    def render_port(self, p: ServicePort) -> Fragment:
+        chains: dict[str, tuple[str, ...]] = {}
+        objects: dict[str, str] = {}
         elements: dict[tuple[str, str], str] = {}
-        for p in ports:
-            proto = p.protocol.lower()
-            if p.cluster_endpoints:
-                elements[(SERVICE_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = f"goto {svc_chain(p)}"
-                chains[svc_chain(p)] = (f"jump {MASQ_OFF_CLUSTER}", *self._balance(p, p.cluster_endpoints))
-            else:
-                elements[(REJECT_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = ""
-            external = self._external_chain(p)
+        proto = p.protocol.lower()
+        if p.cluster_endpoints:
+            elements[(SERVICE_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = f"goto {svc_chain(p)}"
+            chains[svc_chain(p)] = (f"jump {MASQ_OFF_CLUSTER}", *self._balance(p, p.cluster_endpoints))
+        else:
+            elements[(REJECT_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = ""
+        external = self._external_chain(p)
+        if external:
+            chains[ext_chain(p)] = external
+        for ip in p.external_ips:
             if external:
-                chains[ext_chain(p)] = external
-            for ip in p.external_ips:
-                if external:
-                    elements[(SERVICE_IPS, f"{ip} . {proto} . {p.port}")] = f"goto {ext_chain(p)}"
-                if not p.external_endpoints:
-                    elements[(REJECT_IPS, f"{ip} . {proto} . {p.port}")] = ""
-            if p.node_port:
-                if external:
-                    elements[(SERVICE_NODEPORTS, f"{proto} . {p.node_port}")] = f"goto {ext_chain(p)}"
-                if not p.external_endpoints:
-                    elements[(REJECT_NODEPORTS, f"{proto} . {p.node_port}")] = ""
-            for e in {*p.cluster_endpoints, *p.external_endpoints}:
-                elements[(HAIRPIN, f"{e.ip} . {e.ip}")] = ""
-                if p.affinity_timeout:
-                    chains[sep_chain(p, e)] = self._endpoint_chain(p, e)
-                    name = affinity_set(p, e)
-                    objects[name] = (
-                        f"set {name} {{ type {self._addr_type}; flags dynamic,timeout; "
-                        f"timeout {p.affinity_timeout}s; }}"
-                    )
-        return RuleSet(chains=chains, objects=objects, elements=elements)
+                elements[(SERVICE_IPS, f"{ip} . {proto} . {p.port}")] = f"goto {ext_chain(p)}"
+            if not p.external_endpoints:
+                elements[(REJECT_IPS, f"{ip} . {proto} . {p.port}")] = ""
+        if p.node_port:
+            if external:
+                elements[(SERVICE_NODEPORTS, f"{proto} . {p.node_port}")] = f"goto {ext_chain(p)}"
+            if not p.external_endpoints:
+                elements[(REJECT_NODEPORTS, f"{proto} . {p.node_port}")] = ""
+        for e in {*p.cluster_endpoints, *p.external_endpoints}:
+            elements[(HAIRPIN, f"{e.ip} . {e.ip}")] = ""
+            if p.affinity_timeout:
+                chains[sep_chain(p, e)] = self._endpoint_chain(p, e)
+                name = affinity_set(p, e)
+                flags = f"flags dynamic,timeout; timeout {p.affinity_timeout}s;"
+                objects[name] = f"set {name} {{ type {self._addr_type}; {flags} }}"
+        return Fragment(chains=chains, objects=objects, elements=elements)
 
-    def _fixed_objects(self) -> dict[str, str]:
+    def fixed_objects(self) -> dict[str, str]:
         key = f"{self._addr_type} . inet_proto . inet_service"
         return {
             SERVICE_IPS: f"map {SERVICE_IPS} {{ type {key} : verdict; }}",
@@ -118,7 +116,7 @@ class NftablesBackend(Backend):
             HAIRPIN: f"set {HAIRPIN} {{ type {self._addr_type} . {self._addr_type}; }}",
         }
 
-    def _fixed_chains(self) -> dict[str, tuple[str, ...]]:
+    def fixed_chains(self, shared: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
         ip, mark = self._nf_family, f"{MASQUERADE_MARK:#x}"
         cidrs = self.node.cidrs(self.family)
         check_new = ("ct state new jump reject-check",)
