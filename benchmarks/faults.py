@@ -112,11 +112,13 @@ def report(figures: FaultFigures, agent_figures: AgentFaultFigures, iterations: 
     rows = [
         ("kills", str(agent_figures.kills)),
         ("connections dropped", f"{agent_figures.connections_dropped} (target 0; 1 long-lived cross-node)"),
-        ("converged", f"{agent_figures.changes_on_a_further_restart} kernel changes by a further restart "
-                      "(target 0)"),
+        ("converged", f"{len(agent_figures.changes_on_a_further_restart)} kernel changes by a further "
+                      "restart (target 0)"),
     ]
     for label, value in rows:
         print(f"  {label:<20} {value}")
+    for change in agent_figures.changes_on_a_further_restart:
+        print(f"    {change}")
 
 
 def main() -> None:
