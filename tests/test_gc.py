@@ -385,10 +385,10 @@ class Agent:
 
     def __init__(self, node: Node, *args: str) -> None:
         self.log_path = node.state_dir + ".log"
-        argv = [sys.executable, "-m", "netagent.cli", "run", "--node-name", NODE_NAME, "--kubeconfig",
-                node.kubeconfig, "--state-dir", node.state_dir, "--network", "none", "--underlay-iface", "lo",
-                "--cni-data-dir",
-                node.data_dir, "--healthz-bind", "", "--metrics-bind", "", *args]
+        argv = [sys.executable, "-m", "netagent.cli", "run", "--node-name", NODE_NAME,
+                "--kubeconfig", node.kubeconfig, "--state-dir", node.state_dir,
+                "--cni-data-dir", node.data_dir, "--network", "none", "--underlay-iface", "lo",
+                "--healthz-bind", "", "--metrics-bind", "", *args]
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(netns.exec_argv(node.ns, argv), stdout=log, stderr=subprocess.STDOUT)
 
