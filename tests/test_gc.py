@@ -136,7 +136,7 @@ class Node:
         self.pods.append(pod)
         return pod
 
-    def run_pod(self, name: str) -> Pod:
+    def run_pod(self, name: str, phase: str = "Running") -> Pod:
         """ADD, an echo server inside, and the Pod object with its IP: a running pod of this node."""
         pod = self.new_pod(name)
         pod.ip = self.cni("ADD", pod)["ips"][0]["address"].split("/")[0]
@@ -144,7 +144,7 @@ class Node:
         self.core.create_namespaced_pod("default", {
             "metadata": {"name": name},
             "spec": {"nodeName": NODE_NAME, "containers": [{"name": "echo", "image": "none"}]},
-            "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
+            "status": {"phase": phase, "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
         })
         return pod
 
@@ -235,7 +235,7 @@ def test_gc_releases_the_ip_and_veth_of_a_vanished_pod_and_live_pods_keep_theirs
     assert "released 1 allocations and 1 veths" in done.stdout  # the totals line
 
 
-def test_conntrack_entries_of_a_released_address_are_forgotten_and_a_live_pods_are_kept(node):
+def test_conntrack_entries_of_a_released_address_are_forgotten_and_those_of_a_live_pod_kept(node):
     live = node.run_pod("live")
     gone = node.run_pod("gone")
     node.vanish(gone)
@@ -248,6 +248,16 @@ def test_conntrack_entries_of_a_released_address_are_forgotten_and_a_live_pods_a
     flows = netns.run(node.ns, ["conntrack", "-L", "-p", "udp"]).stdout
     assert f"src={live.ip} " in flows
     assert f"src={gone.ip} " not in flows
+
+
+def test_a_finished_pods_ip_is_collected_though_its_pod_object_remains(node):
+    node.run_pod("live")
+    finished = node.run_pod("job", phase="Succeeded")  # a Job's pod: its sandbox is gone, the object stays
+
+    done = node.gc("--grace", "0")
+
+    assert f"released allocation {finished.ip}" in done.stdout
+    assert finished.ip not in node.allocations()
 
 
 def test_dry_run_prints_what_would_go_and_changes_nothing(node):
