@@ -6,8 +6,10 @@ Debian's reference bridge + host-local, on the same kind of netns, in the same r
 Everything happens in network namespaces this script creates (prefix "nb", removed at the end): a
 "node" netns where a `netagent run --standalone` agent listens, and one pod netns per ADD. The
 timing loop itself runs inside the node netns, like a container runtime does, and interleaves the
-three plugins pod by pod so machine noise hits them alike. Reported: median and p90 per call (ms),
-and the ratio of each netagent median to the reference median (<= 1.0 means as fast or faster).
+three plugins pod by pod so machine noise hits them alike. Reported per call: wall time (median,
+p90) and the ratio of each netagent median to the reference median (<= 1.0 means as fast or
+faster); and CPU time (mean; the plugin processes and their children, plus for the shim the agent's
+own CPU), which a busy shared machine disturbs far less than wall time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import secrets
 import shutil
 import statistics
@@ -77,7 +80,7 @@ def outer(pods: int, masq: bool) -> None:
             if agent.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the agent did not become ready")
             time.sleep(0.05)
-        plan = {"work": work, "state_dir": state_dir, "pods": pod_names, "masq": masq}
+        plan = {"work": work, "state_dir": state_dir, "pods": pod_names, "masq": masq, "agent_pid": agent.pid}
         inner_argv = [sys.executable, os.path.abspath(__file__), "--inner", json.dumps(plan)]
         subprocess.run(netns.exec_argv(node, inner_argv), check=True)
         print(f"\ncommand: .venv/bin/python benchmarks/cni_speed.py --pods {pods}{' --masq' if masq else ''}")
@@ -116,14 +119,33 @@ def inner(plan: dict) -> None:
         "netagent-shim": os.path.join(work, "bin", "netagent"),
         "netagent-fallback": os.path.join(VENV_BIN, "netagent-cni"),
     }
-    timings: dict[tuple[str, str], list[float]] = {}
+    walls: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
     for command in ("ADD", "DEL"):
         for i in range(len(plan["pods"]["reference"])):
             for variant in VARIANTS:
                 pod = plan["pods"][variant][i]
-                elapsed = call(plugins[variant], command, confs[variant], f"bench-{pod}", netns.path(pod))
-                timings.setdefault((variant, command), []).append(elapsed)
-    report(timings, masq)
+                served_by = plan["agent_pid"] if variant == "netagent-shim" else None
+                children_before, agent_before = _children_cpu(), _process_cpu(served_by)
+                wall = call(plugins[variant], command, confs[variant], f"bench-{pod}", netns.path(pod))
+                cpu = _children_cpu() - children_before + _process_cpu(served_by) - agent_before
+                walls.setdefault((variant, command), []).append(wall)
+                cpus.setdefault((variant, command), []).append(cpu)
+    report(walls, cpus, masq)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int | None) -> float:
+    """User+system CPU seconds of a running process (all its threads); 0 for None."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def call(plugin: str, command: str, conf: dict, container_id: str, netns_path: str) -> float:
@@ -141,21 +163,28 @@ def call(plugin: str, command: str, conf: dict, container_id: str, netns_path: s
     return elapsed
 
 
-def report(timings: dict[tuple[str, str], list[float]], masq: bool) -> None:
-    pods = len(timings[("reference", "ADD")])
-    print(f"CNI wall time per call, {pods} pods per plugin, ipMasq={'on' if masq else 'off'} (ms)")
-    print(f"{'plugin':<20}{'ADD median':>12}{'ADD p90':>10}{'DEL median':>12}{'DEL p90':>10}"
-          f"{'ADD ratio':>11}{'DEL ratio':>11}")
-    ref = {cmd: statistics.median(timings[("reference", cmd)]) for cmd in ("ADD", "DEL")}
+Samples = dict[tuple[str, str], list[float]]  # (variant, command) -> seconds per call
+COLUMNS = ("ADD wall", "p90", "DEL wall", "p90", "ADD ratio", "DEL ratio", "ADD cpu", "DEL cpu", "ADD ratio",
+           "DEL ratio")
+
+
+def report(walls: Samples, cpus: Samples, masq: bool) -> None:
+    pods = len(walls[("reference", "ADD")])
+    masq_state = "on" if masq else "off"
+    print(f"CNI time per call, {pods} pods per plugin, ipMasq={masq_state} (ms; ratio = x / reference)")
+    print(f"{'plugin':<19}" + "".join(f"{c:>10}" for c in COLUMNS))
+    commands = ("ADD", "DEL")
+    ref_wall = {cmd: statistics.median(walls[("reference", cmd)]) for cmd in commands}
+    ref_cpu = {cmd: statistics.mean(cpus[("reference", cmd)]) for cmd in commands}
     for variant in VARIANTS:
-        row = [f"{variant:<20}"]
-        for cmd in ("ADD", "DEL"):
-            samples = sorted(timings[(variant, cmd)])
-            row.append(f"{statistics.median(samples) * 1000:>12.1f}")
-            row.append(f"{samples[int(0.9 * (len(samples) - 1))] * 1000:>10.1f}")
-        for cmd in ("ADD", "DEL"):
-            row.append(f"{statistics.median(timings[(variant, cmd)]) / ref[cmd]:>11.2f}")
-        print("".join(row))
+        cells = []
+        for cmd in commands:
+            samples = sorted(walls[(variant, cmd)])
+            cells += [statistics.median(samples) * 1000, samples[int(0.9 * (len(samples) - 1))] * 1000]
+        cells += [statistics.median(walls[(variant, cmd)]) / ref_wall[cmd] for cmd in commands]
+        cells += [statistics.mean(cpus[(variant, cmd)]) * 1000 for cmd in commands]
+        cells += [statistics.mean(cpus[(variant, cmd)]) / ref_cpu[cmd] for cmd in commands]
+        print(f"{variant:<19}" + "".join(f"{cell:>10.2f}" for cell in cells))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import hashlib
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,9 +50,22 @@ def network_alias(network_name: str) -> str:
     return f"{ALIAS_PREFIX}{network_name}"
 
 
-def node_iproute() -> IPRoute:
-    """A netlink socket in the calling thread's netns, which is the node's."""
-    return _iproute()
+_per_thread = threading.local()
+
+
+@contextlib.contextmanager
+def node_iproute() -> Iterator[IPRoute]:
+    """A netlink socket in the calling thread's netns, which is the node's.
+
+    Kept open for the thread's next request (keyed by netns, so a thread that moved can never get a
+    socket of another namespace): the agent serves ADDs from long-lived worker threads, and opening
+    a pyroute2 socket costs about as much as a netlink request.
+    """
+    netns_inode = os.stat("/proc/thread-self/ns/net").st_ino
+    sockets: dict[int, IPRoute] = _per_thread.__dict__.setdefault("sockets", {})
+    if netns_inode not in sockets:
+        sockets[netns_inode] = _iproute()
+    yield sockets[netns_inode]
 
 
 def _iproute() -> IPRoute:
@@ -112,7 +126,8 @@ def find(ipr: IPRoute, name: str) -> Link | None:
 def ensure_bridge(ipr: IPRoute, name: str, mtu: int, gateways: list[tuple[IPAddress, int]]) -> Link:
     """Create the bridge if missing, bring it up and give it each gateway address (all idempotent).
 
-    Runs on every ADD, so the common case (all in place) costs two small netlink queries.
+    Runs on every ADD, so the common case (all in place) costs one netlink query plus a bind() per
+    gateway, which tells whether the address is already local without dumping addresses.
     """
     message = _get_link(ipr, name)
     if message is None:
@@ -129,9 +144,8 @@ def ensure_bridge(ipr: IPRoute, name: str, mtu: int, gateways: list[tuple[IPAddr
     with _kernel(f"configure bridge {name}"):
         if not message["flags"] & IFF_UP:
             ipr.link("set", index=bridge.index, state="up")
-        present = addresses_of(ipr, bridge.index)
         for address, prefixlen in gateways:
-            if f"{address}/{prefixlen}" not in present:
+            if not _is_local(address):
                 with _unless_exists():
                     _add_address(ipr, bridge.index, address, prefixlen)
     return bridge
@@ -237,6 +251,17 @@ def enable_forwarding(subnets: list[IPNetwork]) -> None:
             if f.read().strip() != "1":
                 f.seek(0)
                 f.write("1")
+
+
+def _is_local(address: IPAddress) -> bool:
+    """Whether an address is assigned in the calling thread's netns: only then can a socket bind to it."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def random_mac() -> str:

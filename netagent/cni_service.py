@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from cni.plugin import handle
 
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"NAC1"
 MAX_ENV = 64 * 1024
 MAX_STDIN = 16 * 1024 * 1024
-REQUEST_READ_TIMEOUT = 30.0  # a client that stalls mid-request must not pin a thread forever
+REQUEST_READ_TIMEOUT = 30.0  # a client that stalls mid-request must not pin a worker forever
+WORKERS = 16  # requests served at once; more wait in line (allocations serialize on the IPAM lock anyway)
 _U32 = struct.Struct(">I")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -43,12 +45,16 @@ class ProtocolError(Exception):
 
 
 class CniService:
-    """Serves CNI requests on `socket_path` from background threads, one per connection."""
+    """Serves CNI requests on `socket_path` from a pool of long-lived worker threads.
+
+    Long-lived workers keep their node netlink socket between requests (see cni.links.node_iproute).
+    """
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
+        self._workers: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.socket_path))
@@ -71,12 +77,13 @@ class CniService:
                 os.unlink(staging)
             raise
         self._listener = listener
+        self._workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cni-request")
         self._acceptor = threading.Thread(target=self._accept_loop, name="cni-service", daemon=True)
         self._acceptor.start()
         log.debug("CNI service listening on %s", self.socket_path)
 
     def stop(self) -> None:
-        """Stop accepting; requests already being served finish on their own threads."""
+        """Stop accepting; requests already accepted are still answered."""
         if self._listener is None:
             return
         listener, self._listener = self._listener, None
@@ -85,17 +92,19 @@ class CniService:
         listener.close()
         if self._acceptor is not None:
             self._acceptor.join(timeout=5)
+        if self._workers is not None:
+            self._workers.shutdown(wait=False)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
 
     def _accept_loop(self) -> None:
-        listener = self._listener
+        listener, workers = self._listener, self._workers
         while self._listener is listener:
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return  # stop() closed the listener
-            threading.Thread(target=self._serve, args=(conn,), name="cni-request", daemon=True).start()
+            workers.submit(self._serve, conn)
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
