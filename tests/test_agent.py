@@ -303,6 +303,31 @@ def test_informer_relists_after_410_gone_and_synthesizes_the_missed_changes(core
         informer.stop()
 
 
+def test_informer_periodic_resync_repairs_changes_its_watch_missed(core):
+    """A watch that never delivers anything (it selects nothing) must still converge via resync."""
+    core.create_node(node_body("listed"))
+
+    @functools.wraps(core.list_node)
+    def blind_watch(**kwargs):
+        if kwargs.get("watch"):
+            kwargs["label_selector"] = "matches=nothing"
+        return core.list_node(**kwargs)
+
+    events: list[tuple[str, str]] = []
+    informer = Informer("nodes", blind_watch, resync_period=1.0)
+    informer.add_handler(lambda kind, obj, old: events.append((kind, obj.metadata.name)))
+    informer.start()
+    try:
+        assert informer.wait_for_sync(30)
+        core.create_node(node_body("missed"))
+        core.patch_node("listed", {"metadata": {"labels": {"changed": "yes"}}})
+        wait_for(lambda: len(events) >= 3, 30, "resync to synthesize the missed events")
+        assert events[0] == ("ADDED", "listed")
+        assert sorted(events[1:]) == [("ADDED", "missed"), ("MODIFIED", "listed")]
+    finally:
+        informer.stop()
+
+
 class ApiServerProcess:
     """The lab API server as its own process, so killing it drops every connection as a crash does."""
 
