@@ -68,6 +68,7 @@ def plan(state: LabState, services: list | None) -> tuple[list[Probe], list[str]
     """Every probe for this lab (services: kube.ServiceTarget list, None = no proxy to test)."""
     pods = sorted(state.pods.values(), key=lambda p: (p.node, p.name))
     nodes = list(state.nodes.values())
+    pod_at = {ip: pod.name for pod in pods for ip in pod.ips}
     probes = []
     for src in pods:
         for dst in pods:
@@ -80,8 +81,9 @@ def plan(state: LabState, services: list | None) -> tuple[list[Probe], list[str]
             probes.append(Probe(src.name, node.name, "pod->node", "tcp", src.netns, node.ip, RESPONDER_PORT,
                                 frozenset({node.name})))
         for svc in services or []:
+            backends = frozenset(pod_at.get(ip, ip) for ip in svc.backends)
             probes.append(Probe(src.name, svc.label, "pod->service", svc.protocol.lower(), src.netns,
-                                svc.cluster_ip, svc.port, svc.backends))
+                                svc.cluster_ip, svc.port, backends))
     for node in nodes:
         for dst in pods:
             probes.append(Probe(node.name, dst.name, "node->pod", "tcp", node.netns, dst.ips[0],

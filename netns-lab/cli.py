@@ -108,8 +108,9 @@ def status_cmd(name: str) -> None:
             click.echo(f"\nservices: {e}")
             sys.exit(1)
         rows = [("SERVICE", "CLUSTER-IP", "PORTS", "BACKENDS")]
-        rows += [(t.service, t.cluster_ip, f"{t.port}/{t.protocol}", ",".join(sorted(t.backends)) or "-")
-                 for t in targets]
+        pod_at = {ip: pod.name for pod in state.pods.values() for ip in pod.ips}
+        rows += [(t.service, t.cluster_ip, f"{t.port}/{t.protocol}",
+                  ",".join(sorted(pod_at.get(ip, ip) for ip in t.backends)) or "-") for t in targets]
         click.echo("\n" + _table(rows))
 
 

@@ -149,7 +149,7 @@ def _apply_endpointslice(api: k8s.ApiClient, doc: dict) -> str:
 
 @dataclass(frozen=True)
 class ServiceTarget:
-    """One TCP/UDP port of a ClusterIP service and the pod names that back it (ready endpoints)."""
+    """One TCP/UDP port of a ClusterIP service and the addresses of its ready endpoints."""
 
     service: str
     cluster_ip: str
@@ -163,7 +163,10 @@ class ServiceTarget:
 
 
 def service_targets(api: k8s.ApiClient) -> list[ServiceTarget]:
-    """Every port of every IPv4 ClusterIP service, with the pods behind its ready endpoints (maybe none)."""
+    """Every port of every IPv4 ClusterIP service, with its ready endpoints' addresses (maybe none).
+
+    Endpoints come from EndpointSlices, whether the lab's endpoints controller or `lab apply` made them.
+    """
     with api_errors():
         services = k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE).items
         slices = k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(NAMESPACE).items
@@ -172,8 +175,8 @@ def service_targets(api: k8s.ApiClient) -> list[ServiceTarget]:
         service = (eps.metadata.labels or {}).get("kubernetes.io/service-name")
         for endpoint in eps.endpoints or []:
             ready = endpoint.conditions is None or endpoint.conditions.ready is not False
-            if service and ready and endpoint.target_ref and endpoint.target_ref.kind == "Pod":
-                backends.setdefault(service, set()).add(endpoint.target_ref.name)
+            if service and ready:
+                backends.setdefault(service, set()).update(endpoint.addresses or [])
     targets = []
     for svc in services:
         ip = svc.spec.cluster_ip

@@ -4,6 +4,7 @@ is torn down even when the test fails; "zero residue" is checked by looking, not
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def test_pods_reach_each_other_across_nodes_by_tcp_and_udp_and_down_leaves_nothi
     assert residue(lab_name) == []
 
 
-def test_pods_reach_a_service_through_its_cluster_ip_with_the_iptables_proxy(lab_name: str):
+def test_pods_reach_services_through_their_cluster_ip_with_the_iptables_proxy(lab_name: str, tmp_path):
     lab_cmd(lab_name, "up", "--nodes", "2", "--network", "routes", "--proxy", "iptables")
     lab_cmd(lab_name, "pod", "web-1", "--node", "n1", "--labels", "app=web")
     lab_cmd(lab_name, "pod", "web-2", "--node", "n2", "--labels", "app=web")
@@ -81,6 +82,25 @@ def test_pods_reach_a_service_through_its_cluster_ip_with_the_iptables_proxy(lab
         time.sleep(1)
     assert "svc/web:80/tcp" in result.stdout and "svc/web:8080/udp" in result.stdout
     assert "pod->service" in result.stdout
+
+    # A Service without selector, its endpoints given by an applied EndpointSlice (JSON this time).
+    web_2_ip = Lab(lab_name).load().pods["web-2"].ips[0]
+    manual = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "manual"},
+         "spec": {"ports": [{"port": 90, "targetPort": 8080, "protocol": "TCP"}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "manual-1", "labels": {"kubernetes.io/service-name": "manual"}},
+         "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP"}],
+         "endpoints": [{"addresses": [web_2_ip], "conditions": {"ready": True}}]},
+    ]
+    manifest = tmp_path / "manual.json"
+    manifest.write_text("\n---\n".join(json.dumps(doc) for doc in manual))
+    lab_cmd(lab_name, "apply", str(manifest))
+    deadline = time.monotonic() + 60
+    while "svc/manual:90/tcp answered by 1 of 1 backends: web-2" not in (
+            result := lab_cmd(lab_name, "check", check=False)).stdout or result.returncode != 0:
+        assert time.monotonic() < deadline, f"the manual service never answered:\n{result.stdout}"
+        time.sleep(1)
 
 
 def test_rm_releases_the_pod_and_its_address(lab_name: str):
