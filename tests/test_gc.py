@@ -18,9 +18,13 @@ from dataclasses import dataclass
 
 import pytest
 import test_containerd
+import test_lab
 from kubernetes import client
+from netns_lab import probe
 from netns_lab.containerd_networks import install_netagent
 from netns_lab.containerd_node import ContainerdNode
+from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
+from netns_lab.state import Lab
 
 from cni.links import host_veth_name
 from netagent import netns, nodestate
@@ -453,3 +457,28 @@ def test_agent_collects_at_start_and_every_interval_logs_why_and_keeps_totals(no
     assert why in agent.log()
     shown = node.gc("--dry-run")
     assert "released 2 allocations and 2 veths (4 no live pod on this node has its IP)" in shown.stdout
+
+
+# ------------------------------------------------------------------------------ in the lab
+
+lab_name = test_lab.lab_name  # a fixture, shared as it is
+
+
+def test_in_the_lab_a_pod_lost_by_its_runtime_is_collected_and_lab_status_shows_it(lab_name):
+    test_lab.lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    test_lab.lab_cmd(lab_name, "pod", "keep", "--node", "n1")
+    test_lab.lab_cmd(lab_name, "pod", "lost", "--node", "n1")
+    lab = Lab(lab_name)
+    state = lab.load()
+    n1, keep, lost = state.nodes["n1"], state.pods["keep"], state.pods["lost"]
+    client.CoreV1Api(load_api_client(lab.kubeconfig)).delete_namespaced_pod("lost", "default")  # no DEL
+
+    done = netns.run(n1.netns, [sys.executable, "-m", "netagent.cli", "gc", "--grace", "0", "--state-dir",
+                                n1.state_dir, "--kubeconfig", n1.kubeconfig, "--data-dir", n1.ipam_dir],
+                     check=False, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert f"released allocation {lost.ips[0]}" in done.stdout
+    assert probe.tcp_name(n1.netns, keep.ips[0], RESPONDER_PORT) == "keep"
+    status = test_lab.lab_cmd(lab_name, "status").stdout
+    assert "released 1 allocations and 1 veths (2 no live pod on this node has its IP)" in status
