@@ -522,8 +522,9 @@ def test_deleting_a_node_removes_exactly_its_entries_on_the_others(cluster):
     assert reachable(first, cluster.nodes[1])
 
 
-@pytest.mark.parametrize("network", ["vxlan", "routes"])
-def test_a_long_lived_tcp_connection_survives_an_agent_restart_with_no_kernel_change(cluster, network):
+@pytest.mark.parametrize(("network", "stop_signal"), [("vxlan", signal.SIGKILL), ("routes", signal.SIGTERM)])
+def test_a_long_lived_tcp_connection_survives_an_agent_restart_with_no_kernel_change(cluster, network,
+                                                                                     stop_signal):
     agents = start_all(cluster, network)
     client_node, server_node = cluster.nodes[0], cluster.nodes[1]
     wait_for(lambda: reachable(client_node, server_node), 60, "pod<->pod")
@@ -533,7 +534,7 @@ def test_a_long_lived_tcp_connection_survives_an_agent_restart_with_no_kernel_ch
         before = kernel_dump(client_node.ns)
 
         with NetlinkMonitor(client_node.ns) as monitor:
-            agents[0].stop(signal.SIGKILL)
+            agents[0].stop(stop_signal)
             restarted = cluster.agent(client_node, network)
             restarted.wait_ready()
             assert connection.round_trip(b"during")
