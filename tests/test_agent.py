@@ -164,6 +164,17 @@ def test_bad_flags_give_a_clear_error_without_traceback(make_netns, tmp_path):
     assert "is not a network CIDR" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_missing_kubeconfig_is_a_clear_error_and_leaves_no_ready_marker(make_netns, tmp_path):
+    node = make_netns("node")
+    result = netns.run(node, [sys.executable, "-m", "netagent.cli", "run", "--kubeconfig",
+                              str(tmp_path / "nope"), "--state-dir", str(tmp_path / "state")],
+                       check=False, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot load API server config from {tmp_path / 'nope'}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "ready").exists()
+
+
 # ---------------------------------------------------------------- health and metrics endpoints
 
 
