@@ -28,12 +28,12 @@ IPERF_PORT = 5201
 
 
 def iperf(client_netns: str, server_netns: str, server_ip: str, seconds: int, log: str) -> float:
-    """One TCP stream for `seconds`; returns the receiver's bits per second."""
+    """One TCP stream for `seconds` (after 1 s of slow start, omitted); the receiver's bits per second."""
     server_argv = ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]
     server = processes.spawn(netns.exec_argv(server_netns, server_argv), log)
     try:
         for _ in range(50):  # until the server listens
-            argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+            argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J"]
             report = json.loads(netns.run(client_netns, argv, check=False).stdout or "{}")
             if "sum_received" in report.get("end", {}):
                 return report["end"]["sum_received"]["bits_per_second"]
