@@ -47,7 +47,15 @@ def say(message: str) -> None:
 
 @click.group("lab")
 def lab_group() -> None:
-    """A multi-node cluster in network namespaces, with the real agent and CNI plugin."""
+    """A multi-node cluster in network namespaces, with the real agent and CNI plugin.
+
+    \b
+    netagent lab up --nodes 3              underlay + 3 nodes + API server + agents
+    netagent lab pod a --node n1           a pod, wired by the node's CNI plugin
+    netagent lab check                     connectivity matrix
+    netagent lab down                      remove everything
+    Each pod and node runs a responder on port 8080 (TCP: HTTP, UDP: echo) answering its name.
+    """
 
 
 @lab_group.command("up")
