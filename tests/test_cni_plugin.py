@@ -114,6 +114,10 @@ def test_without_subnet_pod_cidr_and_mtu_come_from_the_node_state(exec_node, mak
     assert result["ips"][0]["address"] == "10.88.3.2/24"
     assert json.loads(netns.run(pod, ["ip", "-j", "link", "show", "eth0"]).stdout)[0]["mtu"] == 1450
 
+    os.unlink(state_file)  # the agent's state is gone again: DEL must still clean up
+    assert exec_node.call("DEL", conf, "ctr-a", pod).code == 0
+    assert exec_node.allocations() == {} and exec_node.links() == ["lo", "na0"]
+
 
 def test_del_twice_succeeds_and_leaves_nothing(node, make_netns):
     conf = node.conf([V4])
