@@ -28,6 +28,8 @@ from kubernetes.config.config_exception import ConfigException
 
 log = logging.getLogger("netagent.kube")
 
+LIST_TIMEOUT = 120  # seconds a list may take before it counts as failed (a hung server must not stall us)
+
 # Handler(event_type, new_object, old_object): event_type is ADDED, MODIFIED or DELETED; old_object is
 # None for ADDED; for DELETED new_object is the last state seen.
 Handler = Callable[[str, Any, Any], None]
@@ -197,7 +199,7 @@ class Informer:
         self._stopping.wait(delay)
 
     def _relist(self) -> str:
-        result = self._list_func(**self._list_kwargs)
+        result = self._list_func(_request_timeout=(10, LIST_TIMEOUT), **self._list_kwargs)
         events = self.store._replace(list(result.items))
         self.relists += 1
         self._synced.set()
