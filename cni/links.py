@@ -26,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cni import errors
 from cni.config import IPAddress, IPNetwork
 from cni.errors import CniError
+from netagent.netns import entered
 
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02  # pod and gateway addresses are unique by IPAM: skip IPv6 duplicate detection delay
@@ -91,16 +92,12 @@ class PodNetns:
     ipr: IPRoute
 
     def index(self, name: str) -> int | None:
-        from netagent.netns import entered
-
         with entered(self.path):
             return local_index(name)
 
 
 @contextlib.contextmanager
 def open_pod(netns_path: str) -> Iterator[PodNetns]:
-    from netagent.netns import entered
-
     try:
         ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
