@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from netagent import netns as netns_mod
 from netagent.proxy.model import ServicePort
-from netagent.proxy.ruleset import RuleSet, RuleSetDiff, diff
+from netagent.proxy.ruleset import Keys, RuleSet, RuleSetDiff, diff
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Backend(ABC):
         self.netns = netns
         self._applied: RuleSet | None = None  # None: unknown, read the kernel before the next sync
         self._fragments: dict[ServicePort, Fragment] = {}  # memo: unchanged ports are not re-rendered
+        self._dirty = Keys()  # keys the last render() may have changed
 
     def sync(self, ports: Sequence[ServicePort]) -> RuleSetDiff:
         """Make the kernel match `ports` in one transaction; returns what changed.
@@ -125,8 +126,11 @@ class Backend(ABC):
         again from what the kernel really holds.
         """
         desired = self.render([p for p in ports if p.family == self.family])
-        current = self._applied if self._applied is not None else self.read_kernel()
-        changes = diff(current, desired)
+        if self._applied is None:
+            current, changes = self.read_kernel(), None
+        else:  # only what came from new or vanished ports can differ, plus the fixed chains
+            current, changes = self._applied, self._dirty
+        changes = diff(current, desired, changes)
         if changes:
             try:
                 self.apply(self.transaction(current, desired, changes))
@@ -142,18 +146,28 @@ class Backend(ABC):
         objects: dict[str, str] = {}
         elements: dict[tuple[str, str], str] = {}
         shared: dict[str, list[str]] = {}
-        fragments = {}
+        fragments, touched = {}, []
         for p in ports:
-            fragment = self._fragments.get(p) or self.render_port(p)
+            fragment = self._fragments.get(p)
+            if fragment is None:
+                fragment = self.render_port(p)
+                touched.append(fragment)
             fragments[p] = fragment
             chains.update(fragment.chains)
             objects.update(fragment.objects)
             elements.update(fragment.elements)
             for name, lines in fragment.shared.items():
                 shared.setdefault(name, []).extend(lines)
+        touched += [fragment for p, fragment in self._fragments.items() if p not in fragments]
         self._fragments = fragments
-        chains.update(self.fixed_chains(shared))
-        objects.update(self.fixed_objects())
+        fixed_chains, fixed_objects = self.fixed_chains(shared), self.fixed_objects()
+        chains.update(fixed_chains)
+        objects.update(fixed_objects)
+        self._dirty = Keys(
+            chains=frozenset(fixed_chains).union(*(f.chains for f in touched)),
+            objects=frozenset(fixed_objects).union(*(f.objects for f in touched)),
+            elements=frozenset().union(*(f.elements for f in touched)),
+        )
         return RuleSet(chains=chains, objects=objects, elements=elements)
 
     @abstractmethod

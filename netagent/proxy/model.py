@@ -156,50 +156,66 @@ def build_snapshot(services: Iterable[Any], endpoint_slices: Iterable[Any], node
 
 class SnapshotBuilder:
     """Builds snapshots for one node, reusing a Service's ServicePorts while neither it nor any of its
-    EndpointSlices changed resourceVersion (informer objects carry one; plain dicts without one are
-    always rebuilt). One changed EndpointSlice then costs one service's work, not 10,000."""
+    EndpointSlices changed. Objects are treated as immutable, as informer caches hand them out (a change
+    arrives as a new object), so "unchanged" is an identity check: one changed EndpointSlice costs one
+    service's work, not 10,000."""
 
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
-        self._cache: dict[tuple[str, str], tuple[tuple, list[ServicePort]]] = {}
+        self._slice_owners: dict[int, tuple[Any, tuple[str, str] | None]] = {}  # id -> (slice, service)
+        self._service_keys: dict[int, tuple[Any, tuple[str, str]]] = {}  # id -> (service, key)
+        self._ports: dict[tuple[str, str], tuple[list[Any], list[ServicePort]]] = {}  # key -> (inputs, out)
 
     def build(self, services: Iterable[Any], endpoint_slices: Iterable[Any]) -> Snapshot:
         slices_by_service: dict[tuple[str, str], list[Any]] = {}
+        owners = {}
         for es in endpoint_slices:
-            meta = json_field(es, "metadata")
-            owner = (json_field(meta, "labels") or {}).get(SERVICE_NAME_LABEL)
+            known = self._slice_owners.get(id(es))
+            owner = known[1] if known and known[0] is es else _slice_owner(es)
+            owners[id(es)] = (es, owner)
             if owner:
-                slices_by_service.setdefault((json_field(meta, "namespace") or "default", owner), []).append(
-                    es
-                )
+                slices_by_service.setdefault(owner, []).append(es)
+        self._slice_owners = owners
 
-        cache: dict[tuple[str, str], tuple[tuple, list[ServicePort]]] = {}
+        keys, ports_by_key = {}, {}
         ports: list[ServicePort] = []
         skipped: list[str] = []
         for svc in services:
-            meta = json_field(svc, "metadata")
-            key = (json_field(meta, "namespace") or "default", json_field(meta, "name") or "")
-            slices = slices_by_service.get(key, [])
-            versions = (
-                json_field(meta, "resourceVersion"),
-                *(_path(es, "metadata", "resourceVersion") for es in slices),
-            )
-            cached = self._cache.get(key)
-            if cached and cached[0] == versions and None not in versions:
+            known = self._service_keys.get(id(svc))
+            key = known[1] if known and known[0] is svc else _service_key(svc)
+            keys[id(svc)] = (svc, key)
+            inputs = [svc, *slices_by_service.get(key, [])]
+            cached = self._ports.get(key)
+            if cached and _same_objects(cached[0], inputs):
                 built = cached[1]
             else:
                 try:
-                    built = _service_ports(svc, slices, self.node_name)
+                    built = _service_ports(svc, inputs[1:], self.node_name)
                 except (InvalidService, ValueError, TypeError, KeyError, AttributeError) as err:
                     reason = f"{key[0]}/{key[1]}: {err}"
                     log.warning("skipping malformed Service %s", reason)
                     skipped.append(reason)
                     continue
-            cache[key] = (versions, built)
+            ports_by_key[key] = (inputs, built)
             ports.extend(built)
-        self._cache = cache
+        self._service_keys, self._ports = keys, ports_by_key
         ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.family))
         return Snapshot(ports=tuple(ports), skipped=tuple(skipped))
+
+
+def _same_objects(old: list[Any], new: list[Any]) -> bool:
+    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+
+
+def _service_key(svc: Any) -> tuple[str, str]:
+    meta = json_field(svc, "metadata")
+    return json_field(meta, "namespace") or "default", json_field(meta, "name") or ""
+
+
+def _slice_owner(es: Any) -> tuple[str, str] | None:
+    meta = json_field(es, "metadata")
+    owner = (json_field(meta, "labels") or {}).get(SERVICE_NAME_LABEL)
+    return (json_field(meta, "namespace") or "default", owner) if owner else None
 
 
 def _service_ports(svc: Any, slices: list[Any], node_name: str) -> list[ServicePort]:

@@ -3,6 +3,7 @@ the healthCheckNodePort servers. The controller decides WHEN to sync; this decid
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -74,6 +75,10 @@ class Proxier:
         if self.health:
             self.health.update(snapshot.ports)
         self._last = snapshot
+        # What is alive now (informer caches, snapshot, rendered rules: ~1M objects at 10,000
+        # services) is long-lived; without this every later sync paid a full cyclic-GC scan of it
+        # (measured: 2.7 s, then ~0.13 s per sync). None of it forms reference cycles.
+        gc.freeze()
         return changed
 
     def cleanup(self) -> None:

@@ -42,16 +42,36 @@ class RuleSetDiff:
         return bool(self.chains or self.objects or self.elements)
 
 
-def diff_mappings(old: Mapping[K, object], new: Mapping[K, object]) -> Delta[K]:
-    added = tuple(sorted(k for k in new if k not in old))
-    removed = tuple(sorted(k for k in old if k not in new))
-    changed = tuple(sorted(k for k in new if k in old and (old[k] is None or old[k] != new[k])))
-    return Delta(added=added, changed=changed, removed=removed)
+@dataclass(frozen=True)
+class Keys:
+    """The names a diff needs to look at (the rest is known to be equal)."""
+
+    chains: frozenset[str] = frozenset()
+    objects: frozenset[str] = frozenset()
+    elements: frozenset[tuple[str, str]] = frozenset()
 
 
-def diff(old: RuleSet, new: RuleSet) -> RuleSetDiff:
+def diff_mappings(
+    old: Mapping[K, object], new: Mapping[K, object], keys: frozenset[K] | None = None
+) -> Delta[K]:
+    if keys is None:
+        added = (k for k in new if k not in old)
+        removed = (k for k in old if k not in new)
+        common = (k for k in new if k in old)
+    else:
+        added = (k for k in keys if k in new and k not in old)
+        removed = (k for k in keys if k in old and k not in new)
+        common = (k for k in keys if k in new and k in old)
+    changed = (k for k in common if old[k] is None or old[k] != new[k])
+    return Delta(added=tuple(sorted(added)), changed=tuple(sorted(changed)), removed=tuple(sorted(removed)))
+
+
+def diff(old: RuleSet, new: RuleSet, only: Keys | None = None) -> RuleSetDiff:
+    """What turns `old` into `new`; with `only`, just those keys are compared (all others are equal)."""
     return RuleSetDiff(
-        chains=diff_mappings(old.chains, new.chains),
-        objects=diff_mappings(dict.fromkeys(old.objects, ""), dict.fromkeys(new.objects, "")),
-        elements=diff_mappings(old.elements, new.elements),
+        chains=diff_mappings(old.chains, new.chains, only and only.chains),
+        objects=diff_mappings(
+            dict.fromkeys(old.objects, ""), dict.fromkeys(new.objects, ""), only and only.objects
+        ),
+        elements=diff_mappings(old.elements, new.elements, only and only.elements),
     )
