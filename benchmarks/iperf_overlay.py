@@ -7,7 +7,8 @@ noisy neighbour on this shared machine hits both sides alike.
 
     .venv/bin/python benchmarks/iperf_overlay.py [--modes vxlan,routes] [--seconds 5] [--rounds 3]
 
-Targets (issue 3): vxlan >= 0.85 of the baseline, routes >= 0.95.
+Targets (issue 3): vxlan >= 0.85 of the baseline, routes >= 0.95. The verdict uses the ratio of the
+medians; the ratio of the best runs is printed too, as the shared machine's load moves both a lot.
 """
 
 from __future__ import annotations
@@ -73,15 +74,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'mode':<8} {'underlay Gbit/s':>16} {'pod->pod Gbit/s':>16} {'ratio':>7} {'target':>7}")
+    print(f"{'mode':<8} {'underlay Gbit/s':>16} {'pod->pod Gbit/s':>16} {'ratio':>7} {'best/best':>10} "
+          f"{'target':>7}")
     for mode in args.modes.split(","):
         underlay, pod_path = measure(mode, args.seconds, args.rounds)
         base, pod = statistics.median(underlay), statistics.median(pod_path)
         ratio = pod / base
+        best_ratio = max(pod_path) / max(underlay)  # less sensitive to neighbours stealing CPU
         verdict = "ok" if ratio >= TARGETS[mode] else "BELOW"
-        print(f"{mode:<8} {base / 1e9:>16.2f} {pod / 1e9:>16.2f} {ratio:>7.2f} {TARGETS[mode]:>7.2f} "
-              f"{verdict}   (medians of {args.rounds} x {args.seconds}s)")
-
+        print(f"{mode:<8} {base / 1e9:>16.2f} {pod / 1e9:>16.2f} {ratio:>7.2f} {best_ratio:>10.2f} "
+              f"{TARGETS[mode]:>7.2f} {verdict}   (medians of {args.rounds} x {args.seconds}s)")
 
 if __name__ == "__main__":
     main()
