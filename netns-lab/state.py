@@ -110,10 +110,13 @@ class LabState:
     @classmethod
     def from_json(cls, text: str) -> LabState:
         data = json.loads(text)
-        nodes = {k: NodeInfo(**{**v, "agent": _proc(v["agent"]), "responder": _proc(v["responder"])})
-                 for k, v in data.pop("nodes").items()}
-        pods = {k: PodInfo(**{**v, "server": _proc(v["server"])}) for k, v in data.pop("pods").items()}
-        return cls(**{**data, "apiserver": _proc(data.pop("apiserver"))}, nodes=nodes, pods=pods)
+        data["apiserver"] = _proc(data["apiserver"])
+        data["nodes"] = {name: NodeInfo(**{**node, "agent": _proc(node["agent"]),
+                                            "responder": _proc(node["responder"])})
+                         for name, node in data["nodes"].items()}
+        data["pods"] = {name: PodInfo(**{**pod, "server": _proc(pod["server"])})
+                        for name, pod in data["pods"].items()}
+        return cls(**data)
 
 
 def _proc(data: dict | None) -> ProcRef | None:
