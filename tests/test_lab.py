@@ -14,8 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 from netns_lab import cluster, probe, processes
+from netns_lab.pods import parse_labels
+from netns_lab.processes import ProcRef
 from netns_lab.responder import DEFAULT_PORT
-from netns_lab.state import Lab, LabError
+from netns_lab.state import Lab, LabError, LabState, NodeInfo, PodInfo
 
 from netagent import netns
 
@@ -174,3 +176,19 @@ def test_a_lab_owns_only_its_own_namespaces():
     lab = Lab("demo")
     assert all(lab.owns_netns(n) for n in ("demo-ul", "demo-n1", "demo-n12", "demo-p-web-1"))
     assert not any(lab.owns_netns(n) for n in ("demo2-ul", "demox-n1", "demo-other", "demo-nx", "ddemo-ul"))
+
+
+def test_lab_state_reads_back_exactly_what_was_written():
+    state = LabState("demo", "vxlan", "iptables", phase="ready", apiserver=ProcRef(10, 99),
+                     nodes={"n1": NodeInfo("n1", "demo-n1", "172.18.0.11", "10.244.1.0/24", "/x/n1",
+                                           agent=ProcRef(11, 100))},
+                     pods={"a": PodInfo("a", "n1", "demo-p-a", "c0ffee", ["10.244.1.2"], {"app": "web"},
+                                        {"cniVersion": "1.0.0"}, server=ProcRef(12, 101))})
+    assert LabState.from_json(state.to_json()) == state
+
+
+def test_pod_labels_are_parsed_from_k_v_lists_and_malformed_ones_rejected():
+    assert parse_labels("app=web, tier=front,") == {"app": "web", "tier": "front"}
+    for bad in ("app", "=web", "app=web,oops"):
+        with pytest.raises(LabError):
+            parse_labels(bad)
