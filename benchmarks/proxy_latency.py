@@ -1,14 +1,16 @@
 """First-packet latency through the service proxy: TCP connect time from a pod to a ClusterIP with
-0, 1,000 and 10,000 other services programmed, per backend, as a ratio to connecting straight to the
-pod IP in the same run.
+0, 1,000 and 10,000 other services programmed, per backend, as a ratio to the same connect on an
+identical node without any proxy rules (the reference), measured interleaved in the same run.
 
     .venv/bin/python benchmarks/proxy_latency.py [--counts 0,1000,10000] [--connects 300]
         [--backends nftables,iptables-legacy,iptables]
 
-A node netns with a bridge and two pod netns: "client" and "server" (accepts and closes). Every
-connect is a new connection, so its SYN walks the NAT rules (conntrack only remembers established
-flows). The measured service sorts last, the worst place for iptables' linear NA-SERVICES scan; the
-other services have one endpoint each (their count, not their endpoints, is what a lookup walks).
+Each node is a netns with a bridge and two pod netns: "client" and "server" (accepts and closes).
+Every connect is a new connection, so its SYN walks the NAT rules (conntrack only remembers
+established flows). With br_netfilter on, even pod-to-pod traffic on the proxied node walks them,
+so that is reported too ("pod IP" column). The measured service sorts last, the worst place for
+iptables' linear NA-SERVICES scan; the other services have one endpoint each (their count, not their
+endpoints, is what a lookup walks).
 Medians of --connects connects; everything lives in netns nb<hex>-*, removed at the end.
 """
 
@@ -80,8 +82,12 @@ def connect_times(client_ns: str, ip: str, port: int, count: int) -> list[float]
     return times
 
 
+NODE_PARTS = ("node", "cli", "srv")
+
+
 def build_node(prefix: str) -> tuple[str, str, subprocess.Popen]:
-    node, client, server = f"{prefix}-node", f"{prefix}-cli", f"{prefix}-srv"
+    """(node netns, client netns, server process); netns named <prefix>-{node,cli,srv}."""
+    node, client, server = (f"{prefix}-{part}" for part in NODE_PARTS)
     for name in (node, client, server):
         netns.create(name)
     netns.run(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
@@ -117,27 +123,38 @@ def main() -> None:
     print(
         f"proxy_latency: median TCP connect, {args.connects} connects each, {time.strftime('%Y-%m-%d %H:%M')}"
     )
-    print(f"  {'backend':16} {'services':>8} {'pod IP':>9} {'ClusterIP':>10} {'ratio':>6}")
-    for kind in args.backends.split(","):
-        prefix = f"nb{secrets.token_hex(3)}"
-        node, client, acceptor = build_node(prefix)
-        try:
+    print(f"  {'backend':16} {'services':>8} {'reference':>10} {'pod IP':>9} {'ClusterIP':>10} {'ratio':>6}")
+    prefixes = [f"nb{secrets.token_hex(3)}"]
+    processes = []
+    try:
+        _, ref_client, acceptor = build_node(prefixes[0])
+        processes.append(acceptor)
+        for kind in args.backends.split(","):
+            prefixes.append(f"nb{secrets.token_hex(3)}")
+            node, client, acceptor = build_node(prefixes[-1])
+            processes.append(acceptor)
             proxier = Proxier(kind, NodeContext(NODE, ("10.244.0.0/16",)), families=(4,), netns=node)
             builder = SnapshotBuilder(NODE)
             for count in counts:
                 proxier.sync(builder.build(*objects(count)))
                 connect_times(client, TARGET_VIP, 80, 20)  # warm up (ARP, caches)
-                direct, via_vip = [], []
-                for _ in range(args.connects // 10):  # interleaved, so machine noise hits both alike
+                reference, direct, via_vip = [], [], []
+                for _ in range(args.connects // 10):  # interleaved, so machine noise hits all alike
+                    reference += connect_times(ref_client, SERVER_IP, PORT, 10)
                     direct += connect_times(client, SERVER_IP, PORT, 10)
                     via_vip += connect_times(client, TARGET_VIP, 80, 10)
-                pod_us, vip_us = statistics.median(direct) * 1e6, statistics.median(via_vip) * 1e6
-                print(f"  {kind:16} {count:8d} {pod_us:7.0f}us {vip_us:8.0f}us {vip_us / pod_us:6.2f}")
-        finally:
-            acceptor.kill()
-            acceptor.wait()
-            for suffix in ("node", "cli", "srv"):
-                netns.delete(f"{prefix}-{suffix}")
+                ref_us, pod_us, vip_us = (statistics.median(t) * 1e6 for t in (reference, direct, via_vip))
+                print(
+                    f"  {kind:16} {count:8d} {ref_us:8.0f}us {pod_us:7.0f}us {vip_us:8.0f}us "
+                    f"{vip_us / ref_us:6.2f}"
+                )
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        for prefix in prefixes:
+            for part in NODE_PARTS:
+                netns.delete(f"{prefix}-{part}")
 
 
 if __name__ == "__main__":
