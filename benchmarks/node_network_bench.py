@@ -1,6 +1,6 @@
 """Node networking throughput and sync cost, as ratios against references measured in the same run.
 
-    .venv/bin/python benchmarks/node_network_bench.py [--seconds 3] [--rounds 3] [--peers 1000]
+    .venv/bin/python benchmarks/node_network_bench.py [--seconds 3] [--rounds 5] [--peers 1000]
 
 Builds two node netns on an underlay bridge netns, a pod netns behind each node's bridge, and programs
 them with netagent's own reconcilers (the code `netagent run` runs). Then:
@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import ipaddress
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -179,7 +180,7 @@ def control_plane(bed: Testbed, peers: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration per run")
-    parser.add_argument("--rounds", type=int, default=3, help="paired baseline/pod runs per mode")
+    parser.add_argument("--rounds", type=int, default=5, help="paired baseline/pod runs per mode")
     parser.add_argument("--peers", type=int, default=1000, help="synthetic nodes for the sync cost")
     args = parser.parse_args()
     bed = Testbed(f"nb{secrets.token_hex(3)}")
@@ -188,6 +189,8 @@ def main() -> int:
         results["control_plane"] = control_plane(bed, args.peers)
     finally:
         bed.close()
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"({os.cpu_count()} CPUs); medians of {args.rounds} paired rounds")
     print(f"{'mode':8} {'underlay Gbit/s':>16} {'pod->pod Gbit/s':>16} {'ratio':>7} target")
     for mode, target in (("vxlan", 0.85), ("routes", 0.95)):
         r = results[mode]
