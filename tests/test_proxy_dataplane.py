@@ -33,27 +33,34 @@ CLUSTER_CIDR = "10.244.0.0/16"
 GATEWAY, NODE_IP, CLIENT_IP = "10.244.0.1", "192.168.50.2", "192.168.50.10"
 PODS = {"p0": "10.244.0.10", "p1": "10.244.0.11", "p2": "10.244.0.12"}
 VIP, EXTERNAL_IP, LB_IP = "10.96.0.10", "192.168.60.5", "192.168.70.5"
+# the IPv6 half of the same node, for dual-stack services
+CLUSTER_CIDR6, GATEWAY6, NODE_IP6, CLIENT_IP6 = "fd00:244::/48", "fd00:244::1", "fd00:50::2", "fd00:50::10"
+PODS6 = {"p0": "fd00:244::10", "p1": "fd00:244::11", "p2": "fd00:244::12"}
+VIP6 = "fd00:96::10"
 TCP_PORTS, UDP_PORT = (8080, 8081), 5353
 
 # Each pod runs this: TCP greets "<pod> <peer ip> <local port>" then echoes lines; UDP answers likewise.
 SERVER = r"""
 import socket, socketserver, sys, threading
 name = sys.argv[1]
+def peer(address):  # dual-stack sockets show IPv4 peers as ::ffff:a.b.c.d
+    return address[0].removeprefix("::ffff:")
 class TCP(socketserver.StreamRequestHandler):
     def handle(self):
-        self.wfile.write(f"{name} {self.client_address[0]} {self.server.server_address[1]}\n".encode())
+        self.wfile.write(f"{name} {peer(self.client_address)} {self.server.server_address[1]}\n".encode())
         for line in self.rfile:
             self.wfile.write(line)
 class Server(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
     allow_reuse_address = True
     daemon_threads = True
 for port in (8080, 8081):
-    threading.Thread(target=Server(("", port), TCP).serve_forever, daemon=True).start()
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind(("", 5353))
+    threading.Thread(target=Server(("::", port), TCP).serve_forever, daemon=True).start()
+udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+udp.bind(("::", 5353))
 while True:
-    data, peer = udp.recvfrom(2048)
-    udp.sendto(f"{name} {peer[0]} 5353".encode(), peer)
+    data, address = udp.recvfrom(2048)
+    udp.sendto(f"{name} {peer(address)} 5353".encode(), address)
 """
 
 
@@ -75,7 +82,7 @@ def tcp_ask(ns: str, ip: str, port: int, timeout: float = 5.0) -> Answer:
 
 def udp_ask(ns: str, ip: str, port: int, source_port: int, timeout: float = 2.0) -> Answer:
     with netns.entered(netns.path(ns)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("", source_port))
@@ -123,9 +130,11 @@ def service(
     return body
 
 
-def endpoint(pod: str, node: str = NODE, ready: bool = True, terminating: bool = False) -> dict:
+def endpoint(
+    pod: str, node: str = NODE, ready: bool = True, terminating: bool = False, family: int = 4
+) -> dict:
     return {
-        "addresses": [PODS[pod]],
+        "addresses": [(PODS if family == 4 else PODS6)[pod]],
         "nodeName": node,
         "conditions": {"ready": ready, "serving": True, "terminating": terminating},
     }
@@ -138,6 +147,7 @@ def endpoint_slice(
     port_name: str = "http",
     protocol: str = "TCP",
     name: str = "",
+    family: int = 4,
 ) -> dict:
     return {
         "metadata": {
@@ -145,7 +155,7 @@ def endpoint_slice(
             "name": name or f"{svc}-{port}",
             "labels": {"kubernetes.io/service-name": svc},
         },
-        "addressType": "IPv4",
+        "addressType": f"IPv{family}",
         "ports": [{"name": port_name, "port": port, "protocol": protocol}],
         "endpoints": endpoints,
     }
@@ -175,18 +185,24 @@ def _ip(ns: str, *args: str) -> None:
 @pytest.fixture(params=["iptables", "iptables-legacy", "nftables"], name="node")
 def node_fixture(request: pytest.FixtureRequest, make_netns: Callable[[str], str]) -> Iterator[Node]:
     node_ns, client_ns = make_netns("node"), make_netns("client")
-    netns.run(node_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    netns.run(node_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
     _ip(node_ns, "link", "add", "br0", "type", "bridge")
     _ip(node_ns, "addr", "add", f"{GATEWAY}/24", "dev", "br0")
+    _ip(node_ns, "addr", "add", f"{GATEWAY6}/64", "dev", "br0", "nodad")
     _ip(node_ns, "link", "set", "br0", "up")
     _ip(node_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", client_ns)
     _ip(node_ns, "addr", "add", f"{NODE_IP}/24", "dev", "eth0")
+    _ip(node_ns, "addr", "add", f"{NODE_IP6}/64", "dev", "eth0", "nodad")
     _ip(node_ns, "link", "set", "eth0", "up")
     _ip(node_ns, "route", "add", "default", "via", CLIENT_IP)  # a real node has a way out
+    _ip(node_ns, "-6", "route", "add", "default", "via", CLIENT_IP6)
     _ip(client_ns, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
+    _ip(client_ns, "addr", "add", f"{CLIENT_IP6}/64", "dev", "eth0", "nodad")
     _ip(client_ns, "link", "set", "eth0", "up")
     for net in ("10.96.0.0/16", "192.168.60.0/24", "192.168.70.0/24", "10.244.0.0/16"):
         _ip(client_ns, "route", "add", net, "via", NODE_IP)
+    for net in ("fd00:96::/64", "fd00:244::/64"):
+        _ip(client_ns, "-6", "route", "add", net, "via", NODE_IP6)
     pods, servers = {}, []
     for pod, ip in PODS.items():
         pod_ns = make_netns(pod)
@@ -194,13 +210,15 @@ def node_fixture(request: pytest.FixtureRequest, make_netns: Callable[[str], str
         _ip(node_ns, "link", "set", f"v{pod}", "master", "br0", "up")
         netns.run(node_ns, ["bridge", "link", "set", "dev", f"v{pod}", "hairpin", "on"])  # as our CNI does
         _ip(pod_ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        _ip(pod_ns, "addr", "add", f"{PODS6[pod]}/64", "dev", "eth0", "nodad")
         _ip(pod_ns, "link", "set", "eth0", "up")
         _ip(pod_ns, "route", "add", "default", "via", GATEWAY)
+        _ip(pod_ns, "-6", "route", "add", "default", "via", GATEWAY6)
         servers.append(subprocess.Popen(netns.exec_argv(pod_ns, [sys.executable, "-c", SERVER, pod])))
         pods[pod] = pod_ns
     health = HealthCheckServers(netns_path=netns.path(node_ns))
     proxier = Proxier(
-        request.param, NodeContext(NODE, (CLUSTER_CIDR,)), families=(4,), netns=node_ns, health=health
+        request.param, NodeContext(NODE, (CLUSTER_CIDR, CLUSTER_CIDR6)), netns=node_ns, health=health
     )
     try:
         for ip in PODS.values():
@@ -381,6 +399,23 @@ def test_restart_resyncs_without_flushing_and_keeps_open_connections(node: Node,
         f.flush()
         assert f.readline() == "still here\n"
     assert failures == []
+
+
+def test_dual_stack_service_answers_on_both_families(node: Node) -> None:
+    dual = service(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"])
+    node.program(
+        [dual],
+        [
+            endpoint_slice("web", [endpoint("p0")]),
+            endpoint_slice("web", [endpoint("p1", family=6)], family=6, name="web-v6"),
+        ],
+    )
+    assert tcp_ask(node.client, VIP, 80).pod == "p0"
+    from_outside = tcp_ask(node.client, VIP6, 80)
+    assert (from_outside.pod, from_outside.peer) == ("p1", GATEWAY6)  # masqueraded like IPv4
+    from_pod = tcp_ask(node.pods["p2"], VIP6, 80)
+    assert (from_pod.pod, from_pod.peer) == ("p1", PODS6["p2"])
+    assert all(row.in_sync for row in compare(node.proxier.backends, node.snapshot))
 
 
 def test_malformed_service_is_skipped_while_others_keep_working(node: Node) -> None:
