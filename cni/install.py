@@ -8,6 +8,7 @@ scanning the directories concurrently never sees a half-written plugin or config
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 
 import click
 
+from cni.config import valid_ifname
 from netagent.files import atomic_write
 
 PLUGIN_NAME = "netagent"
@@ -109,7 +111,12 @@ def _c_string(text: str) -> str:
 @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True, help="Not masqueraded.")
 @click.option("--bridge", default="na0", show_default=True)
 @click.option("--mtu", type=click.IntRange(576, 65535), default=None, help="Default: from the node state.")
-@click.option("--fallback", default=None, help="Python plugin run when the agent is down.")
+@click.option(
+    "--fallback",
+    default=None,
+    help="Python plugin the shim runs when the agent is down; must exist on the node's filesystem "
+    "[default: netagent-cni beside this Python].",
+)
 def install_cni_cmd(
     bin_dir: str,
     conf_dir: str,
@@ -121,6 +128,13 @@ def install_cni_cmd(
     fallback: str | None,
 ) -> None:
     """Install the CNI plugin executable and 10-netagent.conflist."""
+    for cidr in cluster_cidr.split(","):
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            raise click.BadParameter(f"{cidr!r} is not a CIDR", param_hint="--cluster-cidr") from None
+    if not valid_ifname(bridge):
+        raise click.BadParameter(f"{bridge!r} is not a valid interface name", param_hint="--bridge")
     fallback = fallback or default_fallback()
     if not os.access(fallback, os.X_OK):
         raise click.ClickException(f"fallback plugin {fallback} is not executable (is netagent installed?)")

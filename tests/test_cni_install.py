@@ -9,6 +9,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
+import pytest
 from click.testing import CliRunner
 from test_cni_support import CniNode, ping, tcp_reaches, wait_for
 
@@ -89,3 +90,11 @@ def test_installed_plugin_with_the_standalone_agent_serves_pods(make_netns, tmp_
     # the agent is gone: the same executable now runs the Python fallback, and state is intact
     assert node.call("DEL", conf, "ctr-b", pod_b).code == 0
     assert node.allocations("netagent") == {}
+
+
+@pytest.mark.parametrize("bad", [["--cluster-cidr", "10.0.0.0/33"], ["--bridge", "a/bridge"]])
+def test_install_refuses_bad_options_and_writes_nothing(tmp_path, bad):
+    args = ["--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(tmp_path / "conf"), *bad]
+    outcome = CliRunner().invoke(install_cni_cmd, args)
+    assert outcome.exit_code == 2 and "Invalid value" in outcome.output
+    assert not (tmp_path / "bin").exists() and not (tmp_path / "conf").exists()
