@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cni.install import build_shim
@@ -50,7 +50,6 @@ class CniNode:
     name: str
     data_dir: str
     plugin: list[str]
-    pods: dict[str, str] = field(default_factory=dict)
 
     def conf(self, subnets: list[str] | None = None, version: str = "1.1.0", **extra: Any) -> dict[str, Any]:
         ipam: dict[str, Any] = {"dataDir": self.data_dir}
