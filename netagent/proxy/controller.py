@@ -42,10 +42,6 @@ CONTROLLER = "proxy"
 DESIRED_FILE = "proxy-desired.json"
 
 
-class CachesNotListedError(RuntimeError):
-    """Services or EndpointSlices have not been listed yet; syncing now would drop every rule."""
-
-
 def desired_path(state_dir: str) -> str:
     return os.path.join(state_dir, DESIRED_FILE)
 
@@ -86,6 +82,7 @@ class ProxyController:
         self._loop = SyncLoop(CONTROLLER, self.sync, min_interval=min_sync_period, max_interval=resync_period)
         self._written: Snapshot | None = None
         self._builder = SnapshotBuilder(node_name)
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         if self.tracker:
@@ -94,15 +91,24 @@ class ProxyController:
             informer.add_handler(self._on_event)
             informer.start()
         self._loop.start()
-        self._loop.request()
+        threading.Thread(target=self._sync_once_listed, name="proxy-first-list", daemon=True).start()
 
     def stop(self) -> None:
         """Stops watching; the kernel rules stay, so traffic keeps flowing across a restart."""
+        self._stopping.set()
         self._loop.stop()
         for informer in (self.services, self.slices):
             informer.stop()
         if self.proxier.health:
             self.proxier.health.stop()
+
+    def _sync_once_listed(self) -> None:
+        """Request the first sync when both caches are listed (even empty ones bring no events)."""
+        for informer in (self.services, self.slices):
+            while not informer.wait_for_sync(timeout=1.0):
+                if self._stopping.is_set():
+                    return
+        self._loop.request()
 
     def _on_event(self, event_type: str, obj: Any, old: Any) -> None:
         if self.tracker:
@@ -111,9 +117,9 @@ class ProxyController:
 
     def sync(self) -> None:
         started = time.monotonic()
-        for informer in (self.services, self.slices):
-            if not informer.synced:  # SyncLoop retries with backoff; the first list also requests a sync
-                raise CachesNotListedError(f"{informer.kind} not listed yet")
+        if not (self.services.synced and self.slices.synced):
+            log.debug("proxy sync deferred: caches not listed yet (_sync_once_listed requests it)")
+            return
         snapshot = self._builder.build(self.services.store.list(), self.slices.store.list())
         try:
             changed = self.proxier.sync(snapshot)
