@@ -130,8 +130,8 @@ def test_down_after_an_up_killed_half_way_leaves_nothing(lab_name: str):
     up = subprocess.Popen([*NETAGENT, "lab", "up", "--name", lab_name, "--nodes", "3"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    # Kill it once the API server runs and nodes exist, while agents are still coming up.
-    while not (os.path.exists(lab.api_ready) and netns.exists(lab.node_netns("n3"))):
+    # Kill it once every agent was started, while they are still coming up.
+    while not os.path.exists(os.path.join(lab.node_dir("n3"), "agent.log")):
         assert up.poll() is None, "lab up ended before it could be killed"
         assert time.monotonic() < deadline, "lab up made no progress"
         time.sleep(0.05)
