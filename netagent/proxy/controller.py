@@ -63,8 +63,6 @@ class ProxyController:
     ) -> None:
         self.node = NodeContext(node_name, tuple(cluster_cidrs))
         self.backend = backend
-        self.families = families
-        self.state_dir = state_dir
         self.tracker = tracker  # netagent.health.SyncTracker, optional
         self.ready = threading.Event()
         health = HealthCheckServers(netns_path=netns_mod.path(netns) if netns else None)
@@ -80,7 +78,13 @@ class ProxyController:
             resync_period=resync_period,
         )
         self._loop = SyncLoop(CONTROLLER, self.sync, min_interval=min_sync_period, max_interval=resync_period)
-        self._written: Snapshot | None = None
+        header = {
+            "backend": backend,
+            "node_name": node_name,
+            "cluster_cidrs": list(cluster_cidrs),
+            "families": list(families),
+        }
+        self._writer = DesiredStateWriter(desired_path(state_dir), header)
         self._builder = SnapshotBuilder(node_name)
         self._stopping = threading.Event()
 
@@ -101,6 +105,7 @@ class ProxyController:
             informer.stop()
         if self.proxier.health:
             self.proxier.health.stop()
+        self._writer.stop()
 
     def _sync_once_listed(self) -> None:
         """Request the first sync when both caches are listed (even empty ones bring no events)."""
@@ -127,8 +132,7 @@ class ProxyController:
             if self.tracker:
                 self.tracker.failed(CONTROLLER)
             raise
-        if snapshot != self._written:
-            self._write_desired(snapshot)
+        self._writer.publish(snapshot)
         duration = time.monotonic() - started
         if self.tracker:
             self.tracker.synced(CONTROLLER, duration)
@@ -141,13 +145,49 @@ class ProxyController:
             )
         self.ready.set()
 
-    def _write_desired(self, snapshot: Snapshot) -> None:
-        document = {
-            "backend": self.backend,
-            "node_name": self.node.node_name,
-            "cluster_cidrs": list(self.node.cluster_cidrs),
-            "families": list(self.families),
-            "snapshot": snapshot.to_dict(),
-        }
-        atomic_write(desired_path(self.state_dir), json.dumps(document, indent=1, sort_keys=True) + "\n")
-        self._written = snapshot
+
+class DesiredStateWriter:
+    """Writes the last applied snapshot to STATE/proxy-desired.json for `netagent proxy show`, off the
+    sync path (10,000 services are megabytes of JSON and seconds of CPU): a background thread writes
+    the newest snapshot, skipping any that were superseded meanwhile."""
+
+    def __init__(self, path: str, header: dict) -> None:
+        self.path = path
+        self.header = header
+        self._lock = threading.Lock()
+        self._pending: Snapshot | None = None
+        self._written: Snapshot | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="proxy-desired-writer", daemon=True)
+        self._thread.start()
+
+    def publish(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._pending = snapshot
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Writes what is pending, then ends the thread."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            self._write_pending()
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        with self._lock:
+            snapshot, self._pending = self._pending, None
+        if snapshot is None or snapshot == self._written:
+            return
+        document = {**self.header, "snapshot": snapshot.to_dict()}
+        try:
+            atomic_write(self.path, json.dumps(document, separators=(",", ":")) + "\n")
+            self._written = snapshot
+        except OSError as err:
+            log.warning("cannot write %s for `netagent proxy show`: %s", self.path, err)

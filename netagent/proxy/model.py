@@ -106,7 +106,9 @@ class Snapshot:
         return tuple(p for p in self.ports if p.family == family)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-ready; endpoints as [ip, port, node, ready, serving, terminating] rows (10,000
+        services would otherwise be ~35 MB and seconds of dataclasses.asdict)."""
+        return {"ports": [_port_dict(p) for p in self.ports], "skipped": list(self.skipped)}
 
     @classmethod
     def from_dict(cls, data: dict) -> Snapshot:
@@ -114,9 +116,19 @@ class Snapshot:
         for raw in data["ports"]:
             raw = dict(raw, external_ips=tuple(raw["external_ips"]))
             for key in ("cluster_endpoints", "external_endpoints"):
-                raw[key] = tuple(Endpoint(**e) for e in raw[key])
+                raw[key] = tuple(Endpoint(*row) for row in raw[key])
             ports.append(ServicePort(**raw))
         return cls(ports=tuple(ports), skipped=tuple(data.get("skipped", ())))
+
+
+_ENDPOINT_FIELDS = tuple(f.name for f in dataclasses.fields(Endpoint))
+
+
+def _port_dict(p: ServicePort) -> dict:
+    data = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    for key in ("cluster_endpoints", "external_endpoints"):
+        data[key] = [[getattr(e, name) for name in _ENDPOINT_FIELDS] for e in data[key]]
+    return data
 
 
 def short_hash(text: str) -> str:
