@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 
 from netagent import netns
-from netagent.proxy.backend import NodeContext
+from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.model import build_snapshot
 from netagent.proxy.proxier import Proxier, compare
@@ -416,6 +416,26 @@ def test_dual_stack_service_answers_on_both_families(node: Node) -> None:
     from_pod = tcp_ask(node.pods["p2"], VIP6, 80)
     assert (from_pod.pod, from_pod.peer) == ("p1", PODS6["p2"])
     assert all(row.in_sync for row in compare(node.proxier.backends, node.snapshot))
+
+
+def test_a_refused_transaction_changes_nothing_and_the_next_sync_retries_it(node: Node) -> None:
+    node.program([service()], [endpoint_slice("web", [endpoint("p0")])])
+    backend = node.proxier.backends[0]
+    real_transaction = backend.transaction
+
+    def refused(current, desired, changes) -> str:  # the kernel must reject the whole transaction
+        text = real_transaction(current, desired, changes)
+        if backend.kind == "nftables":
+            return text + "add rule ip netagent no-such-chain accept\n"
+        return text.replace("COMMIT", "-A NA-NO-SUCH-CHAIN -j ACCEPT\nCOMMIT", 1)
+
+    backend.transaction = refused
+    with pytest.raises(SyncError):
+        node.program([service()], [endpoint_slice("web", [endpoint("p1")])])
+    assert node.pods_reached(node.client, VIP, 80, tries=10) == {"p0"}  # old rules intact
+    backend.transaction = real_transaction
+    node.program([service()], [endpoint_slice("web", [endpoint("p1")])])
+    assert node.pods_reached(node.client, VIP, 80, tries=10) == {"p1"}
 
 
 def test_malformed_service_is_skipped_while_others_keep_working(node: Node) -> None:

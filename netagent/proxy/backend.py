@@ -134,8 +134,8 @@ class Backend(ABC):
         if changes:
             try:
                 self.apply(self.transaction(current, desired, changes))
-            except SyncError:
-                self._applied = None
+            except BaseException:
+                self._applied = None  # the memo already moved on: the retry must compare with the kernel
                 raise
         self._applied = desired
         return changes
@@ -205,7 +205,10 @@ class Backend(ABC):
     def run(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
         """Run a kernel tool here or in self.netns; a failure becomes SyncError with its stderr."""
         full = netns_mod.exec_argv(self.netns, argv) if self.netns else list(argv)
-        proc = subprocess.run(full, input=stdin, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(full, input=stdin, capture_output=True, text=True)
+        except OSError as err:  # e.g. the tool is not installed
+            raise SyncError(f"cannot run {argv[0]}: {err}") from None
         if check and proc.returncode != 0:
             raise SyncError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
         return proc.stdout
