@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from kubernetes import client
 from test_agent import (
     API_ADDRESS,
     NODE_IPS,
+    AgentProcess,
     Cluster,
     LongLivedConnection,
     all_pairs_reachable,
@@ -164,6 +166,14 @@ class AgentFaultFigures:
     changes_on_a_further_restart: list[str] = field(default_factory=list)  # netlink, once converged
 
 
+def kill_agent(agent: AgentProcess) -> None:
+    """SIGKILL an agent and remove the ready marker it leaves behind, which would otherwise pass for
+    its successor's before that one has synced anything."""
+    agent.stop(signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(agent.ready_path)
+
+
 def survives(connection: LongLivedConnection, payload: bytes) -> bool:
     try:
         return connection.round_trip(payload)
@@ -187,7 +197,7 @@ def agent_kill_rounds(cluster: Cluster, kills: int, rng: random.Random) -> Agent
             else:
                 cluster.core.delete_node(third.name)
             time.sleep(rng.uniform(0, 0.3))
-            agent.stop(signal.SIGKILL)
+            kill_agent(agent)
             figures.kills += 1
             if not figures.connections_dropped and not survives(connection, b"agent dead"):
                 figures.connections_dropped = 1
@@ -198,7 +208,7 @@ def agent_kill_rounds(cluster: Cluster, kills: int, rng: random.Random) -> Agent
 
         wait_for(lambda: all_pairs_reachable(cluster), 60, "convergence after the last restart")
         with NetlinkMonitor(first.ns) as monitor:
-            agent.stop(signal.SIGKILL)
+            kill_agent(agent)
             cluster.agent(first, "vxlan").wait_ready()
         figures.changes_on_a_further_restart = monitor.lines
         if not figures.connections_dropped and not survives(connection, b"after"):
@@ -214,6 +224,98 @@ def test_agent_killed_in_the_middle_of_syncs_converges_on_restart_and_a_connecti
     assert figures.kills == 6
     assert figures.connections_dropped == 0
     assert figures.changes_on_a_further_restart == []
+
+
+class ServiceConnection:
+    """One TCP connection from a pod on one node through a ClusterIP to a pod on another."""
+
+    def __init__(self, client_node, server_node, cluster_ip: str, service_port: int, pod_port: int) -> None:
+        with netns.entered(netns.path(server_node.pod_ns)):
+            self.listener = socket.create_server((server_node.pod_ip, pod_port))
+        self.listener.settimeout(30)
+        with netns.entered(netns.path(client_node.pod_ns)):
+            self.client = socket.create_connection((cluster_ip, service_port), timeout=30)
+        self.server, _ = self.listener.accept()
+        self.server.settimeout(30)
+
+    def survives(self, payload: bytes) -> bool:
+        try:
+            self.client.sendall(payload)
+            self.server.sendall(self.server.recv(100))
+            return self.client.recv(100) == payload
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        for sock in (self.client, self.server, self.listener):
+            sock.close()
+
+
+def proxy_agent(cluster: Cluster, node) -> AgentProcess:
+    """The node's agent with the iptables service proxy, as test_agent's Cluster.agent starts it otherwise."""
+    agent = AgentProcess(node.ns, str(cluster.tmp_path / node.name), "--node-name", node.name,
+                         "--kubeconfig", cluster.node_kubeconfig, "--network", "vxlan", "--proxy", "iptables",
+                         "--min-sync-period", "0.2", "--healthz-bind", "", "--metrics-bind", "")
+    cluster.agents.append(agent)
+    return agent.start()
+
+
+def proxy_in_sync(node, agent: AgentProcess) -> bool:
+    shown = netns.run(node.ns, [sys.executable, "-m", "netagent.cli", "proxy", "show", "--state-dir",
+                                agent.state_dir], check=False, timeout=60)
+    return shown.returncode == 0
+
+
+def nat_rules(node) -> str:
+    """The node's iptables nat table without counters: what a restart must leave exactly as it was."""
+    saved = ns_run(node.ns, "iptables-save", "-t", "nat").splitlines()
+    return "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in saved if not line.startswith("#"))
+
+
+def test_agent_killed_mid_sync_with_the_service_proxy_keeps_a_connection_through_a_cluster_ip(cluster):
+    for node in cluster.nodes:
+        cluster.register(node)
+    agents_started = [proxy_agent(cluster, node) for node in cluster.nodes]
+    for agent in agents_started:
+        agent.wait_ready()
+    first, second, _ = cluster.nodes
+    cluster.core.create_namespaced_pod("default", {
+        "metadata": {"name": "echo", "labels": {"app": "echo"}},
+        "spec": {"nodeName": second.name, "containers": [{"name": "echo", "image": "none",
+                                                          "ports": [{"containerPort": 5006}]}]},
+        "status": {"phase": "Running", "podIP": second.pod_ip, "podIPs": [{"ip": second.pod_ip}],
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+    service = {"metadata": {"name": "echo"},
+               "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 5006}]}}
+    other = {"metadata": {"name": "other"},
+             "spec": {"selector": {"app": "echo"}, "ports": [{"port": 81, "targetPort": 5006}]}}
+    cluster_ip = cluster.core.create_namespaced_service("default", service).spec.cluster_ip
+    agent = agents_started[0]
+    wait_for(lambda: proxy_in_sync(first, agent) and cluster_ip in nat_rules(first), 60, "the service rules")
+    connection = ServiceConnection(first, second, cluster_ip, 80, 5006)
+    rng = random.Random(11)
+    try:
+        for kill in range(4):  # another service comes and goes: a sync is due when the kill lands
+            if kill % 2:
+                cluster.core.delete_namespaced_service("other", "default")
+            else:
+                cluster.core.create_namespaced_service("default", other)
+            time.sleep(rng.uniform(0, 0.3))
+            kill_agent(agent)
+            assert connection.survives(b"agent dead")
+            agent = proxy_agent(cluster, first)
+            agent.wait_ready()
+            assert connection.survives(b"agent back")
+
+        wait_for(lambda: proxy_in_sync(first, agent), 60, "the rules to converge")
+        converged = nat_rules(first)
+        kill_agent(agent)
+        proxy_agent(cluster, first).wait_ready()
+        assert nat_rules(first) == converged  # a further restart rewrites nothing
+        assert connection.survives(b"after")
+    finally:
+        connection.close()
 
 
 # ------------------------------------------------------------------------ the API server away
