@@ -2,8 +2,9 @@
 
 - the CNI plugin killed at random points of ADD and of DEL, many times: one GC pass afterwards
   leaves nothing leaked, and live pods keep their IPs and their established TCP connections;
-- the agent killed in the middle of syncs: the restarted agent converges and an established
-  cross-node TCP connection survives;
+- the agent killed in the middle of syncs: the restarted agent converges (a further restart changes
+  nothing) and established TCP connections survive, pod to pod across nodes and through a ClusterIP
+  of the iptables proxy;
 - the API server stopped for a while: nodes keep forwarding with their last state, then apply a
   change made once it is back;
 - two agents on one node: the second refuses, naming the lock, and the first is undisturbed.
