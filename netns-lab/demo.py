@@ -8,6 +8,8 @@ an existing lab of the same name is torn down first.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 
@@ -73,27 +75,35 @@ def _wait_for_service(lab: Lab, api: object, progress: Callable[[str], None]) ->
         time.sleep(0.5)
 
 
+def _netagent_command() -> str:
+    """`netagent` if that is what the shell finds, else the full path of this environment's script."""
+    script = os.path.join(os.path.dirname(sys.executable), "netagent")
+    on_path = shutil.which("netagent")
+    return "netagent" if on_path and os.path.realpath(on_path) == os.path.realpath(script) else script
+
+
 def _what_next(lab: Lab, api: object, passed: bool) -> str:
     """Ready-to-paste commands using this lab's real names and addresses."""
     from netns_lab import kube
 
     state = lab.load()
+    lab_cmd = f"{_netagent_command()} lab"
     flag = "" if lab.name == "netagent" else f" --name {lab.name}"
     first, last = state.pods["web-1"], state.pods[f"web-{NODES * PODS_PER_NODE}"]
     service = next((t for t in kube.service_targets(api) if t.protocol == "TCP"), None)
     verdict = "Every path works." if passed else "Some checks FAILED (details above)."
     lines = [
         "", f"{verdict} What next:",
-        f"  netagent lab status{flag}",
-        f"  netagent lab exec{flag} {first.name} -- curl -s http://{last.ips[0]}:8080/    "
+        f"  {lab_cmd} status{flag}",
+        f"  {lab_cmd} exec{flag} {first.name} -- curl -s http://{last.ips[0]}:8080/    "
         f"# {first.node} -> {last.node}",
     ]
     if service is not None and state.proxy != "none":
-        lines.append(f"  netagent lab exec{flag} {first.name} -- curl -s http://{service.cluster_ip}:{service.port}/"
-                     f"    # the Service, balanced")
+        lines.append(f"  {lab_cmd} exec{flag} {first.name} -- curl -s http://{service.cluster_ip}:{service.port}/"
+                     "    # the Service, balanced")
     lines += [
-        f"  netagent lab pod{flag} extra --node n2 --labels app=web && netagent lab check{flag}",
-        f"  KUBECONFIG=$(netagent lab kubeconfig{flag}) kubectl get pods,svc,endpointslices -o wide",
-        f"  netagent lab down{flag}",
+        f"  {lab_cmd} pod{flag} extra --node n2 --labels app=web && {lab_cmd} check{flag}",
+        f"  {lab_cmd} kubeconfig{flag}    # for kubectl or the kubernetes client",
+        f"  {lab_cmd} down{flag}",
     ]
     return "\n".join(lines)
