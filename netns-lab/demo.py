@@ -8,7 +8,6 @@ an existing lab of the same name is torn down first.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -76,10 +75,10 @@ def _wait_for_service(lab: Lab, api: object, progress: Callable[[str], None]) ->
 
 
 def _netagent_command() -> str:
-    """`netagent` if that is what the shell finds, else the full path of this environment's script."""
+    """This environment's `netagent` as the user can type it from here (e.g. .venv/bin/netagent)."""
     script = os.path.join(os.path.dirname(sys.executable), "netagent")
-    on_path = shutil.which("netagent")
-    return "netagent" if on_path and os.path.realpath(on_path) == os.path.realpath(script) else script
+    relative = os.path.relpath(script)
+    return script if relative.startswith("..") else relative
 
 
 def _what_next(lab: Lab, api: object, passed: bool) -> str:
