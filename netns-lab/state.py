@@ -155,9 +155,6 @@ class Lab:
             return False
         return rest == "ul" or bool(_NODE_NETNS_RE.match(rest)) or rest.startswith("p-")
 
-    def exists(self) -> bool:
-        return os.path.exists(self.state_path)
-
     def load(self) -> LabState:
         try:
             with open(self.state_path) as f:
