@@ -438,6 +438,14 @@ def test_a_refused_transaction_changes_nothing_and_the_next_sync_retries_it(node
     assert node.pods_reached(node.client, VIP, 80, tries=10) == {"p1"}
 
 
+def test_sctp_service_is_programmed(node: Node) -> None:
+    """This kernel has no SCTP sockets, so no traffic: the kernel must accept and hold the rules."""
+    sctp = service(ports=(("assoc", 80, "SCTP", 0),))
+    node.program([sctp], [endpoint_slice("web", [endpoint("p0")], port_name="assoc", protocol="SCTP")])
+    rows = compare(node.proxier.backends, node.snapshot)
+    assert [(row.destination, row.in_sync) for row in rows] == [(f"SCTP {VIP}:80", True)]
+
+
 def test_malformed_service_is_skipped_while_others_keep_working(node: Node) -> None:
     broken = service(name="broken", cluster_ip="10.96.0.99", ports=(("http", 99999, "TCP", 0),))
     node.program([broken, service()], [endpoint_slice("web", [endpoint("p0")])])
