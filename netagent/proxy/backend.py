@@ -212,8 +212,3 @@ class Backend(ABC):
         if check and proc.returncode != 0:
             raise SyncError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
         return proc.stdout
-
-
-def balance_probabilities(count: int) -> list[float]:
-    """P(pick i | not picked 0..i-1) for uniform choice over `count` items tried in order."""
-    return [1.0 / (count - i) for i in range(count)]

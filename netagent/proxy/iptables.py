@@ -27,7 +27,6 @@ from netagent.proxy.backend import (
     ChainFacts,
     Fragment,
     KernelView,
-    balance_probabilities,
     destination,
     nodeport_destination,
 )
@@ -169,13 +168,10 @@ class IptablesBackend(Backend):
                 f"-j {sep_chain(p, e)}"
                 for e in endpoints
             ]
-        for e, probability in zip(endpoints, balance_probabilities(len(endpoints)), strict=True):
-            if probability < 1.0:
-                rules.append(
-                    f"-m statistic --mode random --probability {probability:.11f} -j {sep_chain(p, e)}"
-                )
-            else:
-                rules.append(f"-j {sep_chain(p, e)}")
+        for i, e in enumerate(endpoints):  # rule i takes 1/(N-i) of what is left: uniform over N
+            remaining = len(endpoints) - i
+            pick = f"-m statistic --mode random --probability {1 / remaining:.11f} " if remaining > 1 else ""
+            rules.append(f"{pick}-j {sep_chain(p, e)}")
         return rules
 
     def _endpoint_chain(self, p: ServicePort, e: Endpoint) -> list[str]:
