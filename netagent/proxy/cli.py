@@ -19,6 +19,12 @@ from netagent.proxy.model import Snapshot
 from netagent.proxy.proxier import Comparison, compare, make_backends
 
 
+class CannotTellError(click.ClickException):
+    """No desired state or no readable kernel state: neither "in sync" nor "differs" is true."""
+
+    exit_code = 2
+
+
 @click.group("proxy")
 def proxy_group() -> None:
     """Inspect the kube-proxy replacement."""
@@ -42,15 +48,15 @@ def show_cmd(state_dir: str, netns_name: str | None) -> None:
         node = NodeContext(document["node_name"], tuple(document["cluster_cidrs"]))
         backends = make_backends(document["backend"], node, tuple(document["families"]), netns_name)
     except FileNotFoundError:
-        raise click.ClickException(
+        raise CannotTellError(
             f"no proxy state at {path}: is `netagent run --proxy ...` running with this --state-dir?"
         ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise click.ClickException(f"cannot read {path}: {err}") from None
+        raise CannotTellError(f"cannot read {path}: {err}") from None
     try:
         rows = compare(backends, snapshot)
     except (SyncError, OSError) as err:
-        raise click.ClickException(f"cannot read the kernel's rules: {err}") from None
+        raise CannotTellError(f"cannot read the kernel's rules: {err}") from None
 
     names = _names_by_destination(snapshot)
     click.echo(
