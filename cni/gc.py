@@ -98,7 +98,8 @@ def sweep(
 ) -> GcReport:
     """Collect what the judges condemn: an attachment's addresses and its veth, and orphan veths.
 
-    Host veths are looked up in the calling thread's netns, which must be the node's.
+    Every attachment is judged before any orphan veth. Host veths are looked up in the calling
+    thread's netns, which must be the node's.
     """
     store = ipam.Store(data_dir, network_name)
     releases: list[Release] = []

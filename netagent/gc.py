@@ -13,6 +13,8 @@ Never touching a live pod is the first rule:
     no allocation explains by how long it has been seen orphaned (recorded in gc.json by name and
     ifindex, since the kernel keeps no creation time for links);
   - without a pod list from the API server (or a runtime's answer, when given) nothing is collected;
+  - a veth no allocation explains is kept while some live pod's IP has no allocation either (its
+    veth could be that one: an IPAM dir wiped under live pods must not cut them off);
   - once the agent wrote this node's pod CIDRs (STATE/node.json), addresses outside them are not
     this node's to judge and are left alone (a data dir shared by mistake loses nothing).
 The kernel and disk work is cni.gc.sweep, the same code the CNI GC verb runs; the agent also
@@ -123,6 +125,7 @@ class PassResult:
     releases: tuple[cni_gc.Release, ...]
     waiting: int  # candidates kept only because they are still inside the grace period
     in_runtime: int  # attachments without a live pod IP kept because the runtime still has the sandbox
+    held_orphans: int  # veths without allocation kept because some live pod's IP has no allocation
     foreign: int  # attachments left alone because their addresses are outside this node's pod CIDRs
 
 
@@ -160,7 +163,10 @@ class Collector:
                      release.kind, release.name, owner, release.reason)
             if release.kind == "allocation" and not dry_run:
                 _forget_flows(release.name)
-        return PassResult(report.releases, judge.waiting, judge.in_runtime, judge.foreign)
+        if judge.held_orphans:
+            log.warning("kept %d veths without allocation: live pods %s have none, one may be theirs",
+                        judge.held_orphans, ", ".join(sorted(judge.unallocated_pod_ips())))
+        return PassResult(report.releases, judge.waiting, judge.in_runtime, judge.held_orphans, judge.foreign)
 
 
 class _PassJudge:
@@ -174,11 +180,14 @@ class _PassJudge:
         self.now = time.time()
         self.orphans_seen = orphans_seen
         self.orphans_kept: dict[str, float] = {}
+        self.allocated: set[str] = set()
         self.waiting = 0
         self.in_runtime = 0
+        self.held_orphans = 0
         self.foreign = 0
 
     def attachment(self, attachment: cni_gc.Attachment) -> str | None:
+        self.allocated.update(str(address) for address in attachment.addresses)
         if any(str(address) in self.evidence.pod_ips for address in attachment.addresses):
             return None
         sandboxes = self.evidence.sandboxes
@@ -198,7 +207,17 @@ class _PassJudge:
             return True
         return any(address in cidr for address in attachment.addresses for cidr in self.own_cidrs)
 
+    def unallocated_pod_ips(self) -> set[str]:
+        """Live pods' IPs inside this node's pod CIDRs that no allocation holds (sweep judges every
+        attachment before any veth, so `allocated` is complete by then)."""
+        inside = [ip for ip in self.evidence.pod_ips
+                  if self.own_cidrs is None or any(ipaddress.ip_address(ip) in c for c in self.own_cidrs)]
+        return set(inside) - self.allocated
+
     def orphan_veth(self, veth: cni_gc.Veth) -> str | None:
+        if self.unallocated_pod_ips():
+            self.held_orphans += 1
+            return None
         key = f"{veth.name}@{veth.index}"
         first_seen = self.orphans_seen.get(key, self.now)
         if self.now - first_seen < self.grace:
@@ -232,11 +251,12 @@ def _node_pod_cidrs(state_dir: str) -> tuple[IPNetwork, ...] | None:
 
 
 def pod_ips(pods: list[Any]) -> frozenset[str]:
-    """IPs of the pods still holding their sandbox (finished pods' IPs are free to collect)."""
+    """IPs that CNI gave to pods still holding their sandbox: host-network pods hold the node's IP,
+    not one of ours, and finished pods' IPs are free to collect."""
     ips = set()
     for pod in pods:
         status = pod.status
-        if status is None or status.phase in FINISHED_PHASES:
+        if status is None or status.phase in FINISHED_PHASES or (pod.spec and pod.spec.host_network):
             continue
         ips.update(ip.ip for ip in status.pod_ips or [] if ip.ip)
         if status.pod_ip:
@@ -370,7 +390,8 @@ def gc_cmd(dry_run: bool, state_dir: str, kubeconfig: str | None, node_name: str
         click.echo(f"{verb} {release.kind} {release.name} ({owner}): {release.reason}")
     click.echo(f"node {node_name}, network {network_name}: {verb} {len(result.releases)}; kept "
                f"{result.waiting} inside the {grace:.0f}s grace period, {result.in_runtime} live in the "
-               f"runtime, {result.foreign} outside this node's pod CIDRs")
+               f"runtime, {result.foreign} outside this node's pod CIDRs, {result.held_orphans} veths while "
+               "live pods lack an allocation")
     click.echo(f"totals: {read_state(state_dir).summary()}")
 
 

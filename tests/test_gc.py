@@ -303,6 +303,18 @@ def test_a_veth_without_allocation_goes_only_after_being_seen_orphaned_for_the_g
     assert node.veths() == set()
 
 
+def test_veths_are_kept_while_a_live_pod_has_no_allocation_as_after_a_wiped_ipam_dir(node):
+    live = node.run_pod("live")
+    os.unlink(os.path.join(node.data_dir, NETWORK, live.ip))  # IPAM dir wiped under a live pod
+
+    node.gc("--grace", "0")
+    done = node.gc("--grace", "0")  # seen orphaned long enough, yet still not collected
+
+    assert "1 veths while live pods lack an allocation" in done.stdout
+    assert node.veths() == {veth_of(live)}
+    assert node.answers(live)
+
+
 def test_addresses_outside_the_pod_cidrs_of_the_node_are_not_its_to_collect(node):
     gone = node.run_pod("gone")
     node.vanish(gone)
