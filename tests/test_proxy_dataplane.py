@@ -446,6 +446,16 @@ def test_sctp_service_is_programmed(node: Node) -> None:
     assert [(row.destination, row.in_sync) for row in rows] == [(f"SCTP {VIP}:80", True)]
 
 
+def test_switching_backend_removes_the_previous_backends_rules(node: Node) -> None:
+    node.program([service()], [endpoint_slice("web", [endpoint("p0")])])
+    other = "nftables" if node.proxier.kind != "nftables" else "iptables"
+    switched = Proxier(other, NodeContext(NODE, (CLUSTER_CIDR,)), families=(4,), netns=node.ns)
+    switched.remove_other_backends()
+    assert node.proxier.backends[0].kernel_view().entries == {}  # nothing of the old backend left
+    switched.sync(build_snapshot([service()], [endpoint_slice("web", [endpoint("p1")])], NODE))
+    assert node.pods_reached(node.client, VIP, 80, tries=10) == {"p1"}
+
+
 def test_malformed_service_is_skipped_while_others_keep_working(node: Node) -> None:
     broken = service(name="broken", cluster_ip="10.96.0.99", ports=(("http", 99999, "TCP", 0),))
     node.program([broken, service()], [endpoint_slice("web", [endpoint("p0")])])

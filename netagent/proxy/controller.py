@@ -109,6 +109,10 @@ class ProxyController:
 
     def _sync_once_listed(self) -> None:
         """Request the first sync when both caches are listed (even empty ones bring no events)."""
+        try:
+            self.proxier.remove_other_backends()
+        except Exception:  # stale rules of another mode are worth a warning, not a dead proxy
+            log.warning("could not remove another proxy backend's rules", exc_info=True)
         for informer in (self.services, self.slices):
             while not informer.wait_for_sync(timeout=1.0):
                 if self._stopping.is_set():

@@ -265,7 +265,7 @@ class IptablesBackend(Backend):
             hooks = [
                 f"-D {builtin} {rule}"
                 for t, builtin, rule in HOOKS
-                if t == table and shlex.split(rule) in saved[table].get(builtin, [])
+                if t == table and shlex.split(rule) in saved.get(table, {}).get(builtin, [])
             ]
             if ours or hooks:
                 text += [

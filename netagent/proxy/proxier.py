@@ -7,7 +7,7 @@ import gc
 import logging
 from dataclasses import dataclass
 
-from netagent.proxy.backend import Backend, NodeContext, expected_backends
+from netagent.proxy.backend import Backend, NodeContext, SyncError, expected_backends
 from netagent.proxy.conntrack import delete_udp_flows, removed_udp_endpoints
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.iptables import IptablesBackend, IptablesLegacyBackend
@@ -61,10 +61,24 @@ class Proxier:
         netns: str | None = None,
         health: HealthCheckServers | None = None,
     ) -> None:
+        self.kind = kind
+        self.node = node
+        self.families = families
         self.backends = make_backends(kind, node, families, netns)
         self.netns = netns
         self.health = health
         self._last = Snapshot()
+
+    def remove_other_backends(self) -> None:
+        """Delete what another backend left behind (the node switched --proxy): its rules would
+        still DNAT. Call before the first sync; the chosen backend's own rules are never touched."""
+        for kind in BACKENDS:
+            if kind != self.kind:
+                for backend in make_backends(kind, self.node, self.families, self.netns):
+                    try:
+                        backend.cleanup()
+                    except SyncError as err:  # e.g. that backend's tool is not installed
+                        log.debug("no %s rules removed: %s", kind, err)
 
     def sync(self, snapshot: Snapshot) -> bool:
         """Raises SyncError if a family's transaction was refused (that family is left unchanged)."""
