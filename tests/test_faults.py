@@ -5,8 +5,9 @@
 - the agent killed in the middle of syncs: the restarted agent converges (a further restart changes
   nothing) and established TCP connections survive, pod to pod across nodes and through a ClusterIP
   of the iptables proxy;
-- the API server stopped for a while: nodes keep forwarding with their last state, then apply a
-  change made once it is back;
+- the API server process killed for a while: nodes keep forwarding with their last state (pod to
+  pod and through a ClusterIP, established and new connections), then apply changes made once it
+  is back (a node removed, a new Service);
 - two agents on one node: the second refuses, naming the lock, and the first is undisturbed.
 
 `plugin_kill_rounds` is also what benchmarks/faults.py runs to print the figures.
@@ -51,6 +52,7 @@ apiserver = pytest.importorskip("netns_lab.apiserver")
 
 agents, cluster, node = test_agent.agents, test_agent.cluster, test_gc.node  # fixtures, shared as they are
 ITERATIONS = 30  # per verb; benchmarks/faults.py runs more
+ECHO_POD_PORT = 5006
 
 
 # ------------------------------------------------------------------------ the plugin killed mid-call
@@ -273,35 +275,47 @@ def nat_rules(node) -> str:
     return "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in saved if not line.startswith("#"))
 
 
-def test_agent_killed_mid_sync_with_the_service_proxy_keeps_a_connection_through_a_cluster_ip(cluster):
+def start_all_with_proxy(cluster: Cluster) -> list[AgentProcess]:
     for node in cluster.nodes:
         cluster.register(node)
-    agents_started = [proxy_agent(cluster, node) for node in cluster.nodes]
-    for agent in agents_started:
+    started = [proxy_agent(cluster, node) for node in cluster.nodes]
+    for agent in started:
         agent.wait_ready()
-    first, second, _ = cluster.nodes
-    cluster.core.create_namespaced_pod("default", {
+    return started
+
+
+def echo_pod(core: client.CoreV1Api, node) -> None:
+    """The Pod object of the node's test pod, ready, labelled app=echo, serving on ECHO_POD_PORT."""
+    core.create_namespaced_pod("default", {
         "metadata": {"name": "echo", "labels": {"app": "echo"}},
-        "spec": {"nodeName": second.name, "containers": [{"name": "echo", "image": "none",
-                                                          "ports": [{"containerPort": 5006}]}]},
-        "status": {"phase": "Running", "podIP": second.pod_ip, "podIPs": [{"ip": second.pod_ip}],
+        "spec": {"nodeName": node.name, "containers": [{"name": "echo", "image": "none",
+                                                        "ports": [{"containerPort": ECHO_POD_PORT}]}]},
+        "status": {"phase": "Running", "podIP": node.pod_ip, "podIPs": [{"ip": node.pod_ip}],
                    "conditions": [{"type": "Ready", "status": "True"}]},
     })
-    service = {"metadata": {"name": "echo"},
-               "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 5006}]}}
-    other = {"metadata": {"name": "other"},
-             "spec": {"selector": {"app": "echo"}, "ports": [{"port": 81, "targetPort": 5006}]}}
-    cluster_ip = cluster.core.create_namespaced_service("default", service).spec.cluster_ip
-    agent = agents_started[0]
+
+
+def echo_service(core: client.CoreV1Api, name: str, port: int) -> str:
+    """A Service in front of the echo pod; returns its ClusterIP."""
+    body = {"metadata": {"name": name},
+            "spec": {"selector": {"app": "echo"}, "ports": [{"port": port, "targetPort": ECHO_POD_PORT}]}}
+    return core.create_namespaced_service("default", body).spec.cluster_ip
+
+
+def test_agent_killed_mid_sync_with_the_service_proxy_keeps_a_connection_through_a_cluster_ip(cluster):
+    agent = start_all_with_proxy(cluster)[0]
+    first, second, _ = cluster.nodes
+    echo_pod(cluster.core, second)
+    cluster_ip = echo_service(cluster.core, "echo", 80)
     wait_for(lambda: proxy_in_sync(first, agent) and cluster_ip in nat_rules(first), 60, "the service rules")
-    connection = ServiceConnection(first, second, cluster_ip, 80, 5006)
+    connection = ServiceConnection(first, second, cluster_ip, 80, ECHO_POD_PORT)
     rng = random.Random(11)
     try:
         for kill in range(4):  # another service comes and goes: a sync is due when the kill lands
             if kill % 2:
                 cluster.core.delete_namespaced_service("other", "default")
             else:
-                cluster.core.create_namespaced_service("default", other)
+                echo_service(cluster.core, "other", 81)
             time.sleep(rng.uniform(0, 0.3))
             kill_agent(agent)
             assert connection.survives(b"agent dead")
@@ -369,30 +383,41 @@ def cluster_with_api_process(make_netns, prefix, tmp_path,
 def test_nodes_keep_forwarding_while_the_api_server_is_down_and_catch_up_when_it_returns(
         cluster_with_api_process):
     cluster, server = cluster_with_api_process
-    agents_started = start_all(cluster, "vxlan")
+    agents_started = start_all_with_proxy(cluster)
     first, second, third = cluster.nodes
-    wait_for(lambda: all_pairs_reachable(cluster), 60, "pod<->pod across all nodes")
+    echo_pod(cluster.core, second)
+    cluster_ip = echo_service(cluster.core, "echo", 80)
+    wait_for(lambda: all_pairs_reachable(cluster) and cluster_ip in nat_rules(first), 60, "pods and service")
     connection = LongLivedConnection(first, second)
+    through_service = ServiceConnection(first, second, cluster_ip, 80, ECHO_POD_PORT)
     try:
         server.kill()
         deadline = time.monotonic() + 8  # long enough for every agent to notice and back off
         while time.monotonic() < deadline:
             assert all_pairs_reachable(cluster)
             assert connection.round_trip(b"api server down")
+            assert through_service.survives(b"api server down")
             time.sleep(0.5)
         assert all(agent.proc.poll() is None for agent in agents_started)
 
         server.start()
         kubeconfig = str(cluster.tmp_path / "returned-kubeconfig")
         apiserver.write_kubeconfig(kubeconfig, server.url)
-        client.CoreV1Api(load_api_client(kubeconfig)).delete_node(third.name)  # a change once it is back
+        core = client.CoreV1Api(load_api_client(kubeconfig))
+        core.delete_node(third.name)  # changes made once it is back
+        late_ip = echo_service(core, "late", 82)
 
         routes = lambda: ns_run(first.ns, "ip", "route", "show", "proto", "211")  # noqa: E731
         wait_for(lambda: third.pod_cidr not in routes(), 90, "node1 to apply node3's removal")
+        wait_for(lambda: late_ip in nat_rules(first), 90, "node1 to program the new service")
+        with netns.entered(netns.path(first.pod_ns)):
+            socket.create_connection((late_ip, 82), timeout=10).close()
         assert reachable(first, second)
         assert connection.round_trip(b"api server back")
+        assert through_service.survives(b"api server back")
     finally:
         connection.close()
+        through_service.close()
 
 
 # ------------------------------------------------------------------------ two agents, one node
