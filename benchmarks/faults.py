@@ -105,6 +105,7 @@ def report(figures: FaultFigures, agent_figures: AgentFaultFigures, iterations: 
         ("leftovers before GC", f"{figures.leftovers_before_gc} (allocations + veths of no live pod)"),
         ("leaks after GC", f"{figures.leaks_after_gc} (target 0)"),
         ("connections dropped", f"{figures.connections_dropped} (target 0; 2 long-lived + 2 fresh checked)"),
+        ("GC pass", f"{figures.gc_seconds:.2f}s for all of it (`netagent gc` process, Python start incl.)"),
     ]
     for label, value in rows:
         print(f"  {label:<20} {value}")

@@ -65,6 +65,7 @@ class FaultFigures:
     leftovers_before_gc: int = 0  # allocations + veths no live pod explains, left by the kills
     leaks_after_gc: int = 0
     connections_dropped: int = 0
+    gc_seconds: float = 0.0  # the whole `netagent gc` process, interpreter start included
 
 
 class NodeConnection:
@@ -142,7 +143,9 @@ def plugin_kill_rounds(node: Node, iterations: int, rng: random.Random) -> Fault
     figures.iterations = 2 * iterations
 
     figures.leftovers_before_gc = len(node.leftovers(live))
+    started = time.monotonic()
     done = node.gc("--grace", "0")
+    figures.gc_seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     figures.leaks_after_gc = len(node.leftovers(live))
     check_connections()
