@@ -6,7 +6,7 @@ failure, not a pass:
   node -> pod     TCP from the node's netns to the pod's IP
   pod -> node     TCP to the node's underlay IP (each node runs a responder too)
   pod -> service  TCP/UDP to each ClusterIP port with ready endpoints; the answer must be one of the
-                  service's backend pods. Skipped (and said so) when the lab runs without a proxy.
+  node -> service service's backend pods. Skipped (and said so) when the lab runs without a proxy.
 Probes run from one process (a socket is opened inside the source netns), several at a time.
 """
 
@@ -27,7 +27,7 @@ PARALLEL_PROBES = 8
 class Probe:
     source: str  # row label
     target: str  # column label
-    kind: str  # "pod->pod same node", "pod->pod across nodes", "node->pod", "pod->node", "pod->service"
+    kind: str  # "pod->pod same node", "pod->pod across nodes", "node->pod", "pod->node", "X->service"
     protocol: str  # "tcp" or "udp"
     source_netns: str
     host: str
@@ -69,6 +69,7 @@ def plan(state: LabState, services: list | None) -> tuple[list[Probe], list[str]
     pods = sorted(state.pods.values(), key=lambda p: (p.node, p.name))
     nodes = list(state.nodes.values())
     pod_at = {ip: pod.name for pod in pods for ip in pod.ips}
+    backends = {svc.label: frozenset(pod_at.get(ip, ip) for ip in svc.backends) for svc in services or []}
     probes = []
     for src in pods:
         for dst in pods:
@@ -81,13 +82,15 @@ def plan(state: LabState, services: list | None) -> tuple[list[Probe], list[str]
             probes.append(Probe(src.name, node.name, "pod->node", "tcp", src.netns, node.ip, RESPONDER_PORT,
                                 frozenset({node.name})))
         for svc in services or []:
-            backends = frozenset(pod_at.get(ip, ip) for ip in svc.backends)
             probes.append(Probe(src.name, svc.label, "pod->service", svc.protocol.lower(), src.netns,
-                                svc.cluster_ip, svc.port, backends))
+                                svc.cluster_ip, svc.port, backends[svc.label]))
     for node in nodes:
         for dst in pods:
             probes.append(Probe(node.name, dst.name, "node->pod", "tcp", node.netns, dst.ips[0],
                                 RESPONDER_PORT, frozenset({dst.name})))
+        for svc in services or []:
+            probes.append(Probe(node.name, svc.label, "node->service", svc.protocol.lower(), node.netns,
+                                svc.cluster_ip, svc.port, backends[svc.label]))
     rows = [p.name for p in pods] + [n.name for n in nodes]
     columns = rows + [svc.label for svc in services or []]
     return probes, rows, columns
@@ -137,7 +140,7 @@ def render(report: Report, node_of: dict[str, str]) -> str:
     lines += report.notes
     for column in report.columns:
         via_service = [o for o in report.outcomes
-                       if o.probe.target == column and o.probe.kind == "pod->service"]
+                       if o.probe.target == column and o.probe.kind.endswith("->service")]
         if via_service:
             answered = sorted({o.answer for o in via_service if o.passed})
             lines.append(f"{column} answered by {len(answered)} of {len(via_service[0].probe.expected)} "

@@ -13,8 +13,10 @@ import time
 from collections.abc import Callable
 
 import yaml
-from netns_lab import check, cluster, pods
-from netns_lab.state import Lab, LabError
+from kubernetes.client import ApiClient
+from netns_lab import check, cluster, kube, pods, probe
+from netns_lab.kube import ServiceTarget
+from netns_lab.state import Lab, LabError, PodInfo
 
 NODES = 3
 PODS_PER_NODE = 2
@@ -26,8 +28,6 @@ SERVICE_READY_TIMEOUT = 60.0
 def run(name: str, network: str, proxy: str | None, progress: Callable[[str], None],
         out: Callable[[str], None]) -> bool:
     """The whole demo; True when every connectivity check passed."""
-    from netns_lab import kube
-
     proxy = proxy or DEFAULT_PROXY
     lab = Lab(name)
     if cluster.exists(lab):
@@ -53,25 +53,31 @@ def run(name: str, network: str, proxy: str | None, progress: Callable[[str], No
     return passed
 
 
-def _wait_for_service(lab: Lab, api: object, progress: Callable[[str], None]) -> None:
-    """Until the first pod reaches the Service's ClusterIP (endpoints published, rules programmed)."""
-    from netns_lab import kube, probe
-
+def _wait_for_service(lab: Lab, api: ApiClient, progress: Callable[[str], None]) -> None:
+    """Until a pod on every node reaches the Service's ClusterIP: endpoints published and every
+    node's proxy programmed (each agent syncs on its own schedule)."""
     state = lab.load()
-    first_pod = next(iter(state.pods.values()))
+    waiting = list({pod.node: pod for pod in state.pods.values()}.values())  # one pod per node
     deadline = time.monotonic() + SERVICE_READY_TIMEOUT
     while True:
         targets = [t for t in kube.service_targets(api) if t.protocol == "TCP" and t.backends]
         if targets:
-            try:
-                probe.tcp_name(first_pod.netns, targets[0].cluster_ip, targets[0].port, timeout=1.0)
-                progress(f"service reachable at {targets[0].cluster_ip}:{targets[0].port}")
+            waiting = [pod for pod in waiting if not _answers(pod, targets[0])]
+            if not waiting:
+                progress(f"service reachable at {targets[0].cluster_ip}:{targets[0].port} from every node")
                 return
-            except OSError:
-                pass
         if time.monotonic() > deadline:
-            raise LabError(f"the demo service was not reachable within {SERVICE_READY_TIMEOUT:.0f}s")
+            raise LabError(f"the demo service was not reachable from {', '.join(p.node for p in waiting)} "
+                           f"within {SERVICE_READY_TIMEOUT:.0f}s")
         time.sleep(0.5)
+
+
+def _answers(pod: PodInfo, target: ServiceTarget) -> bool:
+    try:
+        probe.tcp_name(pod.netns, target.cluster_ip, target.port, timeout=1.0)
+        return True
+    except OSError:
+        return False
 
 
 def _netagent_command() -> str:
@@ -81,10 +87,8 @@ def _netagent_command() -> str:
     return script if relative.startswith("..") else relative
 
 
-def _what_next(lab: Lab, api: object, passed: bool) -> str:
+def _what_next(lab: Lab, api: ApiClient, passed: bool) -> str:
     """Ready-to-paste commands using this lab's real names and addresses."""
-    from netns_lab import kube
-
     state = lab.load()
     lab_cmd = f"{_netagent_command()} lab"
     flag = "" if lab.name == "netagent" else f" --name {lab.name}"

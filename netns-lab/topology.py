@@ -67,9 +67,12 @@ def attach_node(underlay_netns: str, node_netns: str, port_name: str, address: s
         f"link add {port_name} type veth peer name {NODE_IFACE} netns {node_netns}",
         f"link set {port_name} master {UNDERLAY_BRIDGE} up",
     ])
+    # The default route is what a real node has towards its network's gateway; without one, a
+    # node's own connections to a ClusterIP fail at route lookup, before the proxy's DNAT.
     ip_batch(node_netns, [
         f"addr add {address}/{UNDERLAY.prefixlen} dev {NODE_IFACE}",
         f"link set {NODE_IFACE} up",
+        f"route add default via {UNDERLAY_GATEWAY} dev {NODE_IFACE}",
     ])
     # A node routes for its pods, as on any Kubernetes node.
     set_sysctls(node_netns, {"net.ipv4.ip_forward": "1"})
