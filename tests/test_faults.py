@@ -10,7 +10,7 @@
   is back (a node removed, a new Service);
 - two agents on one node: the second refuses, naming the lock, and the first is undisturbed.
 
-`plugin_kill_rounds` is also what benchmarks/faults.py runs to print the figures.
+`plugin_kill_rounds` and `agent_kill_rounds` are also what benchmarks/faults.py runs for its figures.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ class NodeConnection:
         with netns.entered(netns.path(node.ns)):
             self.sock = socket.create_connection((pod.ip, ECHO_PORT), timeout=10)
 
+    def close(self) -> None:
+        self.sock.close()
+
     def alive(self) -> bool:
         try:
             self.sock.sendall(b"still there?")
@@ -127,29 +130,33 @@ def plugin_kill_rounds(node: Node, iterations: int, rng: random.Random) -> Fault
             if i not in dropped and not connection.alive():
                 dropped.add(i)
 
-    probe = node.new_pod("probe")  # one undisturbed ADD and DEL: how long a whole call takes here
-    add_window, del_window = timed_cni(node, "ADD", probe), timed_cni(node, "DEL", probe)
-    for i in range(iterations):
-        pod = node.new_pod(f"a{i}")
-        figures.faults_injected += kill_at_random_point(node, "ADD", pod, add_window, rng)
-        abandon(pod, i)
-        check_connections()
-    for i in range(iterations):
-        pod = node.new_pod(f"d{i}")
-        node.cni("ADD", pod)
-        figures.faults_injected += kill_at_random_point(node, "DEL", pod, del_window, rng)
-        abandon(pod, i)
-        check_connections()
-    figures.iterations = 2 * iterations
+    try:
+        probe = node.new_pod("probe")  # one undisturbed ADD and DEL: how long a whole call takes here
+        add_window, del_window = timed_cni(node, "ADD", probe), timed_cni(node, "DEL", probe)
+        for i in range(iterations):
+            pod = node.new_pod(f"a{i}")
+            figures.faults_injected += kill_at_random_point(node, "ADD", pod, add_window, rng)
+            abandon(pod, i)
+            check_connections()
+        for i in range(iterations):
+            pod = node.new_pod(f"d{i}")
+            node.cni("ADD", pod)
+            figures.faults_injected += kill_at_random_point(node, "DEL", pod, del_window, rng)
+            abandon(pod, i)
+            check_connections()
+        figures.iterations = 2 * iterations
 
-    figures.leftovers_before_gc = len(node.leftovers(live))
-    started = time.monotonic()
-    done = node.gc("--grace", "0")
-    figures.gc_seconds = time.monotonic() - started
-    assert done.returncode == 0, done.stderr
-    figures.leaks_after_gc = len(node.leftovers(live))
-    check_connections()
-    figures.connections_dropped = len(dropped) + sum(not node.answers(pod) for pod in live)
+        figures.leftovers_before_gc = len(node.leftovers(live))
+        started = time.monotonic()
+        done = node.gc("--grace", "0")
+        figures.gc_seconds = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        figures.leaks_after_gc = len(node.leftovers(live))
+        check_connections()
+        figures.connections_dropped = len(dropped) + sum(not node.answers(pod) for pod in live)
+    finally:
+        for connection in connections:
+            connection.close()
     return figures
 
 
