@@ -2,7 +2,7 @@
 and the memory of a process holding 10,000 services. Ratios are computed within the run.
 
     .venv/bin/python benchmarks/proxy_sync.py [--services 10000] [--endpoints 10] [--changes 5]
-        [--backends nftables,iptables-legacy,iptables]
+        [--backends nftables,iptables-legacy,iptables] [--rss-backend nftables]
 
 The objects are official-client models (V1Service / V1EndpointSlice with resourceVersions), i.e. what
 the controller's informer caches hold, and each sync runs the controller's own path: SnapshotBuilder
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--backends", default="nftables,iptables-legacy,iptables")
+    parser.add_argument("--rss-backend", default="nftables", help="backend for the RSS run ('none' skips it)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -168,7 +169,9 @@ def main() -> None:
     for kind, r in results.items():
         print(f"  {kind:16} one change / cold = {r['change_wall'] / r['cold'][0]:.4f}")
 
-    kind = args.backends.split(",")[0]
+    kind = args.rss_backend
+    if kind == "none":
+        return
     out = subprocess.run(
         [
             sys.executable,
