@@ -116,12 +116,13 @@ def rss_child(kind: str, count: int, endpoints: int) -> None:
     baseline = _rss_kib()
     services = [make_service(i) for i in range(count)]
     slices = [make_slice(i, endpoints) for i in range(count)]
+    with_objects = _rss_kib()
     ns = f"nb{secrets.token_hex(3)}-rss"
     netns.create(ns)
     try:
         proxier = Proxier(kind, NodeContext(NODE, ("10.244.0.0/16",)), families=(4,), netns=ns)
         proxier.sync(SnapshotBuilder(NODE).build(services, slices))
-        print(json.dumps({"baseline_kib": baseline, "loaded_kib": _rss_kib()}))
+        print(json.dumps({"baseline_kib": baseline, "objects_kib": with_objects, "loaded_kib": _rss_kib()}))
     finally:
         netns.delete(ns)
 
@@ -190,7 +191,8 @@ def main() -> None:
     rss = json.loads(out.stdout)
     print(
         f"  RSS of a process holding {args.services} services ({kind}): {rss['loaded_kib'] / 1024:.0f} MiB "
-        f"(after imports: {rss['baseline_kib'] / 1024:.0f} MiB)"
+        f"(after imports: {rss['baseline_kib'] / 1024:.0f} MiB, "
+        f"with the client objects alone: {rss['objects_kib'] / 1024:.0f} MiB)"
     )
 
 
