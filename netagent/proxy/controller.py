@@ -1,4 +1,4 @@
-"""The service proxy inside `netagent run --proxy iptables|nftables`.
+"""The service proxy inside `netagent run --proxy iptables|iptables-legacy|nftables`.
 
     ProxyController(api_client, node_name, backend, cluster_cidrs=(), min_sync_period=1.0, *,
                     state_dir="/run/netagent", tracker=None, resync_period=300.0,
@@ -13,7 +13,8 @@ sync, and SyncLoop coalesces bursts (at most one sync per min_sync_period, a fai
 with backoff, a periodic resync). A sync builds one Snapshot from both caches and hands it to the
 Proxier, which applies only the difference. Nothing syncs before both caches are listed: an empty
 cache must never be mistaken for "no services" and wipe working rules after a restart.
-The last applied snapshot goes to STATE_DIR/proxy-desired.json for `netagent proxy show`.
+The last applied snapshot goes to STATE_DIR/proxy-desired.json for `netagent proxy show`. Before
+the first sync, rules another backend left behind (the node switched --proxy) are removed.
 """
 
 from __future__ import annotations
