@@ -1,0 +1,491 @@
+"""`--proxy ebpf`: socket-level load balancing for ClusterIP services, the way Cilium's socket-LB does it.
+
+Scope: ClusterIP only, IPv4, TCP and UDP. NOT covered (yet): NodePort, externalIPs, LoadBalancer IPs
+and externalTrafficPolicy (they need a tc program on the node's interfaces, which this backend does not
+have), IPv6 (no connect6 program), SCTP and sessionAffinity. Such ports are logged once and left out;
+`netagent proxy show` lists them as out of sync, which they are.
+
+How it works: ebpf/sock_lb.c runs on connect()/sendmsg()/recvmsg() of every socket whose process is in
+the configured cgroup v2 (or below it), whatever netns the socket lives in. A connect to a ClusterIP is
+rewritten to a random backend before any packet exists: no DNAT, no conntrack entry, and an established
+connection is a plain pod-to-pod one, so removing an endpoint or restarting the agent cannot touch it.
+A service without endpoints makes connect()/sendto() fail with EPERM (refuse, never blackhole).
+
+Kernel state, pinned under /sys/fs/bpf/netagent/<node>/ so it outlives the agent:
+  services             (ClusterIP, port, protocol) -> (backend count, service id)
+  backends             (service id, slot) -> (pod IP, port), slots 0..count-1
+  reverse              the program's own LRU cache (socket, backend) -> ClusterIP for UDP replies
+  <hook>-<version>     bpf_links attaching each program to the cgroup; version hashes sock_lb.c
+A restart that finds links of its own version on the same cgroup only re-opens the maps: no compile,
+no re-attach, no flush. A changed program replaces the attached one atomically (bpf_link_update).
+
+Each sync computes the desired map contents from the Snapshot, diffs them with what the maps hold and
+writes only the differing entries, ordered so the program never picks a slot that is not there (slots
+are written before a count grows; a count is lowered before its slots are deleted). Service ids and
+slots are stable: a surviving backend keeps its slot, a leaving one's slot takes a newcomer or the
+last backend, so one endpoint change rewrites at most two entries.
+
+Which cgroup: on a real node the root of the unified hierarchy (pods' cgroups are below it). Where
+several "nodes" share one host (the netns lab, tests), each node needs its own cgroup holding its
+pods' processes, or one node's services would rewrite every process's sockets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import ipaddress
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, cast
+
+from netagent.proxy.backend import ChainFacts, KernelView, NodeContext, SyncError, destination
+from netagent.proxy.model import ServicePort, short_hash
+
+log = logging.getLogger(__name__)
+
+PROGRAM = Path(__file__).resolve().parents[2] / "ebpf" / "sock_lb.c"
+BPFFS = "/sys/fs/bpf"
+PIN_ROOT = os.path.join(BPFFS, "netagent")
+DEFAULT_CGROUP = "/sys/fs/cgroup/unified"
+PROTOCOLS = {"TCP": 6, "UDP": 17}  # IPPROTO_*
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+MAPS = ("services", "backends", "reverse")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,252}$")
+_BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str  # also the link's pin name
+    function: str  # in sock_lb.c
+    attach_type: int  # enum bpf_attach_type
+
+
+HOOKS = (
+    Hook("connect4", "sock4_connect", 10),  # BPF_CGROUP_INET4_CONNECT
+    Hook("sendmsg4", "sock4_sendmsg", 14),  # BPF_CGROUP_UDP4_SENDMSG
+    Hook("recvmsg4", "sock4_recvmsg", 19),  # BPF_CGROUP_UDP4_RECVMSG
+)
+
+
+# -- map layouts, as in sock_lb.c (addresses in network byte order: big-endian structures) ----------
+class _ServiceKey(ctypes.BigEndianStructure):
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("protocol", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class _ServiceValue(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint32), ("id", ctypes.c_uint32)]
+
+
+class _BackendKey(ctypes.Structure):
+    _fields_ = [("service_id", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
+
+
+class _BackendValue(ctypes.BigEndianStructure):
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class ServiceAddr(NamedTuple):
+    ip: int  # IPv4 address as an integer
+    port: int
+    protocol: int  # IPPROTO_*
+
+
+class ServiceEntry(NamedTuple):
+    count: int
+    id: int
+
+
+class BackendSlot(NamedTuple):
+    service_id: int
+    slot: int
+
+
+class Addr(NamedTuple):
+    ip: int
+    port: int
+
+    def __str__(self) -> str:
+        return f"{ipaddress.IPv4Address(self.ip)}:{self.port}"
+
+
+@dataclass(frozen=True)
+class MapState:
+    """The contents of the services and backends maps (the reverse cache is the program's own)."""
+
+    services: dict[ServiceAddr, ServiceEntry] = field(default_factory=dict)
+    backends: dict[BackendSlot, Addr] = field(default_factory=dict)
+
+    def slots(self, entry: ServiceEntry) -> list[Addr | None]:
+        return [self.backends.get(BackendSlot(entry.id, slot)) for slot in range(entry.count)]
+
+
+@dataclass(frozen=True)
+class MapChanges:
+    """Entries to write and delete, per map; falsy when the maps already match."""
+
+    set_services: dict[ServiceAddr, ServiceEntry] = field(default_factory=dict)
+    deleted_services: tuple[ServiceAddr, ...] = ()
+    set_backends: dict[BackendSlot, Addr] = field(default_factory=dict)
+    deleted_backends: tuple[BackendSlot, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set_services or self.deleted_services or self.set_backends or self.deleted_backends)
+
+    @classmethod
+    def between(cls, current: MapState, desired: MapState) -> MapChanges:
+        return cls(
+            set_services={k: v for k, v in desired.services.items() if current.services.get(k) != v},
+            deleted_services=tuple(k for k in current.services if k not in desired.services),
+            set_backends={k: v for k, v in desired.backends.items() if current.backends.get(k) != v},
+            deleted_backends=tuple(k for k in current.backends if k not in desired.backends),
+        )
+
+
+# -- desired state ----------------------------------------------------------------------------------
+def wanted_services(ports: Sequence[ServicePort]) -> dict[ServiceAddr, frozenset[Addr]]:
+    """ClusterIP -> its usable endpoints (the snapshot already chose them: ready first, terminating
+    as a fallback, internalTrafficPolicy applied). Ports this backend cannot serve are skipped."""
+    wanted = {}
+    for p in ports:
+        if p.family == 4 and p.protocol in PROTOCOLS:
+            key = ServiceAddr(_ip4(p.cluster_ip), p.port, PROTOCOLS[p.protocol])
+            wanted[key] = frozenset(Addr(_ip4(e.ip), e.port) for e in p.cluster_endpoints)
+    return wanted
+
+
+def _ip4(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+def unsupported(ports: Sequence[ServicePort]) -> Iterator[str]:
+    """Why each port (or part of one) is not served by this backend."""
+    for p in ports:
+        if p.family != 4:
+            yield f"{p.display_name}: IPv6 is not covered by the ebpf proxy"
+        elif p.protocol not in PROTOCOLS:
+            yield f"{p.display_name}: {p.protocol} is not covered by the ebpf proxy"
+        elif p.has_external:
+            yield f"{p.display_name}: only the ClusterIP is served (ebpf proxy: no NodePort/external IPs)"
+        elif p.affinity_timeout:
+            yield f"{p.display_name}: sessionAffinity is not covered by the ebpf proxy"
+
+
+def assign_slots(current: Sequence[Addr | None], wanted: frozenset[Addr]) -> list[Addr]:
+    """The slot list for `wanted` that moves as few current backends as possible: survivors stay in
+    place, newcomers fill the holes first, remaining holes are filled by moving the last backend."""
+    slots: list[Addr | None] = [a if a in wanted else None for a in current]
+    newcomers = sorted(wanted.difference(slots))
+    for index, addr in enumerate(slots):
+        if addr is None and newcomers:
+            slots[index] = newcomers.pop(0)
+    slots += newcomers
+    while None in slots:
+        last = slots.pop()
+        if last is not None:
+            slots[slots.index(None)] = last
+    return cast(list[Addr], slots)  # no None left
+
+
+def plan(current: MapState, wanted: dict[ServiceAddr, frozenset[Addr]]) -> MapState:
+    """The desired map contents. A new service takes an id no current entry uses (not even one being
+    removed in this sync, so a connect racing the update never reaches another service's backends)."""
+    used = {entry.id for entry in current.services.values()}
+    free_ids = (i for i in range(1, 2**32) if i not in used)
+    services, backends = {}, {}
+    for key in sorted(wanted):
+        old = current.services.get(key)
+        service_id = old.id if old else next(free_ids)
+        slots = assign_slots(current.slots(old) if old else [], wanted[key])
+        services[key] = ServiceEntry(len(slots), service_id)
+        backends.update({BackendSlot(service_id, index): addr for index, addr in enumerate(slots)})
+    return MapState(services, backends)
+
+
+# -- libbpf through ctypes (pinning, links and map access are not in bcc's Python API) --------------
+class _LinkInfo(ctypes.Structure):
+    """struct bpf_link_info up to its cgroup member."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("prog_id", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64), ("attach_type", ctypes.c_uint32),
+                ("pad2", ctypes.c_uint32)]
+
+
+@functools.cache
+def _libbpf() -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as err:
+        raise SyncError(f"libbpf.so.1 is needed by the ebpf proxy: {err}") from None
+
+
+def _call(what: str, function: str, *args: object) -> int:
+    """Call a libbpf function, which returns -errno on failure."""
+    rc = getattr(_libbpf(), function)(*args)
+    if rc < 0:
+        raise SyncError(f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+def _obj_get(path: str) -> int:
+    return _call(f"open pinned {path}", "bpf_obj_get", path.encode())
+
+
+def link_info(path: str) -> _LinkInfo:
+    """The pinned link's program id and cgroup id (0 once its cgroup was removed)."""
+    fd = _obj_get(path)
+    try:
+        info, size = _LinkInfo(), ctypes.c_uint32(ctypes.sizeof(_LinkInfo))
+        _call(f"read link {path}", "bpf_obj_get_info_by_fd", fd, ctypes.byref(info), ctypes.byref(size))
+        return info
+    finally:
+        os.close(fd)
+
+
+class PinnedMap:
+    """One pinned BPF hash map; keys and values are tuples in the C structure's field order (no pads)."""
+
+    def __init__(self, path: str, key_type: type[ctypes.Structure], value_type: type[ctypes.Structure]):
+        self.path, self.key_type, self.value_type = path, key_type, value_type
+        self.fd = _obj_get(path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def update(self, key: tuple, value: tuple) -> None:
+        k, v = self.key_type(*key), self.value_type(*value)
+        _call(f"update {self.path}", "bpf_map_update_elem", self.fd, ctypes.byref(k), ctypes.byref(v), 0)
+
+    def delete(self, key: tuple) -> None:
+        k = self.key_type(*key)
+        rc = _libbpf().bpf_map_delete_elem(self.fd, ctypes.byref(k))
+        if rc < 0 and -rc != 2:  # ENOENT: already gone is what we wanted
+            raise SyncError(f"delete from {self.path}: {os.strerror(-rc)}")
+
+    def items(self) -> Iterator[tuple[tuple, tuple]]:
+        key, next_key, value = self.key_type(), self.key_type(), self.value_type()
+        previous = None
+        while _libbpf().bpf_map_get_next_key(self.fd, previous, ctypes.byref(next_key)) == 0:
+            ctypes.memmove(ctypes.byref(key), ctypes.byref(next_key), ctypes.sizeof(key))
+            previous = ctypes.byref(key)
+            if _libbpf().bpf_map_lookup_elem(self.fd, previous, ctypes.byref(value)) == 0:
+                yield _fields(key), _fields(value)
+
+
+def _fields(struct: ctypes.Structure) -> tuple:
+    return tuple(getattr(struct, name) for name, *_ in struct._fields_ if not name.startswith("pad"))
+
+
+def program_version() -> str:
+    return short_hash(PROGRAM.read_text())[:12].lower()
+
+
+def cgroup_id(path: str) -> int:
+    """A cgroup v2 directory's id (its inode number); a clear error for anything else."""
+    if not os.path.isfile(os.path.join(path, "cgroup.controllers")):
+        raise SyncError(f"{path} is not a cgroup v2 directory (no cgroup.controllers)")
+    return os.stat(path).st_ino
+
+
+def ensure_bpffs() -> None:
+    """Pinning needs bpffs at /sys/fs/bpf (a filesystem mount, no network change)."""
+    if not os.path.ismount(BPFFS):
+        os.makedirs(BPFFS, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SyncError(f"cannot mount bpffs at {BPFFS}: {proc.stderr.strip()}")
+
+
+# -- the backend ------------------------------------------------------------------------------------
+class EbpfBackend:
+    """Socket-LB for one node. Has Backend's public surface (kind, family, sync, kernel_view, cleanup)
+    but programs BPF maps instead of rendering rules, so it does not inherit Backend's rule machinery.
+
+    Creating one is cheap and touches nothing (Proxier builds one just to clean up after a backend
+    switch); the first sync mounts bpffs, attaches the programs if needed and opens the maps."""
+
+    kind = "ebpf"
+
+    def __init__(
+        self,
+        node: NodeContext,
+        family: int = 4,
+        netns: str | None = None,  # unused: cgroup programs see sockets of every netns
+        cgroup: str = DEFAULT_CGROUP,
+        pin_dir: str | None = None,
+    ) -> None:
+        if not _NODE_NAME.match(node.node_name):
+            raise ValueError(f"node name {node.node_name!r} cannot name a bpffs directory")
+        self.node = node
+        self.family = family
+        self.netns = netns
+        self.cgroup = cgroup
+        self.pin_dir = pin_dir or os.path.join(PIN_ROOT, node.node_name)
+        self._maps: dict[str, PinnedMap] = {}
+        self._applied: MapState | None = None  # None: unknown, read the maps before the next sync
+        self._warned: set[str] = set()
+
+    def sync(self, ports: Sequence[ServicePort]) -> MapChanges:
+        """Make the maps hold exactly the ClusterIPs of `ports`; returns what was written.
+
+        After a failure the next sync re-reads the maps, so it completes whatever was left half done."""
+        self._warn_unsupported(ports)
+        if self.family != 4:
+            return MapChanges()
+        if not self._maps:
+            self._attach()
+            self._open_maps()
+        current = self._applied if self._applied is not None else self.read_maps()
+        desired = plan(current, wanted_services(ports))
+        changes = MapChanges.between(current, desired)
+        try:
+            self._write(changes)
+        except BaseException:
+            self._applied = None
+            raise
+        self._applied = desired
+        return changes
+
+    def _warn_unsupported(self, ports: Sequence[ServicePort]) -> None:
+        for reason in unsupported(ports):
+            if reason not in self._warned:
+                self._warned.add(reason)
+                log.warning("%s", reason)
+
+    def _write(self, changes: MapChanges) -> None:
+        services, backends = self._maps["services"], self._maps["backends"]
+        for slot, addr in changes.set_backends.items():
+            backends.update(slot, addr)
+        for key, entry in changes.set_services.items():
+            services.update(key, entry)
+        for key in changes.deleted_services:
+            services.delete(key)
+        for slot in changes.deleted_backends:
+            backends.delete(slot)
+
+    def read_maps(self) -> MapState:
+        """What the pinned maps hold now."""
+        return MapState(
+            services={ServiceAddr(*k): ServiceEntry(*v) for k, v in self._maps["services"].items()},
+            backends={BackendSlot(*k): Addr(*v) for k, v in self._maps["backends"].items()},
+        )
+
+    def _open_maps(self) -> None:
+        self._maps = {
+            "services": PinnedMap(os.path.join(self.pin_dir, "services"), _ServiceKey, _ServiceValue),
+            "backends": PinnedMap(os.path.join(self.pin_dir, "backends"), _BackendKey, _BackendValue),
+        }
+
+    # -- attaching ----------------------------------------------------------------------------------
+    def pinned_links(self) -> dict[str, str]:
+        """Hook name -> pin path of its link, for the links pinned in pin_dir."""
+        names = os.listdir(self.pin_dir) if os.path.isdir(self.pin_dir) else []
+        hooks = {hook.name for hook in HOOKS}
+        return {name.split("-")[0]: os.path.join(self.pin_dir, name) for name in names
+                if name.split("-")[0] in hooks}
+
+    def _attach(self) -> None:
+        """Attach every program to the cgroup unless a link of this program version already is."""
+        ensure_bpffs()
+        os.makedirs(self.pin_dir, exist_ok=True)
+        target = cgroup_id(self.cgroup)
+        version = program_version()
+        links = self.pinned_links()
+        maps_pinned = all(os.path.exists(os.path.join(self.pin_dir, name)) for name in MAPS)
+        same_cgroup = {hook for hook, path in links.items() if link_info(path).cgroup_id == target}
+        if maps_pinned and all(
+            hook.name in same_cgroup and links[hook.name].endswith(f"-{version}") for hook in HOOKS
+        ):
+            return
+        log.info("attaching socket-LB programs (version %s) to cgroup %s", version, self.cgroup)
+        for hook, path in links.items():
+            if hook not in same_cgroup:  # configured for another cgroup, or its cgroup is gone
+                os.unlink(path)  # the last reference: the link detaches
+        bpf = self._compile()
+        try:
+            cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for hook in HOOKS:
+                    prog_fd = bpf.load_func(hook.function, _BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                                            attach_type=hook.attach_type).fd
+                    old = links.get(hook.name) if hook.name in same_cgroup else None
+                    self._link(hook, prog_fd, cgroup_fd, old, version)
+                    if old and old != self._link_path(hook, version):
+                        os.unlink(old)  # re-pinned under the new version's name
+            finally:
+                os.close(cgroup_fd)
+        finally:
+            bpf.cleanup()
+
+    def _link_path(self, hook: Hook, version: str) -> str:
+        return os.path.join(self.pin_dir, f"{hook.name}-{version}")
+
+    def _link(self, hook: Hook, prog_fd: int, cgroup_fd: int, replace: str | None, version: str) -> None:
+        """Pin a link running prog_fd on the cgroup: the `replace` link switched to it atomically, or a
+        new one (links attach in multi mode, so other users' programs on the cgroup keep running)."""
+        new_path = self._link_path(hook, version)
+        if replace:
+            fd = _obj_get(replace)
+            try:
+                _call(f"update {replace}", "bpf_link_update", fd, prog_fd, None)
+                if replace != new_path:
+                    _call(f"pin {new_path}", "bpf_obj_pin", fd, new_path.encode())
+            finally:
+                os.close(fd)
+            return
+        fd = _call(f"attach {hook.name} to {self.cgroup}", "bpf_link_create", prog_fd, cgroup_fd,
+                   hook.attach_type, None)
+        try:
+            _call(f"pin {new_path}", "bpf_obj_pin", fd, new_path.encode())
+        finally:
+            os.close(fd)
+
+    def _compile(self):  # -> bcc.BPF; bcc is imported only here: reading and writing maps needs no clang
+        try:
+            from bcc import BPF
+        except ImportError as err:
+            raise SyncError(f"the ebpf proxy needs bcc (Debian's python3-bpfcc): {err}") from None
+        try:  # the maps are created and pinned here, or the pinned ones are reused
+            return BPF(src_file=str(PROGRAM).encode(), cflags=[f'-DPIN_DIR="{self.pin_dir}"'])
+        except Exception as err:  # bcc raises plain Exception for compile and load errors
+            raise SyncError(f"cannot load {PROGRAM}: {err}") from None
+
+    # -- inspection and cleanup ---------------------------------------------------------------------
+    def kernel_view(self) -> KernelView:
+        """Each ClusterIP with the backends the maps hold; empty unless every program is attached."""
+        if self.family != 4 or set(self.pinned_links()) != {hook.name for hook in HOOKS}:
+            return KernelView()
+        if not self._maps:
+            self._open_maps()
+        state = self.read_maps()
+        entries, chains = {}, {}
+        for key, entry in state.services.items():
+            if entry.count:
+                name = f"service-{entry.id}"
+                ip = str(ipaddress.IPv4Address(key.ip))
+                entries[destination(PROTOCOL_NAMES.get(key.protocol, str(key.protocol)), ip, key.port)] = name
+                chains[name] = ChainFacts(dnat_to=tuple(str(a) for a in state.slots(entry) if a))
+        return KernelView(entries=entries, chains=chains)
+
+    def cleanup(self) -> None:
+        """Detach the programs and drop the maps: unpinning removes the last reference to each."""
+        for pinned in self._maps.values():
+            pinned.close()
+        self._maps, self._applied = {}, None
+        if not os.path.isdir(self.pin_dir):
+            return
+        try:
+            for name in os.listdir(self.pin_dir):
+                os.unlink(os.path.join(self.pin_dir, name))
+            os.rmdir(self.pin_dir)
+            if not os.listdir(PIN_ROOT):
+                os.rmdir(PIN_ROOT)
+        except OSError as err:
+            raise SyncError(f"cannot remove {self.pin_dir}: {err}") from None
