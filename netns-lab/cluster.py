@@ -123,7 +123,7 @@ def _wire_nodes(lab: Lab, state: LabState, progress: Progress) -> None:
     Nodes are wired concurrently: it is mostly waiting for `ip` processes.
     """
     def wire(node: NodeInfo) -> None:
-        topology.attach_node(lab.underlay_netns, node.netns, f"v{node.name}", node.ip)
+        topology.attach_node(lab.underlay_netns, node.netns, f"v{node.name}", node.ip, SERVICE_CIDR)
         node.responder = processes.spawn(
             netns.exec_argv(node.netns, _python_module("netns_lab.responder", "--name", node.name)),
             os.path.join(node.dir, "responder.log"))

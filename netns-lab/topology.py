@@ -60,19 +60,22 @@ def create_underlay(netns_name: str) -> None:
     })
 
 
-def attach_node(underlay_netns: str, node_netns: str, port_name: str, address: str) -> None:
+def attach_node(underlay_netns: str, node_netns: str, port_name: str, address: str,
+                service_cidr: str) -> None:
     """Create node_netns and wire its eth0 (holding `address`) to the underlay bridge."""
     netns.create(node_netns)
     ip_batch(underlay_netns, [
         f"link add {port_name} type veth peer name {NODE_IFACE} netns {node_netns}",
         f"link set {port_name} master {UNDERLAY_BRIDGE} up",
     ])
-    # The default route is what a real node has towards its network's gateway; without one, a
-    # node's own connections to a ClusterIP fail at route lookup, before the proxy's DNAT.
+    # A node's own connections to a ClusterIP need a route before the proxy's DNAT applies; a real
+    # node's default route does that. The lab routes only the service CIDR: the underlay has no
+    # upstream, and a default route into it would turn every DNS lookup (e.g. the reverse lookup
+    # Python's HTTPServer does on bind) into a resolver timeout instead of an immediate failure.
     ip_batch(node_netns, [
         f"addr add {address}/{UNDERLAY.prefixlen} dev {NODE_IFACE}",
         f"link set {NODE_IFACE} up",
-        f"route add default via {UNDERLAY_GATEWAY} dev {NODE_IFACE}",
+        f"route add {service_cidr} via {UNDERLAY_GATEWAY} dev {NODE_IFACE}",
     ])
     # A node routes for its pods, as on any Kubernetes node.
     set_sysctls(node_netns, {"net.ipv4.ip_forward": "1"})
