@@ -283,6 +283,16 @@ def _fields(struct: ctypes.Structure) -> tuple:
     return tuple(getattr(struct, name) for name, *_ in struct._fields_ if not name.startswith("pad"))
 
 
+def detach_link(path: str) -> None:
+    """Detach a pinned link now, then unpin it (unpinning alone detaches only after an RCU grace period)."""
+    fd = _obj_get(path)
+    try:
+        _call(f"detach {path}", "bpf_link_detach", fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+
+
 def program_version() -> str:
     return short_hash(PROGRAM.read_text())[:12].lower()
 
@@ -372,6 +382,8 @@ class EbpfBackend:
 
     def read_maps(self) -> MapState:
         """What the pinned maps hold now."""
+        if not self._maps:
+            self._open_maps()
         return MapState(
             services={ServiceAddr(*k): ServiceEntry(*v) for k, v in self._maps["services"].items()},
             backends={BackendSlot(*k): Addr(*v) for k, v in self._maps["backends"].items()},
@@ -393,9 +405,9 @@ class EbpfBackend:
 
     def _attach(self) -> None:
         """Attach every program to the cgroup unless a link of this program version already is."""
+        target = cgroup_id(self.cgroup)
         ensure_bpffs()
         os.makedirs(self.pin_dir, exist_ok=True)
-        target = cgroup_id(self.cgroup)
         version = program_version()
         links = self.pinned_links()
         maps_pinned = all(os.path.exists(os.path.join(self.pin_dir, name)) for name in MAPS)
@@ -407,13 +419,13 @@ class EbpfBackend:
         log.info("attaching socket-LB programs (version %s) to cgroup %s", version, self.cgroup)
         for hook, path in links.items():
             if hook not in same_cgroup:  # configured for another cgroup, or its cgroup is gone
-                os.unlink(path)  # the last reference: the link detaches
+                detach_link(path)
         bpf = self._compile()
         try:
             cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 for hook in HOOKS:
-                    prog_fd = bpf.load_func(hook.function, _BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    prog_fd = bpf.load_func(hook.function.encode(), _BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                                             attach_type=hook.attach_type).fd
                     old = links.get(hook.name) if hook.name in same_cgroup else None
                     self._link(hook, prog_fd, cgroup_fd, old, version)
@@ -462,8 +474,6 @@ class EbpfBackend:
         """Each ClusterIP with the backends the maps hold; empty unless every program is attached."""
         if self.family != 4 or set(self.pinned_links()) != {hook.name for hook in HOOKS}:
             return KernelView()
-        if not self._maps:
-            self._open_maps()
         state = self.read_maps()
         entries, chains = {}, {}
         for key, entry in state.services.items():
@@ -475,14 +485,16 @@ class EbpfBackend:
         return KernelView(entries=entries, chains=chains)
 
     def cleanup(self) -> None:
-        """Detach the programs and drop the maps: unpinning removes the last reference to each."""
+        """Detach the programs and drop the maps."""
         for pinned in self._maps.values():
             pinned.close()
         self._maps, self._applied = {}, None
         if not os.path.isdir(self.pin_dir):
             return
         try:
-            for name in os.listdir(self.pin_dir):
+            for path in self.pinned_links().values():
+                detach_link(path)
+            for name in os.listdir(self.pin_dir):  # the maps: unpinned, freed with their last user
                 os.unlink(os.path.join(self.pin_dir, name))
             os.rmdir(self.pin_dir)
             if not os.listdir(PIN_ROOT):
