@@ -103,7 +103,7 @@ def report(figures: FaultFigures, agent_figures: AgentFaultFigures, iterations: 
         ("iterations run", f"{figures.iterations} ({iterations} ADD + {iterations} DEL)"),
         ("faults injected", f"{figures.faults_injected} (kills that hit a plugin still at work)"),
         ("leftovers before GC", f"{figures.leftovers_before_gc} (allocations + veths of no live pod)"),
-        ("leaks after GC", f"{figures.leaks_after_gc} (target 0)"),
+        ("leaks after GC", f"{len(figures.leaks_after_gc)} (target 0) {' '.join(figures.leaks_after_gc)}"),
         ("connections dropped", f"{figures.connections_dropped} (target 0; 2 long-lived + 2 fresh checked)"),
         ("GC pass", f"{figures.gc_seconds:.2f}s for all of it (`netagent gc` process, Python start incl.)"),
     ]
@@ -135,7 +135,7 @@ def main() -> None:
     figures = run_plugin_kills(args.iterations, args.seed)
     agent_figures = run_agent_kills(args.agent_kills, args.seed)
     report(figures, agent_figures, args.iterations, args.seed, time.monotonic() - started)
-    failed = figures.leaks_after_gc + figures.connections_dropped + agent_figures.connections_dropped
+    failed = len(figures.leaks_after_gc) + figures.connections_dropped + agent_figures.connections_dropped
     if failed or agent_figures.changes_on_a_further_restart:
         sys.exit(1)
 
