@@ -67,6 +67,10 @@ def show_cmd(state_dir: str, netns_name: str | None) -> None:
         click.echo(f"  skipped (malformed): {reason}")
     for row in rows:
         click.echo(_format(row, names.get(row.destination, "?")))
+    for p in snapshot.ports:
+        if not p.cluster_endpoints:
+            dest = destination(p.protocol, p.cluster_ip, p.port)
+            click.echo(f"  {dest:<28} {p.display_name:<32} -> (no endpoints: connections are rejected)")
     differences = [row for row in rows if not row.in_sync]
     if differences:
         click.echo(f"{len(differences)} destination(s) differ from the desired state")
