@@ -9,7 +9,6 @@ directory), so even an `up` killed with SIGKILL half-way is cleaned up completel
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 import ipaddress
 import json
 import os
@@ -78,7 +77,7 @@ def _build(lab: Lab, count: int, network: str, proxy: str, timeout: float, progr
     state = _plan(lab, count, network, proxy)
     # Slow starters first, so they overlap: install-cni processes and the kubernetes client import.
     installing = _start_cni_install(state)
-    kube_import = threading.Thread(target=importlib.import_module, args=("netns_lab.kube",), daemon=True)
+    kube_import = threading.Thread(target=_preload_kubernetes_client, daemon=True)
     kube_import.start()
 
     progress(f"underlay: netns {lab.underlay_netns}, bridge {topology.UNDERLAY_BRIDGE} "
@@ -103,6 +102,12 @@ def _build(lab: Lab, count: int, network: str, proxy: str, timeout: float, progr
     state.phase = "ready"
     lab.save(state)
     return state
+
+
+def _preload_kubernetes_client() -> None:
+    from netns_lab import kube
+
+    kube.preload()
 
 
 def _plan(lab: Lab, count: int, network: str, proxy: str) -> LabState:

@@ -25,6 +25,12 @@ from netns_lab.state import LabError, PodInfo
 NAMESPACE = "default"
 
 
+def preload() -> None:
+    """Load the API classes the lab uses now (the client loads them lazily, ~1-2 s here), so a
+    caller can do it in the background while waiting for something else."""
+    _ = k8s.CoreV1Api, k8s.DiscoveryV1Api
+
+
 def connect(kubeconfig: str) -> k8s.ApiClient:
     return k8s_config.new_client_from_config(config_file=kubeconfig)
 
