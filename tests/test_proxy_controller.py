@@ -97,13 +97,16 @@ def test_show_reports_in_sync_and_calls_out_kernel_drift(
     api: Api, node: Node, controller: ProxyController, tmp_path
 ) -> None:
     api.core.create_namespaced_service("default", service())
+    api.core.create_namespaced_service("default", service("empty", cluster_ip="10.96.0.20"))
     api.put_slice(endpoint_slice("web", [endpoint("p0")]))
     eventually(lambda: reached(node, tries=3) == {"p0"})
     runner = CliRunner()
     args = ["show", "--state-dir", str(tmp_path), "--netns", node.ns]
-    eventually(lambda: runner.invoke(proxy_group, args).exit_code == 0)
+    eventually(lambda: "default/empty" in runner.invoke(proxy_group, args).output)
     result = runner.invoke(proxy_group, args)
-    assert "in sync" in result.output and "default/web:http" in result.output
+    assert result.exit_code == 0 and "in sync" in result.output
+    assert "default/web:http" in result.output
+    assert "default/empty:http" in result.output and "rejected" in result.output
 
     _remove_service_entry(node)
     result = runner.invoke(proxy_group, args)
