@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from netagent.proxy.backend import Backend, NodeContext, SyncError, expected_backends
 from netagent.proxy.conntrack import delete_udp_flows, removed_udp_endpoints
+from netagent.proxy.ebpf import EbpfBackend
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.iptables import IptablesBackend, IptablesLegacyBackend
 from netagent.proxy.model import Snapshot
@@ -16,14 +17,18 @@ from netagent.proxy.nftables import NftablesBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS: dict[str, type[Backend]] = {
-    backend.kind: backend for backend in (IptablesBackend, IptablesLegacyBackend, NftablesBackend)
+# EbpfBackend programs BPF maps, not rules: it has Backend's public surface (kind, family, sync,
+# kernel_view, cleanup) without its rule-rendering machinery, so it is not a subclass.
+AnyBackend = Backend | EbpfBackend
+BACKENDS: dict[str, type[AnyBackend]] = {
+    backend.kind: backend
+    for backend in (IptablesBackend, IptablesLegacyBackend, NftablesBackend, EbpfBackend)
 }
 
 
 def make_backends(
     kind: str, node: NodeContext, families: tuple[int, ...] = (4, 6), netns: str | None = None
-) -> list[Backend]:
+) -> list[AnyBackend]:
     if kind not in BACKENDS:
         raise ValueError(f"unknown proxy backend {kind!r}: choose one of {', '.join(sorted(BACKENDS))}")
     return [BACKENDS[kind](node, family=family, netns=netns) for family in families]
@@ -42,7 +47,7 @@ class Comparison:
         return self.desired == self.kernel
 
 
-def compare(backends: list[Backend], snapshot: Snapshot) -> list[Comparison]:
+def compare(backends: list[AnyBackend], snapshot: Snapshot) -> list[Comparison]:
     rows = []
     for backend in backends:
         desired = expected_backends(snapshot.for_family(backend.family))
