@@ -15,10 +15,14 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from netns_lab import probe
 from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
 from netns_lab.state import Lab, LabError, LabState
+
+if TYPE_CHECKING:  # the kubernetes client is imported only when services are checked
+    from netns_lab.kube import ServiceTarget
 
 PARALLEL_PROBES = 8
 
@@ -64,8 +68,8 @@ class Report:
         return "FAIL" if every_protocol_failed else "FAIL:" + "+".join(failed)
 
 
-def plan(state: LabState, services: list | None) -> tuple[list[Probe], list[str], list[str]]:
-    """Every probe for this lab (services: kube.ServiceTarget list, None = no proxy to test)."""
+def plan(state: LabState, services: list[ServiceTarget] | None) -> tuple[list[Probe], list[str], list[str]]:
+    """Every probe for this lab, and the matrix's rows and columns (services None: no proxy to test)."""
     pods = sorted(state.pods.values(), key=lambda p: (p.node, p.name))
     nodes = list(state.nodes.values())
     pod_at = {ip: pod.name for pod in pods for ip in pod.ips}
@@ -105,7 +109,7 @@ def run_probe(p: Probe) -> Outcome:
     return Outcome(p, answer, answer in p.expected)
 
 
-def run(state: LabState, services: list | None) -> Report:
+def run(state: LabState, services: list[ServiceTarget] | None) -> Report:
     probes, rows, columns = plan(state, services)
     with concurrent.futures.ThreadPoolExecutor(PARALLEL_PROBES) as pool:
         outcomes = list(pool.map(run_probe, probes))
