@@ -25,7 +25,7 @@ from test_proxy_dataplane import PODS, SERVER, endpoint, endpoint_slice, eventua
 
 from netagent import netns
 from netagent.proxy.backend import NodeContext, SyncError
-from netagent.proxy.ebpf import EbpfBackend, cgroup_id, link_info
+from netagent.proxy.ebpf import MAPS, EbpfBackend, cgroup_id, link_info, program_version
 from netagent.proxy.model import Snapshot, build_snapshot
 from netagent.proxy.proxier import compare
 
@@ -236,6 +236,33 @@ from netagent.proxy.model import Snapshot
 backend = EbpfBackend(NodeContext(sys.argv[1]), cgroup=sys.argv[2])
 print("changed:", bool(backend.sync(Snapshot.from_dict(json.loads(sys.argv[3])).ports)))
 """
+
+
+def test_a_sync_writes_only_the_map_entries_that_differ(node: Node) -> None:
+    node.program(slices_for(*PODS))
+    assert not node.backend.sync(build_snapshot([web()], slices_for(*PODS), node.name).ports)
+    changes = node.backend.sync(build_snapshot([web()], slices_for("p0", "p2"), node.name).ports)
+    # per service (TCP and UDP): its count, p2 moved into p1's slot, p2's old slot deleted
+    assert (len(changes.set_services), len(changes.set_backends), len(changes.deleted_backends)) == (2, 2, 2)
+    assert not changes.deleted_services
+    assert node.pods_reached() == {"p0", "p2"}
+
+
+def test_a_new_program_version_replaces_the_attached_one_in_place(node: Node) -> None:
+    snapshot = node.program(slices_for(*PODS))
+    before = {hook: link_info(path) for hook, path in node.backend.pinned_links().items()}
+    for path in node.backend.pinned_links().values():  # as an agent of an older release left them
+        os.rename(path, path.rsplit("-", 1)[0] + "-older")
+    with held_connection(node) as (_, echo):
+        EbpfBackend(NodeContext(node.name), cgroup=node.cgroup).sync(snapshot.ports)
+        after = {hook: link_info(path) for hook, path in node.backend.pinned_links().items()}
+        assert {hook: info.id for hook, info in after.items()} == {h: i.id for h, i in before.items()}
+        assert all(after[hook].prog_id != before[hook].prog_id for hook in before)  # swapped atomically
+        assert sorted(os.listdir(node.backend.pin_dir)) == sorted(
+            [*MAPS, *(f"{hook}-{program_version()}" for hook in before)]
+        )
+        assert echo("upgraded") == "upgraded"
+    assert node.pods_reached() == set(PODS)
 
 
 def test_a_client_outside_the_cgroup_is_not_balanced(node: Node) -> None:

@@ -18,6 +18,9 @@ Kernel state, pinned under /sys/fs/bpf/netagent/<node>/ so it outlives the agent
   <hook>-<version>     bpf_links attaching each program to the cgroup; version hashes sock_lb.c
 A restart that finds links of its own version on the same cgroup only re-opens the maps: no compile,
 no re-attach, no flush. A changed program replaces the attached one atomically (bpf_link_update).
+A change to a map's layout in sock_lb.c is the exception: bcc refuses a pinned map of another shape,
+so that upgrade needs `cleanup()` first (connections survive it; new ones are balanced again once
+the next sync has filled the new maps).
 
 Each sync computes the desired map contents from the Snapshot, diffs them with what the maps hold and
 writes only the differing entries, ordered so the program never picks a slot that is not there (slots
