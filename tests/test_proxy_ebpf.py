@@ -280,10 +280,10 @@ def test_cleanup_detaches_everything_and_removes_the_pins(node: Node) -> None:
     assert set(node.ask("tcp", VIP, TCP_PORT, 5)) == {"node"}  # the cgroup's sockets are left alone
 
 
-def test_a_path_that_is_not_a_cgroup_is_a_clear_error(node: Node, tmp_path: Path) -> None:
-    backend = EbpfBackend(NodeContext(f"{node.name}x"), cgroup=str(tmp_path))
-    try:
-        with pytest.raises(SyncError, match="is not a cgroup v2 directory"):
-            backend.sync([])
-    finally:
-        backend.cleanup()
+def test_bad_configuration_is_a_clear_error(prefix: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot name a bpffs directory"):
+        EbpfBackend(NodeContext("../etc"))
+    backend = EbpfBackend(NodeContext(f"{prefix}-node"), cgroup=str(tmp_path))
+    with pytest.raises(SyncError, match="is not a cgroup v2 directory"):
+        backend.sync([])
+    assert not os.path.exists(backend.pin_dir)  # nothing was created

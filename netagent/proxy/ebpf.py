@@ -45,7 +45,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from netagent.proxy.backend import ChainFacts, KernelView, NodeContext, SyncError, destination
 from netagent.proxy.model import ServicePort, short_hash
@@ -462,7 +462,7 @@ class EbpfBackend:
         finally:
             os.close(fd)
 
-    def _compile(self):  # -> bcc.BPF; bcc is imported only here: reading and writing maps needs no clang
+    def _compile(self) -> Any:  # a bcc.BPF; imported only here: reading and writing maps needs no clang
         try:
             from bcc import BPF
         except ImportError as err:
@@ -483,7 +483,7 @@ class EbpfBackend:
             if entry.count:
                 name = f"service-{entry.id}"
                 ip = str(ipaddress.IPv4Address(key.ip))
-                entries[destination(PROTOCOL_NAMES.get(key.protocol, str(key.protocol)), ip, key.port)] = name
+                entries[destination(PROTOCOL_NAMES[key.protocol], ip, key.port)] = name
                 chains[name] = ChainFacts(dnat_to=tuple(str(a) for a in state.slots(entry) if a))
         return KernelView(entries=entries, chains=chains)
 
@@ -499,8 +499,6 @@ class EbpfBackend:
                 detach_link(path)
             for name in os.listdir(self.pin_dir):  # the maps: unpinned, freed with their last user
                 os.unlink(os.path.join(self.pin_dir, name))
-            os.rmdir(self.pin_dir)
-            if not os.listdir(PIN_ROOT):
-                os.rmdir(PIN_ROOT)
+            os.rmdir(self.pin_dir)  # PIN_ROOT stays: other nodes' agents may be creating theirs in it
         except OSError as err:
             raise SyncError(f"cannot remove {self.pin_dir}: {err}") from None
