@@ -287,3 +287,7 @@ def test_bad_configuration_is_a_clear_error(prefix: str, tmp_path: Path) -> None
     with pytest.raises(SyncError, match="is not a cgroup v2 directory"):
         backend.sync([])
     assert not os.path.exists(backend.pin_dir)  # nothing was created
+    lab_node = EbpfBackend(NodeContext(f"{prefix}-node"), netns=f"{prefix}-node")  # default: root cgroup
+    with pytest.raises(SyncError, match="refusing to attach to the root cgroup"):
+        lab_node.sync([])
+    assert not os.path.exists(lab_node.pin_dir)

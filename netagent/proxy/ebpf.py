@@ -30,7 +30,8 @@ last backend, so one endpoint change rewrites at most two entries.
 
 Which cgroup: on a real node the root of the unified hierarchy (pods' cgroups are below it). Where
 several "nodes" share one host (the netns lab, tests), each node needs its own cgroup holding its
-pods' processes, or one node's services would rewrite every process's sockets.
+pods' processes, or one node's services would rewrite every process's sockets: the root cgroup is
+refused when the node is a netns (the agent runs outside the host's netns, or was given a netns).
 """
 
 from __future__ import annotations
@@ -307,6 +308,10 @@ def cgroup_id(path: str) -> int:
     return os.stat(path).st_ino
 
 
+def _in_init_netns() -> bool:
+    return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+
+
 def ensure_bpffs() -> None:
     """Pinning needs bpffs at /sys/fs/bpf (a filesystem mount, no network change)."""
     if not os.path.ismount(BPFFS):
@@ -409,6 +414,11 @@ class EbpfBackend:
     def _attach(self) -> None:
         """Attach every program to the cgroup unless a link of this program version already is."""
         target = cgroup_id(self.cgroup)
+        if target == cgroup_id(DEFAULT_CGROUP) and (self.netns or not _in_init_netns()):
+            raise SyncError(
+                f"refusing to attach to the root cgroup {self.cgroup} for a node that is a netns (lab, "
+                "tests): it would balance every process on the host; give this node its own cgroup"
+            )
         ensure_bpffs()
         os.makedirs(self.pin_dir, exist_ok=True)
         version = program_version()
