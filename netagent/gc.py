@@ -161,8 +161,8 @@ class Collector:
             owner = "/".join(release.owner) if release.owner else "no owner"
             log.info("%s %s %s (attachment %s): %s", "would release" if dry_run else "released",
                      release.kind, release.name, owner, release.reason)
-            if release.kind == "allocation" and not dry_run:
-                _forget_flows(release.name)
+        if not dry_run:
+            _forget_flows([release.name for release in report.releases if release.kind == "allocation"])
         if judge.held_orphans:
             log.warning("kept %d veths without allocation: live pods %s have none, one may be theirs",
                         judge.held_orphans, ", ".join(sorted(judge.unallocated_pod_ips())))
@@ -227,18 +227,30 @@ class _PassJudge:
         return ORPHAN_VETH
 
 
-def _forget_flows(address: str) -> None:
-    """Delete the node's conntrack entries from, to, or DNATed to a released address, so a pod that
-    gets the address next does not inherit a dead pod's flows. Best effort: entries also time out."""
-    for selector in ("--orig-src", "--orig-dst", "--reply-src"):
-        try:
-            done = subprocess.run(["conntrack", "-D", selector, address], capture_output=True, text=True,
-                                  check=False, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("conntrack cleanup for %s skipped: %s", address, exc)
-            return
-        if done.returncode != 0 and "0 flow entries" not in done.stderr:  # 1 = nothing matched
-            log.warning("conntrack %s %s failed: %s", selector, address, done.stderr.strip())
+def _forget_flows(addresses: list[str]) -> None:
+    """Delete the node's conntrack entries from, to, or DNATed to released addresses, so a pod that
+    gets an address next does not inherit a dead pod's flows. One listing first: most released
+    addresses have no entries, and three deletions each would cost a pass seconds. Best effort:
+    entries also time out."""
+    if not addresses:
+        return
+    listed = _conntrack("-L", "-f", "ipv4") + _conntrack("-L", "-f", "ipv6")
+    for address in addresses:
+        if f"={address} " in listed:
+            for selector in ("--orig-src", "--orig-dst", "--reply-src"):
+                _conntrack("-D", selector, address)
+
+
+def _conntrack(*args: str) -> str:
+    """Run the conntrack tool; its output, or "" (logged) when it failed."""
+    try:
+        done = subprocess.run(["conntrack", *args], capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("conntrack %s: %s", " ".join(args), exc)
+        return ""
+    if done.returncode != 0 and "0 flow entries" not in done.stderr:  # exit 1 = nothing matched
+        log.warning("conntrack %s failed: %s", " ".join(args), done.stderr.strip())
+    return done.stdout
 
 
 def _node_pod_cidrs(state_dir: str) -> tuple[IPNetwork, ...] | None:
