@@ -105,8 +105,8 @@ def sweep(
     releases: list[Release] = []
     with links.node_iproute() as ipr:
         with store.locked():
-            veths = _veths(ipr, network_name)
             attachments = _attachments(store)
+            veths = _veths(ipr, network_name, {a.veth_name for a in attachments})
             condemned = {a.owner: reason for a in attachments if (reason := judge_attachment(a)) is not None}
             for attachment in attachments:
                 if attachment.owner in condemned:
@@ -143,12 +143,16 @@ def _address_order(address: IPAddress) -> tuple[int, int]:
     return address.version, int(address)
 
 
-def _veths(ipr: IPRoute, network_name: str) -> list[Veth]:
+def _veths(ipr: IPRoute, network_name: str, attachment_veths: set[str]) -> list[Veth]:
+    """The network's host veths: those carrying its alias, and those named after one of its
+    attachments (an ADD killed between creating the veth and labelling it leaves one without)."""
+    alias = links.network_alias(network_name)
     veths = []
-    for name in links.veths_of_network(ipr, network_name):
-        link = links.find(ipr, name)
-        if link is not None:
-            veths.append(Veth(name, link.index))
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME")
+        is_veth = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth"
+        if is_veth and (link.get_attr("IFLA_IFALIAS") == alias or name in attachment_veths):
+            veths.append(Veth(name, link["index"]))
     return veths
 
 

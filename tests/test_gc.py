@@ -303,6 +303,17 @@ def test_a_veth_without_allocation_goes_only_after_being_seen_orphaned_for_the_g
     assert node.veths() == set()
 
 
+def test_a_veth_left_without_its_network_label_by_a_killed_add_still_goes_with_its_allocation(node):
+    pod = node.new_pod("killed")
+    node.cni("ADD", pod)
+    netns.run(node.ns, ["ip", "link", "set", veth_of(pod), "alias", ""])  # as if killed before labelling
+
+    done = node.gc("--grace", "0")
+
+    assert f"released veth {veth_of(pod)} (container {pod.container_id} eth0)" in done.stdout
+    assert node.veths() == set()
+
+
 def test_veths_are_kept_while_a_live_pod_has_no_allocation_as_after_a_wiped_ipam_dir(node):
     live = node.run_pod("live")
     os.unlink(os.path.join(node.data_dir, NETWORK, live.ip))  # IPAM dir wiped under a live pod
