@@ -186,6 +186,12 @@ def test_connects_to_the_cluster_ip_reach_every_endpoint(node: Node) -> None:
     assert all(row.in_sync for row in compare([node.backend], snapshot))  # `proxy show` agrees
 
 
+def test_only_usable_endpoints_are_chosen(node: Node) -> None:
+    not_ready = endpoint("p1", ready=False)
+    node.program([endpoint_slice("web", [endpoint("p0"), not_ready, endpoint("p2")], name="web-tcp")])
+    assert node.pods_reached() == {"p0", "p2"}
+
+
 def test_udp_replies_appear_to_come_from_the_cluster_ip(node: Node) -> None:
     node.program(slices_for(*PODS))
     replies = [line.split() for line in node.ask("udp", VIP, UDP_PORT, 30)]
