@@ -12,9 +12,18 @@ import json
 import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from netagent.http_endpoint import EndpointServer
 
 
 class SyncTracker:
@@ -119,8 +128,7 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:  # probes are not news
                 return
 
-        self._server = ThreadingHTTPServer(parse_bind(address), Handler)
-        self._server.daemon_threads = True
+        self._server = EndpointServer(parse_bind(address), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True)
 
     @property
@@ -139,19 +147,31 @@ class MetricsServer:
     """Prometheus /metrics for the agent's own registry."""
 
     def __init__(self, address: str, registry: CollectorRegistry) -> None:
-        self._address = parse_bind(address)
-        self._registry = registry
-        self._server = None
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                payload = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+                return
+
+        self._server = EndpointServer(parse_bind(address), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server else 0
+        return self._server.server_address[1]
 
     def start(self) -> None:
-        host, port = self._address
-        self._server, _thread = start_http_server(port, host, registry=self._registry)
+        self._thread.start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        self._server.shutdown()
+        self._server.server_close()

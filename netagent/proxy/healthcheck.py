@@ -12,9 +12,10 @@ import json
 import logging
 import threading
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from netagent import netns as netns_mod
+from netagent.http_endpoint import EndpointServer
 from netagent.proxy.model import ServicePort
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class _HealthServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _HealthServer(EndpointServer):
     status: tuple[str, str, int] = ("", "", 0)
 
 
