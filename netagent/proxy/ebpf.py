@@ -3,7 +3,8 @@
 Scope: ClusterIP only, IPv4, TCP and UDP. NOT covered (yet): NodePort, externalIPs, LoadBalancer IPs
 and externalTrafficPolicy (they need a tc program on the node's interfaces, which this backend does not
 have), IPv6 (no connect6 program), SCTP and sessionAffinity. Such ports are logged once and left out;
-`netagent proxy show` lists them as out of sync, which they are.
+`netagent proxy show` lists them as out of sync, which they are. getpeername() on a connected socket
+shows the pod, not the ClusterIP (there is no getpeername4 program); UDP replies do show the ClusterIP.
 
 How it works: ebpf/sock_lb.c runs on connect()/sendmsg()/recvmsg() of every socket whose process is in
 the configured cgroup v2 (or below it), whatever netns the socket lives in. A connect to a ClusterIP is
