@@ -3,12 +3,13 @@
  * Attached to a cgroup v2: every connect()/sendmsg() of a process below it that targets a service
  * address is rewritten, before any packet exists, to one of the service's backends chosen at random.
  * No NAT and no conntrack entry on the data path: the socket is simply connected to the pod.
- * For UDP the reverse translation is done on recvmsg(), so replies appear to come from the
- * ClusterIP, as the application expects.
+ * The reverse translation is done on recvmsg() (UDP replies) and getpeername(), so the application
+ * only ever sees the ClusterIP it asked for.
  *
  * The maps are pinned under PIN_DIR (passed by the loader) so they outlive the agent: a restart
  * re-opens them instead of starting empty. The agent writes `services` and `backends`; the program
- * only writes `reverse` (a cache, LRU: entries of closed sockets age out on their own).
+ * only writes `reverse` (a cache, LRU: entries of closed sockets age out on their own; an evicted one
+ * only means that socket's getpeername() or replies show the pod's address).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -81,7 +82,7 @@ static __always_inline int pick_backend(struct bpf_sock_addr *ctx, int remember)
 
 int sock4_connect(struct bpf_sock_addr *ctx)
 {
-    return pick_backend(ctx, ctx->protocol == IPPROTO_UDP);
+    return pick_backend(ctx, 1);
 }
 
 int sock4_sendmsg(struct bpf_sock_addr *ctx)
@@ -89,7 +90,8 @@ int sock4_sendmsg(struct bpf_sock_addr *ctx)
     return pick_backend(ctx, 1);
 }
 
-int sock4_recvmsg(struct bpf_sock_addr *ctx)
+/* Shows the ClusterIP the socket was rewritten from, in place of the backend it talks to. */
+static __always_inline int restore_service(struct bpf_sock_addr *ctx)
 {
     struct reverse_key rkey = {
         .cookie = bpf_get_socket_cookie(ctx),
@@ -101,5 +103,15 @@ int sock4_recvmsg(struct bpf_sock_addr *ctx)
         ctx->user_ip4 = original->ip;
         ctx->user_port = original->port;
     }
-    return ALLOW; /* recvmsg hooks must allow */
+    return ALLOW; /* these hooks must allow */
+}
+
+int sock4_recvmsg(struct bpf_sock_addr *ctx)
+{
+    return restore_service(ctx);
+}
+
+int sock4_getpeername(struct bpf_sock_addr *ctx)
+{
+    return restore_service(ctx);
 }

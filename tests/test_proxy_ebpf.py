@@ -33,7 +33,8 @@ VIP, GATEWAY, CLIENT_IP = "10.96.0.10", "10.244.0.1", "10.244.0.20"
 TCP_PORT, UDP_PORT = 8080, 5353  # service port == the pods' port, so the node's own server answers too
 CGROUP_ROOT = "/sys/fs/cgroup/unified"
 
-# Runs in the client pod. tcp N: N fresh connections, one "<pod>" (or "refused <errno>") per line.
+# Runs in the client pod. tcp N: N fresh connections, one "<pod> <getpeername ip>:<port>" (or
+# "refused <errno>") per line.
 # udp N: N requests from one unconnected socket, "<pod> <reply source ip> <reply source port>" each.
 # hold: one connection, prints its greeting, then echoes each stdin line through it.
 CLIENT = r"""
@@ -43,7 +44,7 @@ if mode == "tcp":
     for _ in range(int(sys.argv[4])):
         try:
             with socket.create_connection((ip, port), timeout=5) as s:
-                print(s.makefile().readline().split()[0], flush=True)
+                print(s.makefile().readline().split()[0], "%s:%d" % s.getpeername(), flush=True)
         except OSError as err:
             print("refused", err.errno, flush=True)
 elif mode == "udp":
@@ -88,8 +89,8 @@ class Node:
                              timeout=120, check=True)
         return out.stdout.splitlines()
 
-    def pods_reached(self, tries: int = 40) -> set[str]:
-        return set(self.ask("tcp", VIP, TCP_PORT, tries))
+    def pods_reached(self, tries: int = 40, in_cgroup: bool = True) -> set[str]:
+        return {line.split()[0] for line in self.ask("tcp", VIP, TCP_PORT, tries, in_cgroup=in_cgroup)}
 
 
 def web() -> dict:
@@ -182,7 +183,9 @@ def attached(node: Node) -> dict[str, int]:
 # -- behaviour ----------------------------------------------------------------------------------------
 def test_connects_to_the_cluster_ip_reach_every_endpoint(node: Node) -> None:
     snapshot = node.program(slices_for(*PODS))
-    assert node.pods_reached() == set(PODS)
+    answers = [line.split() for line in node.ask("tcp", VIP, TCP_PORT, 40)]
+    assert {pod for pod, _ in answers} == set(PODS)
+    assert {peer for _, peer in answers} == {f"{VIP}:{TCP_PORT}"}  # getpeername() shows the ClusterIP
     assert all(row.in_sync for row in compare([node.backend], snapshot))  # `proxy show` agrees
 
 
@@ -220,7 +223,7 @@ def test_a_removed_endpoint_gets_no_new_connections_but_an_established_one_keeps
 def test_an_agent_restart_keeps_programs_maps_and_connections(node: Node) -> None:
     snapshot = node.program(slices_for(*PODS))
     programs, maps = attached(node), node.backend.read_maps()
-    assert set(programs) == {"connect4", "sendmsg4", "recvmsg4"}
+    assert set(programs) == {"connect4", "sendmsg4", "recvmsg4", "getpeername4"}
     with held_connection(node) as (_, echo):
         restarted = subprocess.run(
             [sys.executable, "-c", RESYNC, node.name, node.cgroup, json.dumps(snapshot.to_dict())],
@@ -273,7 +276,7 @@ def test_a_new_program_version_replaces_the_attached_one_in_place(node: Node) ->
 
 def test_a_client_outside_the_cgroup_is_not_balanced(node: Node) -> None:
     node.program(slices_for(*PODS))
-    assert set(node.ask("tcp", VIP, TCP_PORT, 10, in_cgroup=False)) == {"node"}
+    assert node.pods_reached(10, in_cgroup=False) == {"node"}
     assert tcp_ask(node.client_ns, VIP, TCP_PORT).pod == "node"  # this test process is not in it either
 
 
@@ -283,7 +286,7 @@ def test_cleanup_detaches_everything_and_removes_the_pins(node: Node) -> None:
     assert not os.path.exists(node.backend.pin_dir)
     shown = subprocess.run(["bpftool", "-j", "cgroup", "show", node.cgroup], capture_output=True, text=True)
     assert json.loads(shown.stdout.strip() or "[]") == []
-    assert set(node.ask("tcp", VIP, TCP_PORT, 5)) == {"node"}  # the cgroup's sockets are left alone
+    assert node.pods_reached(5) == {"node"}  # the cgroup's sockets are left alone
 
 
 def test_bad_configuration_is_a_clear_error(prefix: str, tmp_path: Path) -> None:

@@ -3,19 +3,20 @@
 Scope: ClusterIP only, IPv4, TCP and UDP. NOT covered (yet): NodePort, externalIPs, LoadBalancer IPs
 and externalTrafficPolicy (they need a tc program on the node's interfaces, which this backend does not
 have), IPv6 (no connect6 program), SCTP and sessionAffinity. Such ports are logged once and left out;
-`netagent proxy show` lists them as out of sync, which they are. getpeername() on a connected socket
-shows the pod, not the ClusterIP (there is no getpeername4 program); UDP replies do show the ClusterIP.
+`netagent proxy show` lists them as out of sync, which they are.
 
-How it works: ebpf/sock_lb.c runs on connect()/sendmsg()/recvmsg() of every socket whose process is in
-the configured cgroup v2 (or below it), whatever netns the socket lives in. A connect to a ClusterIP is
-rewritten to a random backend before any packet exists: no DNAT, no conntrack entry, and an established
-connection is a plain pod-to-pod one, so removing an endpoint or restarting the agent cannot touch it.
+How it works: ebpf/sock_lb.c runs on connect()/sendmsg()/recvmsg()/getpeername() of every socket whose
+process is in the configured cgroup v2 (or below it), whatever netns the socket lives in. A connect to a
+ClusterIP is rewritten to a random backend before any packet exists: no DNAT, no conntrack entry, and an
+established connection is a plain pod-to-pod one, so removing an endpoint or restarting the agent cannot
+touch it.
 A service without endpoints makes connect()/sendto() fail with EPERM (refuse, never blackhole).
 
 Kernel state, pinned under /sys/fs/bpf/netagent/<node>/ so it outlives the agent:
   services             (ClusterIP, port, protocol) -> (backend count, service id)
   backends             (service id, slot) -> (pod IP, port), slots 0..count-1
-  reverse              the program's own LRU cache (socket, backend) -> ClusterIP for UDP replies
+  reverse              the program's own LRU cache (socket, backend) -> ClusterIP, so UDP replies and
+                       getpeername() show the ClusterIP
   <hook>-<version>     bpf_links attaching each program to the cgroup; version hashes sock_lb.c
 A restart that finds links of its own version on the same cgroup only re-opens the maps: no compile,
 no re-attach, no flush. A changed program replaces the attached one atomically (bpf_link_update).
@@ -77,6 +78,7 @@ HOOKS = (
     Hook("connect4", "sock4_connect", 10),  # BPF_CGROUP_INET4_CONNECT
     Hook("sendmsg4", "sock4_sendmsg", 14),  # BPF_CGROUP_UDP4_SENDMSG
     Hook("recvmsg4", "sock4_recvmsg", 19),  # BPF_CGROUP_UDP4_RECVMSG
+    Hook("getpeername4", "sock4_getpeername", 29),  # BPF_CGROUP_INET4_GETPEERNAME
 )
 
 
