@@ -225,6 +225,7 @@ def test_an_agent_restart_keeps_programs_maps_and_connections(node: Node) -> Non
     programs, maps = attached(node), node.backend.read_maps()
     assert set(programs) == {"connect4", "sendmsg4", "recvmsg4", "getpeername4"}
     with held_connection(node) as (_, echo):
+        node.backend.close()  # the old agent exits
         restarted = subprocess.run(
             [sys.executable, "-c", RESYNC, node.name, node.cgroup, json.dumps(snapshot.to_dict())],
             capture_output=True, text=True, timeout=60,
@@ -232,7 +233,7 @@ def test_an_agent_restart_keeps_programs_maps_and_connections(node: Node) -> Non
         assert restarted.returncode == 0, restarted.stderr
         assert restarted.stdout.strip() == "changed: False"
         assert attached(node) == programs  # the same programs, never detached
-        assert EbpfBackend(NodeContext(node.name), cgroup=node.cgroup).read_maps() == maps  # the pinned ones
+        assert node.backend.read_maps() == maps  # re-opened from the pins
         assert echo("after restart") == "after restart"
     assert node.pods_reached() == set(PODS)
 
@@ -263,7 +264,10 @@ def test_a_new_program_version_replaces_the_attached_one_in_place(node: Node) ->
     for path in node.backend.pinned_links().values():  # as an agent of an older release left them
         os.rename(path, path.rsplit("-", 1)[0] + "-older")
     with held_connection(node) as (_, echo):
-        EbpfBackend(NodeContext(node.name), cgroup=node.cgroup).sync(snapshot.ports)
+        node.backend.close()
+        upgraded = EbpfBackend(NodeContext(node.name), cgroup=node.cgroup)
+        upgraded.sync(snapshot.ports)
+        upgraded.close()
         after = {hook: link_info(path) for hook, path in node.backend.pinned_links().items()}
         assert {hook: info.id for hook, info in after.items()} == {h: i.id for h, i in before.items()}
         assert all(after[hook].prog_id != before[hook].prog_id for hook in before)  # swapped atomically

@@ -533,11 +533,15 @@ class EbpfBackend:
                 chains[name] = ChainFacts(dnat_to=tuple(str(a) for a in state.live_slots(entry) if a))
         return KernelView(entries=entries, chains=chains)
 
-    def cleanup(self) -> None:
-        """Detach the programs and drop the maps."""
+    def close(self) -> None:
+        """Release this process's handles on the maps; the kernel state stays, as when the agent exits."""
         for pinned in self._maps.values():
             pinned.close()
         self._maps, self._applied = {}, None
+
+    def cleanup(self) -> None:
+        """Detach the programs and drop the maps."""
+        self.close()
         if not os.path.isdir(self.pin_dir):
             return
         try:
