@@ -105,7 +105,7 @@ def bench_backend(kind: str, services: list, slices: list, endpoints: int, chang
         try:  # the last change is in the kernel
             live = "yes" if endpoint_ip(fresh_ip - endpoints) in rule_text(kind, ns) else "NO"
         except subprocess.CalledProcessError as err:  # iptables-save (nft variant) crashes at 10k x 10
-            live = f"unverified ({err.cmd[3]} failed: {err.returncode})"
+            live = f"unverified ({err.cmd[4]} failed: {err.returncode})"
         return {"cold": cold, "noop": noop, "changes": change_times, "live": live}
     finally:
         netns.delete(ns)
