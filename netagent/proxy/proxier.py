@@ -75,10 +75,12 @@ class Proxier:
         self._last = Snapshot()
 
     def remove_other_backends(self) -> None:
-        """Delete what another backend left behind (the node switched --proxy): its rules would
-        still DNAT. Call before the first sync; the chosen backend's own rules are never touched."""
-        for kind in BACKENDS:
-            if kind != self.kind:
+        """Delete what another rule backend left behind (the node switched --proxy): its rules would
+        still DNAT. Call before the first sync; the chosen backend's own rules are never touched.
+        Only netns-scoped (rule) backends: ebpf state is host-wide (bpffs, cgroups) and keyed by
+        node name, so removing it from here could hit another lab's node of the same name."""
+        for kind, backend_type in BACKENDS.items():
+            if kind != self.kind and issubclass(backend_type, Backend):
                 for backend in make_backends(kind, self.node, self.families, self.netns):
                     try:
                         backend.cleanup()
