@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+ADDR_GEN_MODE_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
+
 log = logging.getLogger("netagent.node_network")
 
 ROUTE_PROTOCOL = 211  # rtnetlink protocol number marking routes netagent owns (see /etc/iproute2/rt_protos)
@@ -333,6 +335,10 @@ class VxlanNetwork:
                       vxlan_local=self.underlay.node_ip, vxlan_link=self.underlay.index,
                       vxlan_learning=0, address=self.vtep_mac, mtu=self.mtu)
         index = self.ipr.link_lookup(ifname=self.device)[0]
+        # No IPv6 link-local address: the overlay routes by VTEP addresses and permanent neighbours,
+        # and a link-local address would only add DAD traffic and late kernel events after startup.
+        self.ipr.link("set", index=index, IFLA_AF_SPEC={
+            "attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE)]})]})
         self.ipr.link("set", index=index, state="up")
         return index
 

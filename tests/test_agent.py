@@ -71,10 +71,16 @@ class AgentProcess:
         return os.path.join(self.state_dir, "ready")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Ready means THIS process wrote the marker: a SIGKILLed predecessor's marker names its pid."""
+
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.log()}")
-            return os.path.exists(self.ready_path)
+            try:
+                with open(self.ready_path) as f:
+                    return f.read().strip() == str(self.proc.pid)
+            except FileNotFoundError:
+                return False
 
         try:
             wait_for(ready, timeout, f"agent in {self.ns} to be ready")
@@ -550,7 +556,7 @@ def test_a_long_lived_tcp_connection_survives_an_agent_restart_with_no_kernel_ch
             restarted.wait_ready()
             assert connection.round_trip(b"during")
 
-        assert monitor.lines == []
+        assert monitor.lines == [], "\n".join(monitor.lines)
         assert kernel_dump(client_node.ns) == before
         assert connection.round_trip(b"after")
     finally:
