@@ -32,7 +32,12 @@ from netagent.lock import AgentLock, LockHeldError
 log = logging.getLogger("netagent.agent")
 
 NETWORK_MODES = ("vxlan", "routes", "none")
-PROXY_BACKENDS = ("none", "iptables", "nftables", "ipvs", "ebpf")
+PROXY_BACKENDS = ("none", "iptables", "iptables-legacy", "nftables", "ipvs", "ebpf")
+# accepted on the command line (the lab and manifests name them) but refused with the reason
+UNAVAILABLE_PROXIES = {
+    "ipvs": "the IPVS backend is not implemented (and this kind of kernel has no IPVS: see "
+            "`netagent doctor`); use --proxy nftables",
+}
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,8 @@ def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs:
         gc_interval=gc_interval, gc_grace=gc_grace, cni_data_dir=cni_data_dir,
         containerd_socket=containerd_socket,
     )
+    if proxy in UNAVAILABLE_PROXIES:
+        raise click.ClickException(f"--proxy {proxy}: {UNAVAILABLE_PROXIES[proxy]}")
     agent = Agent(config)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.stop())

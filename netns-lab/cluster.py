@@ -32,7 +32,7 @@ API_PORT = 6443
 HEALTHZ_PORT = 10256
 METRICS_PORT = 10249
 NETWORKS = ("vxlan", "routes")
-PROXIES = ("none", "iptables", "nftables", "ipvs", "ebpf")
+PROXIES = ("none", "iptables", "iptables-legacy", "nftables", "ipvs", "ebpf")
 DEFAULT_TIMEOUT = 90.0
 LOG_TAIL_LINES = 25
 
