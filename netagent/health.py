@@ -12,7 +12,6 @@ import json
 import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,7 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from netagent.http_endpoint import EndpointServer
+from netagent.http_endpoint import ProbeServer
 
 
 class SyncTracker:
@@ -106,72 +105,22 @@ def parse_bind(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class HealthServer:
-    """Serves /healthz (and /readyz, same check plus first sync done) on one address."""
+class HealthServer(ProbeServer):
+    """Serves /healthz (and /readyz, the same check) on one address."""
 
     def __init__(self, address: str, tracker: SyncTracker) -> None:
-        tracker_ref = tracker
+        def healthz() -> tuple[int, str, bytes]:
+            healthy, body = tracker.healthz()
+            return (200 if healthy else 503), "application/json", json.dumps(body).encode()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path not in ("/healthz", "/readyz"):
-                    self.send_error(404)
-                    return
-                healthy, body = tracker_ref.healthz()
-                payload = json.dumps(body).encode()
-                self.send_response(200 if healthy else 503)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: object) -> None:  # probes are not news
-                return
-
-        self._server = EndpointServer(parse_bind(address), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(parse_bind(address), {"/healthz": healthz, "/readyz": healthz}, "healthz")
 
 
-class MetricsServer:
+class MetricsServer(ProbeServer):
     """Prometheus /metrics for the agent's own registry."""
 
     def __init__(self, address: str, registry: CollectorRegistry) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                payload = generate_latest(registry)
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+        def metrics() -> tuple[int, str, bytes]:
+            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
 
-            def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
-                return
-
-        self._server = EndpointServer(parse_bind(address), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(parse_bind(address), {"/metrics": metrics}, "metrics")
