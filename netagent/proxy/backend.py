@@ -106,6 +106,10 @@ def expected_backends(ports: Iterable[ServicePort]) -> dict[str, frozenset[str]]
     return expected
 
 
+def _parts(fragment: Fragment) -> tuple[Mapping, Mapping, Mapping]:
+    return fragment.chains, fragment.objects, fragment.elements
+
+
 class Backend(ABC):
     """Renders ServicePorts of one family into kernel rules and keeps the kernel in step."""
 
@@ -118,6 +122,9 @@ class Backend(ABC):
         self._applied: RuleSet | None = None  # None: unknown, read the kernel before the next sync
         self._fragments: dict[ServicePort, Fragment] = {}  # memo: unchanged ports are not re-rendered
         self._dirty = Keys()  # keys the last render() may have changed
+        self._merged: tuple[dict, dict, dict] | None = None  # the last render's chains, objects, elements
+        self._counts: tuple[dict, dict, dict] = ({}, {}, {})  # how many fragments use each of those keys
+        self._shared: dict[str, list[str]] = {}  # the last render's shared chain lines
 
     def sync(self, ports: Sequence[ServicePort]) -> RuleSetDiff:
         """Make the kernel match `ports` in one transaction; returns what changed.
@@ -141,34 +148,68 @@ class Backend(ABC):
         return changes
 
     def render(self, ports: Sequence[ServicePort]) -> RuleSet:
-        """The complete desired RuleSet for these ports (all of this backend's family)."""
-        chains: dict[str, tuple[str, ...] | None] = {}
-        objects: dict[str, str] = {}
-        elements: dict[tuple[str, str], str] = {}
-        shared: dict[str, list[str]] = {}
+        """The complete desired RuleSet for these ports (all of this backend's family).
+
+        Only new ports are rendered (the rest come from the memo), and unless a new or vanished port
+        has lines in the shared chains, the previous RuleSet is patched rather than merged again from
+        every fragment: at 10,000 services, one changed port costs a few dict copies, not 10,000 merges.
+        A key several fragments contribute (an endpoint's hairpin element) is counted, so it stays
+        while any of them does."""
         fragments, touched = {}, []
+        memo = self._fragments
         for p in ports:
-            fragment = self._fragments.get(p)
+            fragment = memo.get(p)
             if fragment is None:
                 fragment = self.render_port(p)
                 touched.append(fragment)
             fragments[p] = fragment
-            chains.update(fragment.chains)
-            objects.update(fragment.objects)
-            elements.update(fragment.elements)
-            for name, lines in fragment.shared.items():
-                shared.setdefault(name, []).extend(lines)
-        touched += [fragment for p, fragment in self._fragments.items() if p not in fragments]
+        gone = [fragment for p, fragment in memo.items() if p not in fragments]
         self._fragments = fragments
-        fixed_chains, fixed_objects = self.fixed_chains(shared), self.fixed_objects()
+        if self._merged is None or any(f.shared for f in (*touched, *gone)):
+            chains, objects, elements = self._merge(fragments.values())
+        else:
+            chains, objects, elements = (dict(m) for m in self._merged)
+            self._patch(gone, touched, chains, objects, elements)
+        fixed_chains, fixed_objects = self.fixed_chains(self._shared), self.fixed_objects()
         chains.update(fixed_chains)
         objects.update(fixed_objects)
+        self._merged = (chains, objects, elements)
+        touched += gone
         self._dirty = Keys(
             chains=frozenset(fixed_chains).union(*(f.chains for f in touched)),
             objects=frozenset(fixed_objects).union(*(f.objects for f in touched)),
             elements=frozenset().union(*(f.elements for f in touched)),
         )
         return RuleSet(chains=chains, objects=objects, elements=elements)
+
+    def _merge(self, fragments: Iterable[Fragment]) -> tuple[dict, dict, dict]:
+        """All fragments' chains, objects and elements (with their use counts) and shared lines."""
+        merged: tuple[dict, dict, dict] = ({}, {}, {})
+        counts: tuple[dict, dict, dict] = ({}, {}, {})
+        shared: dict[str, list[str]] = {}
+        for fragment in fragments:
+            for part, into, count in zip(_parts(fragment), merged, counts, strict=True):
+                into.update(part)
+                for key in part:
+                    count[key] = count.get(key, 0) + 1
+            for name, lines in fragment.shared.items():
+                shared.setdefault(name, []).extend(lines)
+        self._counts, self._shared = counts, shared
+        return merged
+
+    def _patch(self, gone: list[Fragment], new: list[Fragment], *merged: dict) -> None:
+        """Take the vanished fragments' keys out of `merged` (unless still used) and add the new ones."""
+        for fragment in gone:
+            for part, into, count in zip(_parts(fragment), merged, self._counts, strict=True):
+                for key in part:
+                    count[key] -= 1
+                    if not count[key]:
+                        del count[key], into[key]
+        for fragment in new:
+            for part, into, count in zip(_parts(fragment), merged, self._counts, strict=True):
+                into.update(part)
+                for key in part:
+                    count[key] = count.get(key, 0) + 1
 
     @abstractmethod
     def render_port(self, p: ServicePort) -> Fragment:

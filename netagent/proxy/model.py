@@ -18,6 +18,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -211,12 +212,15 @@ class SnapshotBuilder:
             ports_by_key[key] = (inputs, built)
             ports.extend(built)
         self._service_keys, self._ports = keys, ports_by_key
-        ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.family))
+        ports.sort(key=_PORT_ORDER)
         return Snapshot(ports=tuple(ports), skipped=tuple(skipped))
 
 
+_PORT_ORDER = operator.attrgetter("namespace", "name", "port_name", "family")
+
+
 def _same_objects(old: list[Any], new: list[Any]) -> bool:
-    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+    return len(old) == len(new) and all(map(operator.is_, old, new))
 
 
 def _service_key(svc: Any) -> tuple[str, str]:
