@@ -196,6 +196,7 @@ def test_incremental_render_matches_a_full_merge_and_keeps_shared_keys() -> None
         slices.append(dict(es([ep(ip) for ip in endpoints_b], name="api-a")))
         slices[1]["metadata"] = {**slices[1]["metadata"], "labels": {"kubernetes.io/service-name": "api"}}
         rendered = backend.render(build_snapshot(services, slices, NODE).ports)
+        rendered = RuleSet(dict(rendered.chains), dict(rendered.objects), dict(rendered.elements))
         chains, objects, elements = backend._merge(list(backend._fragments.values()))  # the full merge
         assert rendered == RuleSet(
             chains={**chains, **backend.fixed_chains(backend._shared)},
@@ -209,6 +210,6 @@ def test_incremental_render_matches_a_full_merge_and_keeps_shared_keys() -> None
     assert (HAIRPIN, "10.244.0.10 . 10.244.0.10") in changed.elements  # api still uses it
     changes = diff(first, changed, backend._dirty)
     assert changes.elements and not changes.chains and not changes.objects  # an element-only change
-    assert changes == diff(first, changed)
+    assert changes == diff(first, changed) == diff(backend._before, changed, backend._dirty)
     gone = render(["10.244.0.12", "10.244.0.11"], ["10.244.0.13"])
     assert (HAIRPIN, "10.244.0.10 . 10.244.0.10") not in gone.elements

@@ -125,6 +125,7 @@ class Backend(ABC):
         self._merged: tuple[dict, dict, dict] | None = None  # the last render's chains, objects, elements
         self._counts: tuple[dict, dict, dict] = ({}, {}, {})  # how many fragments use each of those keys
         self._shared: dict[str, list[str]] = {}  # the last render's shared chain lines
+        self._before: RuleSet | None = None  # after an in-place patch: the patched keys' old values
 
     def sync(self, ports: Sequence[ServicePort]) -> RuleSetDiff:
         """Make the kernel match `ports` in one transaction; returns what changed.
@@ -136,7 +137,8 @@ class Backend(ABC):
         if self._applied is None:
             current, changes = self.read_kernel(), None
         else:  # only what came from new or vanished ports can differ, plus the fixed chains
-            current, changes = self._applied, self._dirty
+            current = self._applied if self._before is None else self._before
+            changes = self._dirty
         changes = diff(current, desired, changes)
         if changes:
             try:
@@ -152,9 +154,10 @@ class Backend(ABC):
 
         Only new ports are rendered (the rest come from the memo), and unless a new or vanished port
         has lines in the shared chains, the previous RuleSet is patched rather than merged again from
-        every fragment: at 10,000 services, one changed port costs a few dict copies, not 10,000 merges.
-        A key several fragments contribute (an endpoint's hairpin element) is counted, so it stays
-        while any of them does."""
+        every fragment: at 10,000 services, one changed port costs its own keys, not 10,000 merges. The
+        patch is in place (the last RuleSet becomes the new one), so the old values of the keys it may
+        change are kept in self._before for sync's diff. A key several fragments contribute (an
+        endpoint's hairpin element) is counted, so it stays while any of them does."""
         fragments, touched = {}, []
         memo = self._fragments
         for p in ports:
@@ -165,21 +168,27 @@ class Backend(ABC):
             fragments[p] = fragment
         gone = [fragment for p, fragment in memo.items() if p not in fragments]
         self._fragments = fragments
-        if self._merged is None or any(f.shared for f in (*touched, *gone)):
-            chains, objects, elements = self._merge(fragments.values())
-        else:
-            chains, objects, elements = (dict(m) for m in self._merged)
-            self._patch(gone, touched, chains, objects, elements)
+        full = self._merged is None or any(f.shared for f in (*touched, *gone))
+        if full:
+            self._merged = self._merge(fragments.values())
+        chains, objects, elements = self._merged
         fixed_chains, fixed_objects = self.fixed_chains(self._shared), self.fixed_objects()
+        changed = [*touched, *gone]
+        self._dirty = dirty = Keys(
+            chains=frozenset(fixed_chains).union(*(f.chains for f in changed)),
+            objects=frozenset(fixed_objects).union(*(f.objects for f in changed)),
+            elements=frozenset().union(*(f.elements for f in changed)),
+        )
+        self._before = None
+        if not full:
+            self._before = RuleSet(
+                chains={k: chains[k] for k in dirty.chains if k in chains},
+                objects={k: objects[k] for k in dirty.objects if k in objects},
+                elements={k: elements[k] for k in dirty.elements if k in elements},
+            )
+            self._patch(gone, touched, chains, objects, elements)
         chains.update(fixed_chains)
         objects.update(fixed_objects)
-        self._merged = (chains, objects, elements)
-        touched += gone
-        self._dirty = Keys(
-            chains=frozenset(fixed_chains).union(*(f.chains for f in touched)),
-            objects=frozenset(fixed_objects).union(*(f.objects for f in touched)),
-            elements=frozenset().union(*(f.elements for f in touched)),
-        )
         return RuleSet(chains=chains, objects=objects, elements=elements)
 
     def _merge(self, fragments: Iterable[Fragment]) -> tuple[dict, dict, dict]:
