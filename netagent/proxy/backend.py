@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netagent import netns as netns_mod
-from netagent.proxy.model import ServicePort
+from netagent.proxy.model import ServicePort, gc_paused
 from netagent.proxy.ruleset import Keys, RuleSet, RuleSetDiff, diff
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ class Backend(ABC):
         After a failure the kernel is unchanged (the transaction is atomic) and the next sync starts
         again from what the kernel really holds.
         """
-        desired = self.render([p for p in ports if p.family == self.family])
+        with gc_paused():
+            desired = self.render([p for p in ports if p.family == self.family])
         if self._applied is None:
             current, changes = self.read_kernel(), None
         else:  # only what came from new or vanished ports can differ, plus the fixed chains
@@ -142,7 +143,9 @@ class Backend(ABC):
         changes = diff(current, desired, changes)
         if changes:
             try:
-                self.apply(self.transaction(current, desired, changes))
+                with gc_paused():
+                    transaction = self.transaction(current, desired, changes)
+                self.apply(transaction)
             except BaseException:
                 self._applied = None  # the memo already moved on: the retry must compare with the kernel
                 raise
