@@ -182,3 +182,34 @@ def test_diff_rewrites_unknown_chains_and_touches_only_what_changed() -> None:
     after_restart = RuleSet(chains={"a": None, "b": None})  # present in the kernel, content unknown
     assert diff(after_restart, desired).chains.changed == ("a", "b")
     assert not diff(desired, desired)
+
+
+def test_incremental_render_matches_a_full_merge_and_keeps_shared_keys() -> None:
+    from netagent.proxy.backend import NodeContext
+    from netagent.proxy.nftables import HAIRPIN, NftablesBackend
+
+    backend = NftablesBackend(NodeContext(NODE, ("10.244.0.0/16",)))
+
+    def render(endpoints_a: list[str], endpoints_b: list[str]) -> RuleSet:
+        services = [svc("web"), svc("api", clusterIP="10.96.0.11")]
+        slices = [es([ep(ip) for ip in endpoints_a])]
+        slices.append(dict(es([ep(ip) for ip in endpoints_b], name="api-a")))
+        slices[1]["metadata"] = {**slices[1]["metadata"], "labels": {"kubernetes.io/service-name": "api"}}
+        rendered = backend.render(build_snapshot(services, slices, NODE).ports)
+        rendered = RuleSet(dict(rendered.chains), dict(rendered.objects), dict(rendered.elements))
+        chains, objects, elements = backend._merge(list(backend._fragments.values()))  # the full merge
+        assert rendered == RuleSet(
+            chains={**chains, **backend.fixed_chains(backend._shared)},
+            objects={**objects, **backend.fixed_objects()},
+            elements=elements,
+        )
+        return rendered
+
+    first = render(["10.244.0.10", "10.244.0.11"], ["10.244.0.10"])
+    changed = render(["10.244.0.12", "10.244.0.11"], ["10.244.0.10"])  # same count: slots reused
+    assert (HAIRPIN, "10.244.0.10 . 10.244.0.10") in changed.elements  # api still uses it
+    changes = diff(first, changed, backend._dirty)
+    assert changes.elements and not changes.chains and not changes.objects  # an element-only change
+    assert changes == diff(first, changed) == diff(backend._before, changed, backend._dirty)
+    gone = render(["10.244.0.12", "10.244.0.11"], ["10.244.0.13"])
+    assert (HAIRPIN, "10.244.0.10 . 10.244.0.10") not in gone.elements

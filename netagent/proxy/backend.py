@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netagent import netns as netns_mod
-from netagent.proxy.model import ServicePort
+from netagent.proxy.model import ServicePort, gc_paused
 from netagent.proxy.ruleset import Keys, RuleSet, RuleSetDiff, diff
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,10 @@ def expected_backends(ports: Iterable[ServicePort]) -> dict[str, frozenset[str]]
     return expected
 
 
+def _parts(fragment: Fragment) -> tuple[Mapping, Mapping, Mapping]:
+    return fragment.chains, fragment.objects, fragment.elements
+
+
 class Backend(ABC):
     """Renders ServicePorts of one family into kernel rules and keeps the kernel in step."""
 
@@ -118,6 +122,10 @@ class Backend(ABC):
         self._applied: RuleSet | None = None  # None: unknown, read the kernel before the next sync
         self._fragments: dict[ServicePort, Fragment] = {}  # memo: unchanged ports are not re-rendered
         self._dirty = Keys()  # keys the last render() may have changed
+        self._merged: tuple[dict, dict, dict] | None = None  # the last render's chains, objects, elements
+        self._counts: tuple[dict, dict, dict] = ({}, {}, {})  # how many fragments use each of those keys
+        self._shared: dict[str, list[str]] = {}  # the last render's shared chain lines
+        self._before: RuleSet | None = None  # after an in-place patch: the patched keys' old values
 
     def sync(self, ports: Sequence[ServicePort]) -> RuleSetDiff:
         """Make the kernel match `ports` in one transaction; returns what changed.
@@ -125,15 +133,19 @@ class Backend(ABC):
         After a failure the kernel is unchanged (the transaction is atomic) and the next sync starts
         again from what the kernel really holds.
         """
-        desired = self.render([p for p in ports if p.family == self.family])
+        with gc_paused():
+            desired = self.render([p for p in ports if p.family == self.family])
         if self._applied is None:
             current, changes = self.read_kernel(), None
         else:  # only what came from new or vanished ports can differ, plus the fixed chains
-            current, changes = self._applied, self._dirty
+            current = self._applied if self._before is None else self._before
+            changes = self._dirty
         changes = diff(current, desired, changes)
         if changes:
             try:
-                self.apply(self.transaction(current, desired, changes))
+                with gc_paused():
+                    transaction = self.transaction(current, desired, changes)
+                self.apply(transaction)
             except BaseException:
                 self._applied = None  # the memo already moved on: the retry must compare with the kernel
                 raise
@@ -141,34 +153,75 @@ class Backend(ABC):
         return changes
 
     def render(self, ports: Sequence[ServicePort]) -> RuleSet:
-        """The complete desired RuleSet for these ports (all of this backend's family)."""
-        chains: dict[str, tuple[str, ...] | None] = {}
-        objects: dict[str, str] = {}
-        elements: dict[tuple[str, str], str] = {}
-        shared: dict[str, list[str]] = {}
+        """The complete desired RuleSet for these ports (all of this backend's family).
+
+        Only new ports are rendered (the rest come from the memo), and unless a new or vanished port
+        has lines in the shared chains, the previous RuleSet is patched rather than merged again from
+        every fragment: at 10,000 services, one changed port costs its own keys, not 10,000 merges. The
+        patch is in place (the last RuleSet becomes the new one), so the old values of the keys it may
+        change are kept in self._before for sync's diff. A key several fragments contribute (an
+        endpoint's hairpin element) is counted, so it stays while any of them does."""
         fragments, touched = {}, []
+        memo = self._fragments
         for p in ports:
-            fragment = self._fragments.get(p)
+            fragment = memo.get(p)
             if fragment is None:
                 fragment = self.render_port(p)
                 touched.append(fragment)
             fragments[p] = fragment
-            chains.update(fragment.chains)
-            objects.update(fragment.objects)
-            elements.update(fragment.elements)
-            for name, lines in fragment.shared.items():
-                shared.setdefault(name, []).extend(lines)
-        touched += [fragment for p, fragment in self._fragments.items() if p not in fragments]
+        gone = [fragment for p, fragment in memo.items() if p not in fragments]
         self._fragments = fragments
-        fixed_chains, fixed_objects = self.fixed_chains(shared), self.fixed_objects()
+        full = self._merged is None or any(f.shared for f in (*touched, *gone))
+        if full:
+            self._merged = self._merge(fragments.values())
+        chains, objects, elements = self._merged
+        fixed_chains, fixed_objects = self.fixed_chains(self._shared), self.fixed_objects()
+        changed = [*touched, *gone]
+        self._dirty = dirty = Keys(
+            chains=frozenset(fixed_chains).union(*(f.chains for f in changed)),
+            objects=frozenset(fixed_objects).union(*(f.objects for f in changed)),
+            elements=frozenset().union(*(f.elements for f in changed)),
+        )
+        self._before = None
+        if not full:
+            self._before = RuleSet(
+                chains={k: chains[k] for k in dirty.chains if k in chains},
+                objects={k: objects[k] for k in dirty.objects if k in objects},
+                elements={k: elements[k] for k in dirty.elements if k in elements},
+            )
+            self._patch(gone, touched, chains, objects, elements)
         chains.update(fixed_chains)
         objects.update(fixed_objects)
-        self._dirty = Keys(
-            chains=frozenset(fixed_chains).union(*(f.chains for f in touched)),
-            objects=frozenset(fixed_objects).union(*(f.objects for f in touched)),
-            elements=frozenset().union(*(f.elements for f in touched)),
-        )
         return RuleSet(chains=chains, objects=objects, elements=elements)
+
+    def _merge(self, fragments: Iterable[Fragment]) -> tuple[dict, dict, dict]:
+        """All fragments' chains, objects and elements (with their use counts) and shared lines."""
+        merged: tuple[dict, dict, dict] = ({}, {}, {})
+        counts: tuple[dict, dict, dict] = ({}, {}, {})
+        shared: dict[str, list[str]] = {}
+        for fragment in fragments:
+            for part, into, count in zip(_parts(fragment), merged, counts, strict=True):
+                into.update(part)
+                for key in part:
+                    count[key] = count.get(key, 0) + 1
+            for name, lines in fragment.shared.items():
+                shared.setdefault(name, []).extend(lines)
+        self._counts, self._shared = counts, shared
+        return merged
+
+    def _patch(self, gone: list[Fragment], new: list[Fragment], *merged: dict) -> None:
+        """Take the vanished fragments' keys out of `merged` (unless still used) and add the new ones."""
+        for fragment in gone:
+            for part, into, count in zip(_parts(fragment), merged, self._counts, strict=True):
+                for key in part:
+                    count[key] -= 1
+                    if not count[key]:
+                        del count[key], into[key]
+        for fragment in new:
+            for part, into, count in zip(_parts(fragment), merged, self._counts, strict=True):
+                into.update(part)
+                for key in part:
+                    count[key] = count.get(key, 0) + 1
 
     @abstractmethod
     def render_port(self, p: ServicePort) -> Fragment:
