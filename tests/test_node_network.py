@@ -162,15 +162,17 @@ def reachable(client: Node, server: Node) -> bool:
 
 def kernel_dump(ns: str) -> str:
     """Everything netagent may own in a node netns, with ifindexes (a recreated entry would differ).
-    Operational state (UNKNOWN -> UP as links settle) is not ours and is left out."""
-    return re.sub(r" state [A-Z]+", "", "\n".join([
+    Operational state (UNKNOWN -> UP as links settle) is not ours and is left out, and so is IPv6
+    link-local addressing, which the kernel finishes (DAD) on its own schedule."""
+    dump = "\n".join([
         ns_run(ns, "ip", "link", "show"),
         ns_run(ns, "ip", "-d", "link", "show", "type", "vxlan"),
-        ns_run(ns, "ip", "addr", "show"),
+        ns_run(ns, "ip", "-o", "addr", "show"),
         ns_run(ns, "ip", "route", "show", "table", "all"),
         ns_run(ns, "ip", "neigh", "show", "nud", "permanent"),
         ns_run(ns, "bridge", "fdb", "show"),
-    ]))
+    ])
+    return "\n".join(line for line in re.sub(r" state [A-Z]+", "", dump).splitlines() if "fe80" not in line)
 
 
 class NetlinkMonitor:
