@@ -162,8 +162,9 @@ def reachable(client: Node, server: Node) -> bool:
 
 def kernel_dump(ns: str) -> str:
     """Everything netagent may own in a node netns, with ifindexes (a recreated entry would differ).
-    Operational state (UNKNOWN -> UP as links settle) is not ours and is left out, and so is IPv6
-    link-local addressing, which the kernel finishes (DAD) on its own schedule."""
+    Operational state (UNKNOWN -> UP as links settle) is not ours and is left out, and so are IPv6
+    link-local addressing and multicast group memberships (fdb entries for group MACs), which the
+    kernel finishes (DAD, MLD joins) on its own schedule."""
     dump = "\n".join([
         ns_run(ns, "ip", "link", "show"),
         ns_run(ns, "ip", "-d", "link", "show", "type", "vxlan"),
@@ -172,7 +173,14 @@ def kernel_dump(ns: str) -> str:
         ns_run(ns, "ip", "neigh", "show", "nud", "permanent"),
         ns_run(ns, "bridge", "fdb", "show"),
     ])
-    return "\n".join(line for line in re.sub(r" state [A-Z]+", "", dump).splitlines() if "fe80" not in line)
+    return "\n".join(line for line in re.sub(r" state [A-Z]+", "", dump).splitlines()
+                     if "fe80" not in line and not is_multicast_fdb_entry(line))
+
+
+def is_multicast_fdb_entry(line: str) -> bool:
+    """A `bridge fdb` line for a group MAC (the low bit of the first octet set): kernel-joined, not ours."""
+    first = line.split(" ", 1)[0]
+    return re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", first) is not None and int(first[:2], 16) & 1 == 1
 
 
 class NetlinkMonitor:
