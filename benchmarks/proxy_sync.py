@@ -5,10 +5,11 @@ and the memory of a process holding 10,000 services. Ratios are computed within 
         [--backends nftables,iptables-legacy,iptables] [--rss-backend nftables]
 
 The objects are official-client models (V1Service / V1EndpointSlice with resourceVersions), i.e. what
-the controller's informer caches hold, and each sync runs the controller's own path: SnapshotBuilder
--> Proxier.sync (render, diff, one kernel transaction, conntrack cleanup). Each backend programs a fresh
-netns named nb<hex>-<backend>, removed at the end. Wall time on this shared 2-core machine is noisy,
-so the CPU time of the kernel tool (nft / iptables-restore, user+sys) is printed next to it.
+the controller's informer caches hold, and each sync runs the controller's own path: informer events
+into the SnapshotBuilder, then snapshot() -> Proxier.sync (render, diff, one kernel transaction,
+conntrack cleanup). Each backend programs a fresh netns named nb<hex>-<backend>, removed at the end.
+Wall time on this shared 2-core machine is noisy, so the CPU time of the kernel tool
+(nft / iptables-restore, user+sys) is printed next to it.
 Issue 4 targets for nftables at 10,000 services: cold <= 5 s, one change <= 100 ms.
 """
 
@@ -93,14 +94,17 @@ def bench_backend(kind: str, services: list, slices: list, endpoints: int, chang
     try:
         builder = SnapshotBuilder(NODE)
         proxier = Proxier(kind, NodeContext(NODE, ("10.244.0.0/16",)), families=(4,), netns=ns)
-        cold = timed(lambda: proxier.sync(builder.build(services, slices)))
-        noop = timed(lambda: proxier.sync(builder.build(services, slices)))
+        for svc, es in zip(services, slices, strict=True):  # the informers' initial ADDED events
+            builder.service_changed(svc)
+            builder.slice_changed(es)
+        cold = timed(lambda: proxier.sync(builder.snapshot()))
+        noop = timed(lambda: proxier.sync(builder.snapshot()))
         change_times = []
         fresh_ip = len(services) * endpoints + 1000
         for n in range(changes):
             i = (n * 7919) % len(services)  # spread over the table
-            slices[i] = make_slice(i, endpoints, version=2 + n, first=fresh_ip)
-            change_times.append(timed(lambda: proxier.sync(builder.build(services, slices))))
+            builder.slice_changed(make_slice(i, endpoints, version=2 + n, first=fresh_ip))  # a MODIFIED event
+            change_times.append(timed(lambda: proxier.sync(builder.snapshot())))
             fresh_ip += endpoints
         try:  # the last change is in the kernel
             live = "yes" if endpoint_ip(fresh_ip - endpoints) in rule_text(kind, ns) else "NO"

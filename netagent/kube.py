@@ -170,7 +170,8 @@ class Informer:
 
     @property
     def synced(self) -> bool:
-        """True once the first list has been stored (the cache is then a usable view)."""
+        """True once the first list has been stored and handed to the handlers (the cache, and any
+        consumer fed by events, is then a usable view)."""
         return self._synced.is_set()
 
     def wait_for_sync(self, timeout: float | None = None) -> bool:
@@ -202,11 +203,11 @@ class Informer:
         result = self._list_func(_request_timeout=(10, LIST_TIMEOUT), **self._list_kwargs)
         events = self.store._replace(list(result.items))
         self.relists += 1
-        self._synced.set()
         log.debug("%s: listed %d objects at resourceVersion %s", self.kind, len(result.items),
                   result.metadata.resource_version)
         for event_type, obj, old in events:
             self._notify(event_type, obj, old)
+        self._synced.set()  # after the handlers: a consumer fed by events has then seen the whole list
         return result.metadata.resource_version
 
     def _watch_until_resync(self, resource_version: str) -> None:

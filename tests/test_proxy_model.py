@@ -7,7 +7,7 @@ import logging
 import pytest
 from kubernetes import client
 
-from netagent.proxy.model import Endpoint, Snapshot, build_snapshot
+from netagent.proxy.model import Endpoint, Snapshot, SnapshotBuilder, build_snapshot
 from netagent.proxy.ruleset import RuleSet, diff
 
 NODE = "node-a"
@@ -161,6 +161,58 @@ def test_official_client_objects_are_accepted_like_json() -> None:
     )
     from_objects = build_snapshot([service], [endpoint_slice], NODE)
     assert from_objects == build_snapshot([svc()], [es([ep("10.244.0.10", ready=True)])], NODE)
+
+
+def owned_slice(service: str, name: str, ip: str) -> dict:
+    slice_ = es([ep(ip)], name=name)
+    slice_["metadata"]["labels"] = {"kubernetes.io/service-name": service}
+    return slice_
+
+
+def endpoints_by_service(snapshot: Snapshot) -> dict[str, list[str]]:
+    return {p.name: [e.ip for e in p.cluster_endpoints] for p in snapshot.ports}
+
+
+def test_events_fed_one_by_one_give_the_snapshot_of_the_lists_they_add_up_to() -> None:
+    builder = SnapshotBuilder(NODE)
+    for name, ip in (("web", "10.96.0.10"), ("api", "10.96.0.11"), ("db", "10.96.0.12")):
+        builder.service_changed(svc(name, clusterIP=ip))
+    builder.slice_changed(owned_slice("web", "web-a", "10.244.0.10"))
+    builder.slice_changed(owned_slice("api", "api-a", "10.244.0.20"))
+    builder.snapshot()
+
+    moved = owned_slice("db", "web-a", "10.244.0.30")  # relabelled: now belongs to db, not web
+    builder.slice_changed(moved)
+    builder.service_changed(svc("api", clusterIP="10.96.0.11"), deleted=True)
+    builder.service_changed(svc("cache", clusterIP="10.96.0.13"))
+    incremental = builder.snapshot()
+
+    services = [svc("web", clusterIP="10.96.0.10"), svc("db", clusterIP="10.96.0.12"),
+                svc("cache", clusterIP="10.96.0.13")]
+    assert incremental == build_snapshot(services, [moved, owned_slice("api", "api-a", "10.244.0.20")], NODE)
+    assert endpoints_by_service(incremental) == {"cache": [], "db": ["10.244.0.30"], "web": []}
+
+
+def test_a_snapshot_rebuilds_only_the_services_whose_objects_changed() -> None:
+    builder = SnapshotBuilder(NODE)
+    web, api = svc("web", clusterIP="10.96.0.10"), svc("api", clusterIP="10.96.0.11")
+    first = builder.build([web, api], [owned_slice("web", "web-a", "10.244.0.10")])
+    second = builder.build([web, api], [owned_slice("web", "web-a", "10.244.0.11")])
+    unchanged_api = [p for p in first.ports if p.name == "api"][0]
+    assert [p for p in second.ports if p.name == "api"][0] is unchanged_api  # reused, not rebuilt
+    assert endpoints_by_service(second)["web"] == ["10.244.0.11"]
+
+
+def test_a_malformed_service_is_logged_once_per_change_not_once_per_sync(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    builder = SnapshotBuilder(NODE)
+    builder.service_changed(svc("broken", clusterIP="10.96.0.300"))
+    assert len(builder.snapshot().skipped) == len(builder.snapshot().skipped) == 1
+    assert caplog.text.count("default/broken") == 1
+    builder.service_changed(svc("broken", clusterIP="10.96.0.30"))  # fixed
+    assert builder.snapshot().skipped == () and [p.name for p in builder.snapshot().ports] == ["broken"]
 
 
 def test_snapshot_survives_a_round_trip_through_json_data() -> None:

@@ -8,10 +8,11 @@
 tracker is netagent.health.SyncTracker (readiness waits for our first sync); netns names a netns for
 the kernel tools and healthCheckNodePort servers (tests; the agent already runs inside its node netns).
 
-Services and EndpointSlices are watched through netagent.kube.Informer; every change only requests a
-sync, and SyncLoop coalesces bursts (at most one sync per min_sync_period, a failed sync retried
-with backoff, a periodic resync). A sync builds one Snapshot from both caches and hands it to the
-Proxier, which applies only the difference. Nothing syncs before both caches are listed: an empty
+Services and EndpointSlices are watched through netagent.kube.Informer; every change is handed to the
+SnapshotBuilder (which marks that one service for rebuilding) and requests a sync; SyncLoop coalesces
+bursts (at most one sync per min_sync_period, a failed sync retried with backoff, a periodic resync).
+A sync takes one Snapshot from the builder and hands it to the Proxier, which applies only the
+difference. Nothing syncs before both caches are listed: an empty
 cache must never be mistaken for "no services" and wipe working rules after a restart.
 The last applied snapshot goes to STATE_DIR/proxy-desired.json for `netagent proxy show`. Before
 the first sync, rules another backend left behind (the node switched --proxy) are removed.
@@ -92,8 +93,9 @@ class ProxyController:
     def start(self) -> None:
         if self.tracker:
             self.tracker.expect(CONTROLLER)
+        self.services.add_handler(self._on_service_event)
+        self.slices.add_handler(self._on_slice_event)
         for informer in (self.services, self.slices):
-            informer.add_handler(self._on_event)
             informer.start()
         self._loop.start()
         threading.Thread(target=self._sync_once_listed, name="proxy-first-list", daemon=True).start()
@@ -120,7 +122,15 @@ class ProxyController:
                     return
         self._loop.request()
 
-    def _on_event(self, event_type: str, obj: Any, old: Any) -> None:
+    def _on_service_event(self, event_type: str, obj: Any, old: Any) -> None:
+        self._builder.service_changed(obj, deleted=event_type == "DELETED")
+        self._request_sync()
+
+    def _on_slice_event(self, event_type: str, obj: Any, old: Any) -> None:
+        self._builder.slice_changed(obj, deleted=event_type == "DELETED")
+        self._request_sync()
+
+    def _request_sync(self) -> None:
         if self.tracker:
             self.tracker.changes_pending(CONTROLLER)
         self._loop.request()
@@ -130,7 +140,7 @@ class ProxyController:
         if not (self.services.synced and self.slices.synced):
             log.debug("proxy sync deferred: caches not listed yet (_sync_once_listed requests it)")
             return
-        snapshot = self._builder.build(self.services.store.list(), self.slices.store.list())
+        snapshot = self._builder.snapshot()  # rebuilds only the services the events touched
         try:
             changed = self.proxier.sync(snapshot)
         except Exception:

@@ -13,15 +13,18 @@ the snapshot is still built.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import dataclasses
 import functools
 import gc
 import hashlib
 import ipaddress
+import itertools
 import logging
 import operator
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,72 +186,119 @@ def build_snapshot(services: Iterable[Any], endpoint_slices: Iterable[Any], node
     return SnapshotBuilder(node_name).build(services, endpoint_slices)
 
 
+ServiceKey = tuple[str, str]  # (namespace, name)
+
+
 class SnapshotBuilder:
-    """Builds snapshots for one node, reusing a Service's ServicePorts while neither it nor any of its
-    EndpointSlices changed. Objects are treated as immutable, as informer caches hand them out (a change
-    arrives as a new object), so "unchanged" is an identity check: one changed EndpointSlice costs one
-    service's work, not 10,000."""
+    """Keeps this node's ServicePorts per Service and rebuilds only the Services whose object or
+    EndpointSlices changed since the last snapshot: one changed EndpointSlice costs one service's
+    work, not 10,000.
+
+    Fed either event by event (the controller's informer handlers call service_changed and
+    slice_changed from their threads; the sync thread calls snapshot()) or with whole lists (build(),
+    for tests and benchmarks). Objects are treated as immutable, as informer caches hand them out, so
+    a change always arrives as a new object and "unchanged" is an identity check."""
 
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
-        self._slice_owners: dict[int, tuple[Any, tuple[str, str] | None]] = {}  # id -> (slice, service)
-        self._service_keys: dict[int, tuple[Any, tuple[str, str]]] = {}  # id -> (service, key)
-        self._ports: dict[tuple[str, str], tuple[list[Any], list[ServicePort]]] = {}  # key -> (inputs, out)
+        self._lock = threading.Lock()  # guards the inputs and _dirty, which informer threads change
+        self._services: dict[ServiceKey, Any] = {}
+        self._slices: dict[ServiceKey, dict[ServiceKey, Any]] = {}  # owner -> slice key -> slice
+        self._slice_owners: dict[ServiceKey, ServiceKey] = {}  # slice key -> owning service
+        self._dirty: set[ServiceKey] = set()
+        # Only the thread calling snapshot() touches these:
+        self._built: dict[ServiceKey, tuple[ServicePort, ...]] = {}
+        self._order: list[ServiceKey] = []  # the keys of _built, sorted
+        self._skipped: dict[ServiceKey, str] = {}  # malformed Services: why
+
+    def service_changed(self, svc: Any, deleted: bool = False) -> None:
+        key = _service_key(svc)
+        with self._lock:
+            if deleted:
+                self._services.pop(key, None)
+            else:
+                self._services[key] = svc
+            self._dirty.add(key)
+
+    def slice_changed(self, es: Any, deleted: bool = False) -> None:
+        key, owner = _service_key(es), None if deleted else _slice_owner(es)
+        with self._lock:
+            old_owner = self._slice_owners.pop(key, None)
+            if old_owner:
+                siblings = self._slices[old_owner]
+                del siblings[key]
+                if not siblings:
+                    del self._slices[old_owner]
+                self._dirty.add(old_owner)
+            if owner:
+                self._slice_owners[key] = owner
+                self._slices.setdefault(owner, {})[key] = es
+                self._dirty.add(owner)
 
     def build(self, services: Iterable[Any], endpoint_slices: Iterable[Any]) -> Snapshot:
-        with gc_paused():
-            return self._build(services, endpoint_slices)
-
-    def _build(self, services: Iterable[Any], endpoint_slices: Iterable[Any]) -> Snapshot:
-        slices_by_service: dict[tuple[str, str], list[Any]] = {}
-        owners = {}
+        """The snapshot for exactly these objects (replacing what the builder was fed before)."""
+        services_now = {_service_key(svc): svc for svc in services}
+        slices_now: dict[ServiceKey, dict[ServiceKey, Any]] = {}
+        owners_now = {}
         for es in endpoint_slices:
-            known = self._slice_owners.get(id(es))
-            owner = known[1] if known and known[0] is es else _slice_owner(es)
-            owners[id(es)] = (es, owner)
+            owner = _slice_owner(es)
             if owner:
-                slices_by_service.setdefault(owner, []).append(es)
-        self._slice_owners = owners
+                key = _service_key(es)
+                owners_now[key] = owner
+                slices_now.setdefault(owner, {})[key] = es
+        with self._lock:
+            for key in self._services.keys() | services_now.keys():
+                if self._services.get(key) is not services_now.get(key):
+                    self._dirty.add(key)
+            for owner in self._slices.keys() | slices_now.keys():
+                if not _same_objects(self._slices.get(owner, {}), slices_now.get(owner, {})):
+                    self._dirty.add(owner)
+            self._services, self._slices, self._slice_owners = services_now, slices_now, owners_now
+        return self.snapshot()
 
-        keys, ports_by_key = {}, {}
-        ports: list[ServicePort] = []
-        skipped: list[str] = []
-        for svc in services:
-            known = self._service_keys.get(id(svc))
-            key = known[1] if known and known[0] is svc else _service_key(svc)
-            keys[id(svc)] = (svc, key)
-            inputs = [svc, *slices_by_service.get(key, [])]
-            cached = self._ports.get(key)
-            if cached and _same_objects(cached[0], inputs):
-                built = cached[1]
-            else:
-                try:
-                    built = _service_ports(svc, inputs[1:], self.node_name)
-                except (InvalidService, ValueError, TypeError, KeyError, AttributeError) as err:
-                    reason = f"{key[0]}/{key[1]}: {err}"
-                    log.warning("skipping malformed Service %s", reason)
-                    skipped.append(reason)
-                    continue
-            ports_by_key[key] = (inputs, built)
-            ports.extend(built)
-        self._service_keys, self._ports = keys, ports_by_key
-        ports.sort(key=_PORT_ORDER)
-        return Snapshot(ports=tuple(ports), skipped=tuple(skipped))
+    def snapshot(self) -> Snapshot:
+        """The desired state now. Malformed Services are logged (once per change), listed in
+        `skipped` and left out."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            inputs = [(key, self._services.get(key), [*self._slices.get(key, {}).values()]) for key in dirty]
+        with gc_paused():
+            for key, svc, slices in inputs:
+                self._rebuild(key, svc, slices)
+            ports = tuple(itertools.chain.from_iterable(map(self._built.__getitem__, self._order)))
+        return Snapshot(ports=ports, skipped=tuple(self._skipped[key] for key in sorted(self._skipped)))
+
+    def _rebuild(self, key: ServiceKey, svc: Any, slices: list[Any]) -> None:
+        self._skipped.pop(key, None)
+        built = None
+        if svc is not None:
+            try:
+                built = tuple(sorted(_service_ports(svc, slices, self.node_name), key=_PORT_ORDER))
+            except (InvalidService, ValueError, TypeError, KeyError, AttributeError) as err:
+                self._skipped[key] = reason = f"{key[0]}/{key[1]}: {err}"
+                log.warning("skipping malformed Service %s", reason)
+        if built is None:
+            if self._built.pop(key, None) is not None:
+                del self._order[bisect.bisect_left(self._order, key)]
+        else:
+            if key not in self._built:
+                bisect.insort(self._order, key)
+            self._built[key] = built
 
 
 _PORT_ORDER = operator.attrgetter("namespace", "name", "port_name", "family")
 
 
-def _same_objects(old: list[Any], new: list[Any]) -> bool:
-    return len(old) == len(new) and all(map(operator.is_, old, new))
+def _same_objects(old: dict[Any, Any], new: dict[Any, Any]) -> bool:
+    return old.keys() == new.keys() and all(old[key] is new[key] for key in old)
 
 
-def _service_key(svc: Any) -> tuple[str, str]:
-    meta = json_field(svc, "metadata")
+def _service_key(obj: Any) -> ServiceKey:
+    meta = json_field(obj, "metadata")
     return json_field(meta, "namespace") or "default", json_field(meta, "name") or ""
 
 
-def _slice_owner(es: Any) -> tuple[str, str] | None:
+def _slice_owner(es: Any) -> ServiceKey | None:
     meta = json_field(es, "metadata")
     owner = (json_field(meta, "labels") or {}).get(SERVICE_NAME_LABEL)
     return (json_field(meta, "namespace") or "default", owner) if owner else None
