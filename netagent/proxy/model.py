@@ -28,7 +28,7 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,10 @@ class InvalidService(ValueError):
     """A Service (or its EndpointSlices) that cannot be programmed; the message says why."""
 
 
-@dataclass(frozen=True, order=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """A NamedTuple rather than a frozen dataclass: a cold start creates and sorts 100,000 of them,
+    and tuples are built and compared in C (same field order, so the same sort order)."""
+
     ip: str
     port: int
     node_name: str = ""
@@ -128,13 +130,10 @@ class Snapshot:
         return cls(ports=tuple(ports), skipped=tuple(data.get("skipped", ())))
 
 
-_ENDPOINT_FIELDS = tuple(f.name for f in dataclasses.fields(Endpoint))
-
-
 def _port_dict(p: ServicePort) -> dict:
     data = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
     for key in ("cluster_endpoints", "external_endpoints"):
-        data[key] = [[getattr(e, name) for name in _ENDPOINT_FIELDS] for e in data[key]]
+        data[key] = [list(e) for e in data[key]]
     return data
 
 
@@ -360,7 +359,12 @@ def _service_ports(svc: Any, slices: list[Any], node_name: str) -> list[ServiceP
         node_port = _int_in(node_port, 1, 65535, "nodePort") if node_port else 0
         for family, cluster_ip in sorted(families.items()):
             endpoints = _endpoints(slices, family, port_name, protocol)
-            local = [e for e in endpoints if e.node_name == node_name]
+            usable_all = usable_endpoints(endpoints)
+            usable_local = (
+                usable_endpoints(e for e in endpoints if e.node_name == node_name)
+                if internal_local or external_local
+                else ()
+            )
             result.append(
                 ServicePort(
                     namespace=namespace,
@@ -376,8 +380,8 @@ def _service_ports(svc: Any, slices: list[Any], node_name: str) -> list[ServiceP
                     external_local=external_local,
                     internal_local=internal_local,
                     health_check_node_port=health_port if external_local else 0,
-                    cluster_endpoints=usable_endpoints(local if internal_local else endpoints),
-                    external_endpoints=usable_endpoints(local if external_local else endpoints),
+                    cluster_endpoints=usable_local if internal_local else usable_all,
+                    external_endpoints=usable_local if external_local else usable_all,
                 )
             )
     return result
