@@ -54,6 +54,7 @@ class AgentConfig:
     cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",)
     service_cidr: str = "10.96.0.0/16"
     proxy: str = "none"
+    fast_path: bool = False
     healthz_bind: str = "0.0.0.0:10256"
     metrics_bind: str = "127.0.0.1:10249"
     min_sync_period: float = 1.0
@@ -174,8 +175,38 @@ class Agent:
         nodes.start()
         self._stoppables.append(nodes)
         log.info("node controller started (network %s)", cfg.network)
+        if cfg.fast_path:
+            self._start_fast_path()
         if cfg.proxy != "none":
             self._start_proxy(api_client)
+
+    def _start_fast_path(self) -> None:
+        """Attach once the node state (our pod CIDRs) exists; see netagent.fastpath."""
+        from netagent.fastpath import FastPath, FastPathAttacher
+        from netagent.node_network import VXLAN_DEVICE_PREFIX, find_underlay
+
+        cfg = self.config
+        if cfg.network == "vxlan":
+            uplink = f"{VXLAN_DEVICE_PREFIX}{cfg.vxlan_vni}"[:15]
+        else:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                uplink = find_underlay(ipr, cfg.underlay_iface).name
+        cluster_v4 = [c for c in cfg.cluster_cidrs if ":" not in c]
+        if not cluster_v4:
+            log.warning("--fast-path needs an IPv4 cluster CIDR; fast path off")
+            return
+
+        def local_pod_cidrs() -> list[str]:
+            try:
+                return list(nodestate.read(cfg.node_state_path).pod_cidrs)
+            except (OSError, ValueError):
+                return []  # not written yet: the attacher retries
+
+        fast_path = FastPath(cluster_v4[0], uplink, local_pod_cidrs, cfg.state_dir)
+        self._stoppables.append(FastPathAttacher(fast_path).start())
+        log.info("fast path enabled (uplink %s, cluster %s)", uplink, cluster_v4[0])
 
     def _start_proxy(self, api_client: Any) -> None:
         from netagent.proxy.controller import ProxyController
@@ -268,6 +299,9 @@ def _default_node_name() -> str:
 @click.option("--service-cidr", default="10.96.0.0/16", show_default=True)
 @click.option("--proxy", type=click.Choice(PROXY_BACKENDS), default="none", show_default=True,
               help="kube-proxy replacement backend.")
+@click.option("--fast-path/--no-fast-path", default=False, show_default=True,
+              help="Forward pod-to-pod traffic between nodes with tc BPF, skipping the node's stack "
+                   "(IPv4 TCP/UDP; NATed flows still take the stack). Needs bcc.")
 @click.option("--healthz-bind", default="0.0.0.0:10256", show_default=True,
               help="HOST:PORT for /healthz ('' disables).")
 @click.option("--metrics-bind", default="127.0.0.1:10249", show_default=True,
@@ -286,7 +320,7 @@ def _default_node_name() -> str:
               show_default=True)
 def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs: tuple[str, ...],
             state_dir: str, network: str, underlay_iface: str | None, vxlan_vni: int, vxlan_port: int,
-            cluster_cidrs: tuple[str, ...], service_cidr: str, proxy: str, healthz_bind: str,
+            cluster_cidrs: tuple[str, ...], service_cidr: str, proxy: str, fast_path: bool, healthz_bind: str,
             metrics_bind: str, min_sync_period: float, gc_interval: float, gc_grace: float,
             cni_data_dir: str, containerd_socket: str | None, log_level: str) -> None:
     """Run the node agent: node networking, CNI service and (optionally) the service proxy."""
@@ -300,9 +334,9 @@ def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs:
         node_name=node_name, state_dir=state_dir, kubeconfig=kubeconfig, standalone=standalone,
         pod_cidrs=pod_cidrs, network=network, underlay_iface=underlay_iface, vxlan_vni=vxlan_vni,
         vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, service_cidr=service_cidr, proxy=proxy,
-        healthz_bind=healthz_bind, metrics_bind=metrics_bind, min_sync_period=min_sync_period,
-        gc_interval=gc_interval, gc_grace=gc_grace, cni_data_dir=cni_data_dir,
-        containerd_socket=containerd_socket,
+        fast_path=fast_path, healthz_bind=healthz_bind, metrics_bind=metrics_bind,
+        min_sync_period=min_sync_period, gc_interval=gc_interval, gc_grace=gc_grace,
+        cni_data_dir=cni_data_dir, containerd_socket=containerd_socket,
     )
     if proxy in UNAVAILABLE_PROXIES:
         raise click.ClickException(f"--proxy {proxy}: {UNAVAILABLE_PROXIES[proxy]}")

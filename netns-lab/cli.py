@@ -63,13 +63,16 @@ def lab_group() -> None:
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--network", type=click.Choice(cluster.NETWORKS), default="vxlan", show_default=True)
 @click.option("--proxy", type=click.Choice(cluster.PROXIES), default="none", show_default=True)
+@click.option("--fast-path", is_flag=True,
+              help="Run the agents with --fast-path (pod-to-pod traffic forwarded by tc BPF).")
 @click.option("--timeout", type=float, default=cluster.DEFAULT_TIMEOUT, show_default=True,
               help="Seconds to wait for the API server and every agent to be ready.")
 @friendly
-def up_cmd(name: str, nodes: int, network: str, proxy: str, timeout: float) -> None:
+def up_cmd(name: str, nodes: int, network: str, proxy: str, fast_path: bool, timeout: float) -> None:
     """Create the lab and wait until every node's agent is ready."""
     interrupt_on_sigterm()
-    cluster.up(name, nodes=nodes, network=network, proxy=proxy, timeout=timeout, progress=say)
+    cluster.up(name, nodes=nodes, network=network, proxy=proxy, timeout=timeout, progress=say,
+               fast_path=fast_path)
 
 
 @lab_group.command("down")

@@ -49,7 +49,7 @@ def node_pod_cidr(index: int) -> str:
 
 
 def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
-       timeout: float = DEFAULT_TIMEOUT, progress: Progress = print) -> LabState:
+       timeout: float = DEFAULT_TIMEOUT, progress: Progress = print, fast_path: bool = False) -> LabState:
     """Build the whole lab and return once every agent reported ready; on failure, leave nothing."""
     lab = Lab(name)
     if not 1 <= nodes <= topology.MAX_NODES:
@@ -58,7 +58,7 @@ def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
         raise LabError(f"lab {name!r} already exists: run `netagent lab down --name {name}` first")
     started = time.monotonic()
     try:
-        state = _build(lab, nodes, network, proxy, timeout, progress)
+        state = _build(lab, nodes, network, proxy, fast_path, timeout, progress)
     except BaseException:
         progress("lab up failed; removing what it created")
         down(name, progress=lambda _msg: None)
@@ -73,8 +73,9 @@ def exists(lab: Lab) -> bool:
     return os.path.isdir(lab.dir) or any(lab.owns_netns(n) for n in netns.names(f"{lab.name}-"))
 
 
-def _build(lab: Lab, count: int, network: str, proxy: str, timeout: float, progress: Progress) -> LabState:
-    state = _plan(lab, count, network, proxy)
+def _build(lab: Lab, count: int, network: str, proxy: str, fast_path: bool, timeout: float,
+           progress: Progress) -> LabState:
+    state = _plan(lab, count, network, proxy, fast_path)
     # Slow starters first, so they overlap: install-cni processes and the kubernetes client import.
     installing = _start_cni_install(state)
     kube_import = threading.Thread(target=_preload_kubernetes_client, daemon=True)
@@ -110,9 +111,9 @@ def _preload_kubernetes_client() -> None:
     kube.preload()
 
 
-def _plan(lab: Lab, count: int, network: str, proxy: str) -> LabState:
+def _plan(lab: Lab, count: int, network: str, proxy: str, fast_path: bool) -> LabState:
     """The lab's state before anything exists: node names, IPs, pod CIDRs, directories."""
-    state = LabState(name=lab.name, network=network, proxy=proxy)
+    state = LabState(name=lab.name, network=network, proxy=proxy, fast_path=fast_path)
     for index in range(1, count + 1):
         node = f"n{index}"
         state.nodes[node] = NodeInfo(name=node, netns=lab.node_netns(node), ip=topology.node_ip(index),
@@ -217,7 +218,7 @@ def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
         "--state-dir", node.state_dir, "--network", state.network, "--underlay-iface", topology.NODE_IFACE,
         "--cluster-cidr", str(CLUSTER_CIDR), "--service-cidr", SERVICE_CIDR, "--proxy", state.proxy,
         "--healthz-bind", f"{node.ip}:{HEALTHZ_PORT}", "--metrics-bind", f"{node.ip}:{METRICS_PORT}",
-        "--cni-data-dir", node.ipam_dir,
+        "--cni-data-dir", node.ipam_dir, *(["--fast-path"] if state.fast_path else []),
     )
     return processes.spawn(netns.exec_argv(node.netns, argv), node.agent_log)
 

@@ -97,6 +97,7 @@ class LabState:
     name: str
     network: str
     proxy: str
+    fast_path: bool = False
     phase: str = "starting"  # "starting" until every agent reported ready, then "ready"
     api_url: str = ""  # for tools on the host (127.0.0.1)
     api_internal_url: str = ""  # for agents, on the underlay

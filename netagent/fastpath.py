@@ -1,0 +1,250 @@
+"""`netagent run --fast-path`: forward pod-to-pod traffic between nodes with tc BPF (ebpf/fastpath.c).
+
+Pod traffic to another node normally crosses this node's IP stack twice over (routing and netfilter on
+the way out, bridge and routing again on the way in). The BPF program makes the same routing decision
+with bpf_fib_lookup() and hands the packet straight to the device the stack would have chosen: the
+bridge (towards a local pod) or the uplink (the underlay interface in routes mode, the VXLAN device in
+vxlan mode). It is an optimisation only: whatever it does not take (other protocols, IPv6, unresolved
+neighbours, flows the stack NATed) goes through the stack as before, so it can be switched on and off
+under traffic.
+
+Attachments: `forward` at tc ingress of the uplink and of every pod's host-side veth (before the
+bridge, so pod packets skip the bridge's netfilter hooks too), `note_stack_flow` at tc egress of the
+bridge and the uplink. The bridge and the veths come and go with pods (the CNI plugin makes them), so
+the attacher polls; a pod's first packets before its veth is attached simply take the stack.
+Each tc filter is named after a hash of the program text and its parameters: an agent restart that
+finds its filters in place touches nothing (no compile, no re-attach; the attached programs keep their
+flow map). A restarted agent that must load the program again (a new pod's veth, a new version)
+re-attaches every hook so all share one map, reopening the pinned `stack_flows` when bpffs is the
+host's (a DaemonSet mounts /sys/fs/bpf). Under `ip netns exec` (the lab) /sys is private to the
+agent, so is its bpffs mount and the pin: the reloaded map starts empty and a NATed flow goes back to
+the stack from its next outgoing packet on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+PROGRAM = Path(__file__).resolve().parents[1] / "ebpf" / "fastpath.c"
+PIN_ROOT = "/sys/fs/bpf/netagent"
+FAST_MARK = 0x20000  # skb->mark bit: "forward() took this packet" (kube-proxy uses 0x4000 and 0x8000)
+FILTER_PREFIX = "netagent-fp-"
+INGRESS, EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # clsact parents
+FUNCTIONS = ("forward", "note_stack_flow")
+_BPF_PROG_TYPE_SCHED_CLS = 3
+
+
+class FastPathError(RuntimeError):
+    """The fast path could not be set up (bcc missing, compile or attach refused); traffic keeps
+    taking the stack."""
+
+
+def pin_path(state_dir: str) -> str:
+    """Where this node's `stack_flows` map is pinned; one per agent state dir, so the nodes of a netns
+    lab (one host, one bpffs) do not share it."""
+    digest = hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
+    return f"{PIN_ROOT}/fastpath-{digest}"
+
+
+@dataclass(frozen=True)
+class Devices:
+    bridge: int
+    uplink: int
+    pod_veths: tuple[int, ...]  # the bridge's ports
+
+    def hooks(self) -> list[tuple[int, int, str]]:
+        """(ifindex, clsact parent, function) for every attachment."""
+        return [
+            (self.uplink, INGRESS, "forward"),
+            (self.uplink, EGRESS, "note_stack_flow"),
+            (self.bridge, EGRESS, "note_stack_flow"),
+            *((veth, INGRESS, "forward") for veth in self.pod_veths),
+        ]
+
+
+class FastPath:
+    """Keeps the fast path attached to this node's pod bridge and uplink (in the current netns)."""
+
+    def __init__(
+        self, cluster_cidr: str, uplink: str, local_pod_cidrs: Callable[[], Iterable[str]], state_dir: str
+    ) -> None:
+        """local_pod_cidrs: read at every check (the node state file may not exist yet); the bridge
+        is the device holding an address in one of them."""
+        self.cluster = ipaddress.ip_network(cluster_cidr)
+        if self.cluster.version != 4:
+            raise ValueError(f"the fast path is IPv4 only; cluster CIDR {cluster_cidr} is not")
+        self.uplink = uplink
+        self.local_pod_cidrs = local_pod_cidrs
+        self.pin_path = pin_path(state_dir)
+        self._bpf = None  # the loaded bcc module: its program fds attach later pods' veths too
+        self._functions: dict[str, int] = {}  # function -> program fd
+        self._loaded = ""  # the filter name (program version) self._functions belong to
+
+    def ensure(self) -> bool:
+        """Attach wherever our current filters are missing; True once the fast path is in place."""
+        with IPRoute() as ipr:
+            devices = self._devices(ipr)
+            if devices is None:
+                return False
+            name = self._filter_name(devices)
+            missing = [hook for hook in devices.hooks() if _filter_name(ipr, hook[0], hook[1]) != name]
+            if not missing:
+                return True
+            if self._loaded != name:  # a fresh load: every hook must share its flow map
+                self._functions, self._loaded = self._load(devices), name
+                missing = devices.hooks()
+            for index, parent, function in missing:
+                _attach(ipr, index, parent, self._functions[function], name)
+            self._detach_stale(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
+            log.info("fast path attached at %d hooks (uplink %s, bridge #%d, %d pod veths)", len(missing),
+                     self.uplink, devices.bridge, len(devices.pod_veths))
+            return True
+
+    def remove(self) -> None:
+        """Detach our filters and unpin the flow map (the stack takes all traffic again)."""
+        with IPRoute() as ipr:
+            self._detach_stale(ipr, keep=set())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.pin_path)
+
+    @staticmethod
+    def _detach_stale(ipr: IPRoute, keep: set[tuple[int, int]]) -> None:
+        """Our filters at hooks not in `keep` (an older program's layout, a bridge that went away)."""
+        for link in ipr.get_links():
+            for parent in (INGRESS, EGRESS):
+                hook = (link["index"], parent)
+                if hook not in keep:
+                    _detach(ipr, *hook)
+
+    def _devices(self, ipr: IPRoute) -> Devices | None:
+        uplink = ipr.link_lookup(ifname=self.uplink)
+        pod_nets = [ipaddress.ip_network(c) for c in self.local_pod_cidrs() if ":" not in c]
+        gateways = {a["index"] for a in ipr.get_addr(family=2)
+                    if any(ipaddress.ip_address(a.get("IFA_ADDRESS")) in net for net in pod_nets)}
+        links = ipr.get_links()
+        # the bridge, not the VXLAN device, which holds an address in our pod CIDR too
+        bridges = [link["index"] for link in links if link["index"] in gateways and _kind(link) == "bridge"]
+        bridge = bridges[0] if bridges else None
+        if not uplink or bridge is None:
+            return None
+        ports = tuple(link["index"] for link in links if link.get_attr("IFLA_MASTER") == bridge)
+        return Devices(bridge=bridge, uplink=uplink[0], pod_veths=ports)
+
+    def _cflags(self, devices: Devices) -> list[str]:
+        return [
+            f"-DCLUSTER_NET={int(self.cluster.network_address)}U",
+            f"-DCLUSTER_MASK={int(self.cluster.netmask)}U",
+            f"-DBRIDGE_IFINDEX={devices.bridge}",
+            f"-DUPLINK_IFINDEX={devices.uplink}",
+            f"-DFAST_MARK={FAST_MARK}",
+            f'-DPIN_PATH="{self.pin_path}"',
+        ]
+
+    def _filter_name(self, devices: Devices) -> str:
+        """Names the program text and parameters, so a restart can tell its own filters apart."""
+        version = hashlib.sha256(PROGRAM.read_bytes() + " ".join(self._cflags(devices)).encode())
+        return FILTER_PREFIX + version.hexdigest()[:12]
+
+    def _load(self, devices: Devices) -> dict[str, int]:
+        try:
+            from bcc import BPF  # Debian's python3-bpfcc, exposed to the venv by bootstrap
+        except ImportError as err:
+            raise FastPathError(f"bcc is not importable: {err}") from None
+        from netagent.proxy.backend import SyncError
+        from netagent.proxy.ebpf import ensure_bpffs
+
+        try:
+            ensure_bpffs()
+        except SyncError as err:
+            raise FastPathError(str(err)) from None
+        os.makedirs(PIN_ROOT, exist_ok=True)
+        try:
+            self._bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self._cflags(devices))
+            return {function: self._bpf.load_func(function.encode(), _BPF_PROG_TYPE_SCHED_CLS).fd
+                    for function in FUNCTIONS}
+        except Exception as err:  # bcc raises plain Exception for compile and load errors
+            raise FastPathError(f"cannot load {PROGRAM}: {err}") from None
+
+
+def _kind(link) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str]]:
+    """(tc info, name) of netagent's filters at one hook."""
+    try:
+        filters = ipr.get_filters(index=index, parent=parent)
+    except NetlinkError:  # no clsact qdisc there
+        return []
+    found = []
+    for tc_filter in filters:
+        options = tc_filter.get_attr("TCA_OPTIONS")
+        name = options.get_attr("TCA_BPF_NAME") if options else None
+        if name and name.startswith(FILTER_PREFIX):
+            found.append((tc_filter["info"], name))
+    return found
+
+
+def _filter_name(ipr: IPRoute, index: int, parent: int) -> str | None:
+    return next((name for _info, name in _our_filters(ipr, index, parent)), None)
+
+
+def _attach(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
+    """Replace whatever filter we had at this hook: between the delete and the add, packets take the
+    stack, which is always correct. Other filters at the hook are left alone."""
+    with contextlib.suppress(NetlinkError):  # EEXIST: the clsact qdisc is already there
+        ipr.tc("add", "clsact", index)
+    _detach(ipr, index, parent)
+    ipr.tc("add-filter", "bpf", index, ":1", fd=fd, name=name, parent=parent, classid=1, direct_action=True)
+
+
+def _detach(ipr: IPRoute, index: int, parent: int) -> None:
+    for info, _name in _our_filters(ipr, index, parent):
+        with contextlib.suppress(NetlinkError):  # gone meanwhile (its device was deleted)
+            ipr.tc("del-filter", index=index, parent=parent, info=info)
+
+
+class FastPathAttacher:
+    """Polls until the bridge exists, then keeps the fast path attached (a pod bridge recreated by the
+    CNI plugin, an uplink that came back)."""
+
+    def __init__(self, fast_path: FastPath, interval: float = 2.0) -> None:
+        self.fast_path = fast_path
+        self.interval = interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fast-path", daemon=True)
+
+    def start(self) -> FastPathAttacher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Leaves the filters attached: traffic keeps its fast path across an agent restart."""
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        failed = False
+        while not self._stopping.is_set():
+            try:
+                self.fast_path.ensure()
+                failed = False
+            except (FastPathError, NetlinkError, OSError) as err:
+                if not failed:  # once per failure streak, not every poll
+                    log.warning("fast path not attached, traffic takes the stack: %s", err)
+                failed = True
+            self._stopping.wait(self.interval)

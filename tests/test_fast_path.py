@@ -1,0 +1,94 @@
+"""`netagent run --fast-path`: pod-to-pod traffic between nodes forwarded by tc BPF, in a real lab.
+
+The fast path must be invisible except in cost: the same pods reach each other, services still work
+(their DNATed replies must go back through the stack to be un-NATed), and flows it carries never
+enter the nodes' conntrack. Each test builds a 2-node lab with the nftables proxy and removes it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+from netns_lab import probe
+from netns_lab.responder import DEFAULT_PORT
+from netns_lab.state import Lab
+from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
+
+from netagent import netns
+
+CLUSTER_IP = "10.96.77.7"
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def fast_path_filters(node_ns: str) -> dict[str, list[str]]:
+    """Our tc filters on the node: device -> the BPF functions attached there."""
+    found: dict[str, list[str]] = {}
+    for line in netns.run(node_ns, ["ip", "-o", "link", "show"]).stdout.splitlines():
+        device = line.split(":")[1].strip().split("@")[0]
+        for hook in ("ingress", "egress"):
+            shown = netns.run(node_ns, ["tc", "filter", "show", "dev", device, hook], check=False).stdout
+            if "netagent-fp-" in shown:
+                found.setdefault(device, []).append(shown.rsplit(" name ", 1)[1].split()[0])
+    return found
+
+
+def tracked_flows(node_ns: str, address: str) -> int:
+    """Conntrack entries of this node involving `address`."""
+    listing = netns.run(node_ns, ["conntrack", "-L"], check=False).stdout
+    return sum(address in line for line in listing.splitlines())
+
+
+def service_manifest(tmp_path) -> str:
+    docs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "far"},
+             "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": "far"},
+                      "ports": [{"name": "tcp", "port": 80, "targetPort": DEFAULT_PORT, "protocol": "TCP"},
+                                {"name": "udp", "port": 80, "targetPort": DEFAULT_PORT, "protocol": "UDP"}]}}]
+    path = tmp_path / "far.json"
+    path.write_text(json.dumps(docs[0]))
+    return str(path)
+
+
+@pytest.mark.parametrize("network", ["vxlan", "routes"])
+def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_endpoints(
+    lab_name, network, tmp_path  # noqa: F811
+):
+    lab_cmd(lab_name, "up", "--nodes", "2", "--network", network, "--proxy", "nftables", "--fast-path")
+    lab_cmd(lab_name, "pod", "near", "--node", "n1")
+    lab_cmd(lab_name, "pod", "far", "--node", "n2", "--labels", "app=far")
+    lab_cmd(lab_name, "apply", service_manifest(tmp_path))
+    state = Lab(lab_name).load()
+    near, far = state.pods["near"], state.pods["far"]
+    n1, n2 = state.nodes["n1"].netns, state.nodes["n2"].netns
+    wait_until(lambda: len(fast_path_filters(n1)) == 3 and len(fast_path_filters(n2)) == 3,
+               "the fast path on both nodes (uplink, bridge, one pod veth each)")
+    uplink = "netagent.1" if network == "vxlan" else "eth0"
+    assert sorted(fast_path_filters(n1)[uplink]) == ["forward", "note_stack_flow"]
+
+    assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # neighbours resolved
+    assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"  # (by the stack)
+    for node in (n1, n2):
+        netns.run(node, ["conntrack", "-F"], check=False)
+    for _ in range(3):
+        assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+        assert probe.udp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+        assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
+    assert tracked_flows(n1, far.ips[0]) == tracked_flows(n2, near.ips[0]) == 0  # never seen
+
+    # The service's only endpoint is on the other node: DNATed on n1, so the replies must be
+    # un-NATed there; the fast path learned the flow at n1's uplink egress and leaves it to the stack.
+    wait_until(lambda: probe.tcp_name(near.netns, CLUSTER_IP, 80) == "far", "the service to answer")
+    for _ in range(5):
+        assert probe.tcp_name(near.netns, CLUSTER_IP, 80) == "far"
+        assert probe.udp_name(near.netns, CLUSTER_IP, 80) == "far"
+    assert tracked_flows(n1, CLUSTER_IP) > 0
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
