@@ -46,6 +46,13 @@ def tracked_flows(node_ns: str, address: str) -> int:
     return sum(address in line for line in listing.splitlines())
 
 
+def service_answers(client_netns: str) -> bool:
+    try:
+        return probe.tcp_name(client_netns, CLUSTER_IP, 80) == "far"
+    except OSError:
+        return False
+
+
 def service_manifest(tmp_path) -> str:
     docs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "far"},
              "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": "far"},
@@ -84,7 +91,7 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
 
     # The service's only endpoint is on the other node: DNATed on n1, so the replies must be
     # un-NATed there; the fast path learned the flow at n1's uplink egress and leaves it to the stack.
-    wait_until(lambda: probe.tcp_name(near.netns, CLUSTER_IP, 80) == "far", "the service to answer")
+    wait_until(lambda: service_answers(near.netns), "the service (refused until its endpoint is in)")
     for _ in range(5):
         assert probe.tcp_name(near.netns, CLUSTER_IP, 80) == "far"
         assert probe.udp_name(near.netns, CLUSTER_IP, 80) == "far"
