@@ -15,10 +15,9 @@ the attacher polls; a pod's first packets before its veth is attached simply tak
 Each tc filter is named after a hash of the program text and its parameters: an agent restart that
 finds its filters in place touches nothing (no compile, no re-attach; the attached programs keep their
 flow map). A restarted agent that must load the program again (a new pod's veth, a new version)
-re-attaches every hook so all share one map, reopening the pinned `stack_flows` when bpffs is the
-host's (a DaemonSet mounts /sys/fs/bpf). Under `ip netns exec` (the lab) /sys is private to the
-agent, so is its bpffs mount and the pin: the reloaded map starts empty and a NATed flow goes back to
-the stack from its next outgoing packet on.
+re-attaches every hook so all share one map: the pinned `stack_flows` when bpffs is the host's (a
+DaemonSet mounts /sys/fs/bpf), else (under `ip netns exec`, as in the lab, /sys and so the bpffs
+mount are private to the agent) the running programs' map, found through bpftool and pinned anew.
 """
 
 from __future__ import annotations
@@ -26,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import json
 import logging
 import os
+import subprocess
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ class FastPath:
             if not missing:
                 return True
             if self._loaded != name:  # a fresh load: every hook must share its flow map
+                self._adopt_running_flow_map(ipr, devices)
                 self._functions, self._loaded = self._load(devices), name
                 missing = devices.hooks()
             for index, parent, function in missing:
@@ -119,6 +121,25 @@ class FastPath:
             self._detach_stale(ipr, keep=set())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pin_path)
+
+    def _adopt_running_flow_map(self, ipr: IPRoute, devices: Devices) -> None:
+        """Before a load: pin the flow map of the programs already attached, if it is not pinned
+        where we look (a restarted agent with its own bpffs mount, as in the lab), so the new
+        programs share it and keep knowing which flows the stack NATed."""
+        if os.path.exists(self.pin_path):
+            return
+        running = next((prog for _info, _name, prog in _our_filters(ipr, devices.uplink, INGRESS)), None)
+        if running is None:
+            return
+        try:
+            for map_id in _bpftool("prog", "show", "id", str(running)).get("map_ids", []):
+                if _bpftool("map", "show", "id", str(map_id)).get("name") == "stack_flows":
+                    os.makedirs(PIN_ROOT, exist_ok=True)
+                    _bpftool("map", "pin", "id", str(map_id), self.pin_path)
+                    log.info("fast path: kept the running programs' flow map (id %d)", map_id)
+                    return
+        except (OSError, subprocess.CalledProcessError, ValueError) as err:
+            log.warning("fast path: cannot adopt the running flow map, starting an empty one: %s", err)
 
     @staticmethod
     def _detach_stale(ipr: IPRoute, keep: set[tuple[int, int]]) -> None:
@@ -184,8 +205,14 @@ def _kind(link) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
-def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str]]:
-    """(tc info, name) of netagent's filters at one hook."""
+def _bpftool(*args: str) -> dict:
+    """bpftool's JSON answer ({} for commands that print none)."""
+    output = subprocess.run(["bpftool", "--json", *args], capture_output=True, text=True, check=True).stdout
+    return (json.loads(output) if output.strip() else None) or {}
+
+
+def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str, int]]:
+    """(tc info, name, program id) of netagent's filters at one hook."""
     try:
         filters = ipr.get_filters(index=index, parent=parent)
     except NetlinkError:  # no clsact qdisc there
@@ -195,12 +222,12 @@ def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str]]
         options = tc_filter.get_attr("TCA_OPTIONS")
         name = options.get_attr("TCA_BPF_NAME") if options else None
         if name and name.startswith(FILTER_PREFIX):
-            found.append((tc_filter["info"], name))
+            found.append((tc_filter["info"], name, options.get_attr("TCA_BPF_ID")))
     return found
 
 
 def _filter_name(ipr: IPRoute, index: int, parent: int) -> str | None:
-    return next((name for _info, name in _our_filters(ipr, index, parent)), None)
+    return next((name for _info, name, _prog in _our_filters(ipr, index, parent)), None)
 
 
 def _attach(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
@@ -213,7 +240,7 @@ def _attach(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
 
 
 def _detach(ipr: IPRoute, index: int, parent: int) -> None:
-    for info, _name in _our_filters(ipr, index, parent):
+    for info, _name, _prog in _our_filters(ipr, index, parent):
         with contextlib.suppress(NetlinkError):  # gone meanwhile (its device was deleted)
             ipr.tc("del-filter", index=index, parent=parent, info=info)
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from netns_lab import processes, topology
 from netns_lab.processes import ProcRef
@@ -210,6 +210,20 @@ def _finish_cni_install(running: list[tuple[NodeInfo, subprocess.Popen]]) -> Non
             failures.append(f"install-cni on {node.name} failed:\n{output.strip()}")
     if failures:
         raise LabError("\n".join(failures))
+
+
+def restart_agent(name: str, node_name: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Stop one node's agent (SIGTERM: it leaves the kernel state in place) and start a new one, as a
+    DaemonSet rollout does; returns once the new agent is ready."""
+    lab = Lab(name)
+    with lab.update() as state:
+        if node_name not in state.nodes:
+            raise LabError(f"lab {name!r} has no node {node_name!r}")
+        node = state.nodes[node_name]
+        if node.agent is not None:
+            processes.stop([node.agent], grace=10)
+        node.agent = _start_agent(state, node)
+    _wait_for_agents(replace(state, nodes={node_name: node}), timeout, lambda _msg: None)
 
 
 def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:

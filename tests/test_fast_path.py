@@ -7,11 +7,12 @@ enter the nodes' conntrack. Each test builds a 2-node lab with the nftables prox
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 
 import pytest
-from netns_lab import probe
+from netns_lab import cluster, probe
 from netns_lab.responder import DEFAULT_PORT
 from netns_lab.state import Lab
 from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
@@ -99,3 +100,64 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
 
     lab_cmd(lab_name, "down")
     assert residue(lab_name) == []
+
+
+def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reloads_the_fast_path(
+    lab_name, tmp_path  # noqa: F811
+):
+    """The restarted agent loads the program anew (it must, to attach future pods' veths) but keeps the
+    running programs' flow map: the connection's DNATed replies, pushed by the server without the
+    client sending first, still go through the stack and reach the client un-NATed."""
+    lab_cmd(lab_name, "up", "--nodes", "2", "--network", "routes", "--proxy", "nftables", "--fast-path")
+    lab_cmd(lab_name, "pod", "near", "--node", "n1")
+    lab_cmd(lab_name, "pod", "far", "--node", "n2", "--labels", "app=far")
+    manifest = tmp_path / "echo.json"
+    manifest.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+        "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": "far"},
+                 "ports": [{"port": 5005, "targetPort": 5005, "protocol": "TCP"}]}}))
+    lab_cmd(lab_name, "apply", str(manifest))
+    state = Lab(lab_name).load()
+    near, far, n1 = state.pods["near"], state.pods["far"], state.nodes["n1"].netns
+    wait_until(lambda: len(fast_path_filters(n1)) == 3, "the fast path on n1")
+
+    with netns.entered(netns.path(far.netns)):
+        listener = socket.create_server((far.ips[0], 5005))
+    listener.settimeout(30)
+    try:
+        client = connect_when_served(near.netns, (CLUSTER_IP, 5005))
+        server, _ = listener.accept()
+        server.settimeout(10)
+        client.sendall(b"before")
+        assert server.recv(100) == b"before"
+        programs_before = attached_programs(n1)
+
+        cluster.restart_agent(lab_name, "n1")
+        wait_until(lambda: attached_programs(n1).isdisjoint(programs_before), "the fast path reloaded")
+
+        server.sendall(b"pushed after the restart")
+        assert client.recv(100) == b"pushed after the restart"
+        client.sendall(b"and back")
+        assert server.recv(100) == b"and back"
+    finally:
+        listener.close()
+
+
+def connect_when_served(client_netns: str, address: tuple[str, int]) -> socket.socket:
+    """A TCP connection from the netns, retried while the service has no endpoint yet (refused)."""
+    deadline = time.monotonic() + 60
+    while True:
+        with netns.entered(netns.path(client_netns)):
+            try:
+                return socket.create_connection(address, timeout=10)
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, f"{address} never accepted a connection"
+        time.sleep(0.5)
+
+
+def attached_programs(node_ns: str) -> set[str]:
+    """The BPF program ids of our tc filters on the node."""
+    shown = [netns.run(node_ns, ["tc", "filter", "show", "dev", device, hook], check=False).stdout
+             for device in fast_path_filters(node_ns) for hook in ("ingress", "egress")]
+    return {word for text in shown for line in text.splitlines() if "netagent-fp-" in line
+            for word in [line.split(" id ")[1].split()[0]]}
