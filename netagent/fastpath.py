@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -105,7 +106,8 @@ class FastPath:
             if not missing:
                 return True
             if self._loaded != name:  # a fresh load: every hook must share its flow map
-                self._adopt_running_flow_map(ipr, devices)
+                _mount_bpffs()
+                self._adopt_running_flow_map()
                 self._functions, self._loaded = self._load(devices), name
                 missing = devices.hooks()
             for index, parent, function in missing:
@@ -122,17 +124,18 @@ class FastPath:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pin_path)
 
-    def _adopt_running_flow_map(self, ipr: IPRoute, devices: Devices) -> None:
+    def _adopt_running_flow_map(self) -> None:
         """Before a load: pin the flow map of the programs already attached, if it is not pinned
         where we look (a restarted agent with its own bpffs mount, as in the lab), so the new
         programs share it and keep knowing which flows the stack NATed."""
         if os.path.exists(self.pin_path):
             return
-        running = next((prog for _info, _name, prog in _our_filters(ipr, devices.uplink, INGRESS)), None)
-        if running is None:
-            return
         try:
-            for map_id in _bpftool("prog", "show", "id", str(running)).get("map_ids", []):
+            attached = _bpftool("net", "show", "dev", self.uplink)  # pyroute2 does not parse the ids
+            running = [tc["id"] for entry in attached for tc in entry.get("tc", [])
+                       if tc.get("name", "").startswith(FILTER_PREFIX)]
+            map_ids = _bpftool("prog", "show", "id", str(running[0])).get("map_ids", []) if running else []
+            for map_id in map_ids:
                 if _bpftool("map", "show", "id", str(map_id)).get("name") == "stack_flows":
                     os.makedirs(PIN_ROOT, exist_ok=True)
                     _bpftool("map", "pin", "id", str(map_id), self.pin_path)
@@ -184,13 +187,6 @@ class FastPath:
             from bcc import BPF  # Debian's python3-bpfcc, exposed to the venv by bootstrap
         except ImportError as err:
             raise FastPathError(f"bcc is not importable: {err}") from None
-        from netagent.proxy.backend import SyncError
-        from netagent.proxy.ebpf import ensure_bpffs
-
-        try:
-            ensure_bpffs()
-        except SyncError as err:
-            raise FastPathError(str(err)) from None
         os.makedirs(PIN_ROOT, exist_ok=True)
         try:
             self._bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self._cflags(devices))
@@ -205,14 +201,24 @@ def _kind(link) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
-def _bpftool(*args: str) -> dict:
+def _mount_bpffs() -> None:
+    from netagent.proxy.backend import SyncError
+    from netagent.proxy.ebpf import ensure_bpffs
+
+    try:
+        ensure_bpffs()
+    except SyncError as err:
+        raise FastPathError(str(err)) from None
+
+
+def _bpftool(*args: str) -> Any:
     """bpftool's JSON answer ({} for commands that print none)."""
     output = subprocess.run(["bpftool", "--json", *args], capture_output=True, text=True, check=True).stdout
     return (json.loads(output) if output.strip() else None) or {}
 
 
-def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str, int]]:
-    """(tc info, name, program id) of netagent's filters at one hook."""
+def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str]]:
+    """(tc info, name) of netagent's filters at one hook."""
     try:
         filters = ipr.get_filters(index=index, parent=parent)
     except NetlinkError:  # no clsact qdisc there
@@ -222,12 +228,12 @@ def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str, 
         options = tc_filter.get_attr("TCA_OPTIONS")
         name = options.get_attr("TCA_BPF_NAME") if options else None
         if name and name.startswith(FILTER_PREFIX):
-            found.append((tc_filter["info"], name, options.get_attr("TCA_BPF_ID")))
+            found.append((tc_filter["info"], name))
     return found
 
 
 def _filter_name(ipr: IPRoute, index: int, parent: int) -> str | None:
-    return next((name for _info, name, _prog in _our_filters(ipr, index, parent)), None)
+    return next((name for _info, name in _our_filters(ipr, index, parent)), None)
 
 
 def _attach(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
@@ -240,7 +246,7 @@ def _attach(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
 
 
 def _detach(ipr: IPRoute, index: int, parent: int) -> None:
-    for info, _name, _prog in _our_filters(ipr, index, parent):
+    for info, _name in _our_filters(ipr, index, parent):
         with contextlib.suppress(NetlinkError):  # gone meanwhile (its device was deleted)
             ipr.tc("del-filter", index=index, parent=parent, info=info)
 

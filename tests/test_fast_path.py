@@ -105,9 +105,10 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
 def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reloads_the_fast_path(
     lab_name, tmp_path  # noqa: F811
 ):
-    """The restarted agent loads the program anew (it must, to attach future pods' veths) but keeps the
-    running programs' flow map: the connection's DNATed replies, pushed by the server without the
-    client sending first, still go through the stack and reach the client un-NATed."""
+    """A restarted agent leaves the running fast path alone; when a new pod makes it load the
+    program anew, it re-attaches every hook with the running programs' flow map: the connection's
+    DNATed replies, pushed by the server without the client sending first, still go through the
+    stack and reach the client un-NATed."""
     lab_cmd(lab_name, "up", "--nodes", "2", "--network", "routes", "--proxy", "nftables", "--fast-path")
     lab_cmd(lab_name, "pod", "near", "--node", "n1")
     lab_cmd(lab_name, "pod", "far", "--node", "n2", "--labels", "app=far")
@@ -133,6 +134,8 @@ def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reload
         programs_before = attached_programs(n1)
 
         cluster.restart_agent(lab_name, "n1")
+        assert attached_programs(n1) == programs_before  # a restart alone touches nothing
+        lab_cmd(lab_name, "pod", "newcomer", "--node", "n1")  # its veth needs the program: a reload
         wait_until(lambda: attached_programs(n1).isdisjoint(programs_before), "the fast path reloaded")
 
         server.sendall(b"pushed after the restart")
@@ -144,13 +147,14 @@ def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reload
 
 
 def connect_when_served(client_netns: str, address: tuple[str, int]) -> socket.socket:
-    """A TCP connection from the netns, retried while the service has no endpoint yet (refused)."""
+    """A TCP connection from the netns, retried until the proxy has programmed the service (before,
+    the ClusterIP is routed to the underlay, where nothing answers) and its endpoint (refused)."""
     deadline = time.monotonic() + 60
     while True:
         with netns.entered(netns.path(client_netns)):
             try:
-                return socket.create_connection(address, timeout=10)
-            except ConnectionRefusedError:
+                return socket.create_connection(address, timeout=3)
+            except OSError:
                 assert time.monotonic() < deadline, f"{address} never accepted a connection"
         time.sleep(0.5)
 
