@@ -284,6 +284,27 @@ def test_informer_lists_then_delivers_watch_events_in_order(core):
         informer.stop()
 
 
+def test_an_informer_is_synced_only_once_its_handlers_have_seen_the_whole_list(core):
+    """Consumers fed by events (the proxy's SnapshotBuilder) sync as soon as the informer says it is
+    synced: a partly delivered list would look like deleted services and remove working rules."""
+    for name in ("a", "b", "c"):
+        core.create_node(node_body(name))
+    seen: list[str] = []
+
+    def slow_handler(kind: str, obj, old) -> None:
+        time.sleep(0.2)
+        seen.append(obj.metadata.name)
+
+    informer = Informer("nodes", core.list_node)
+    informer.add_handler(slow_handler)
+    informer.start()
+    try:
+        assert informer.wait_for_sync(30)
+        assert sorted(seen) == ["a", "b", "c"]
+    finally:
+        informer.stop()
+
+
 def test_informer_relists_after_410_gone_and_synthesizes_the_missed_changes(core):
     """The watch is held back until more changes than the server's history window happened, so
     resuming from the old resourceVersion gets 410; the relist must deliver what was missed."""
@@ -544,7 +565,8 @@ def test_a_long_lived_tcp_connection_survives_an_agent_restart_with_no_kernel_ch
                                                                                      stop_signal):
     agents = start_all(cluster, network)
     client_node, server_node = cluster.nodes[0], cluster.nodes[1]
-    wait_for(lambda: reachable(client_node, server_node), 60, "pod<->pod")
+    # every peer programmed first: a slow third agent publishing its VTEP late is not a restart's doing
+    wait_for(lambda: all_pairs_reachable(cluster), 60, "pod<->pod between all nodes")
     connection = LongLivedConnection(client_node, server_node)
     try:
         assert connection.round_trip(b"before")
