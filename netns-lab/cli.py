@@ -92,7 +92,8 @@ def status_cmd(name: str) -> None:
 
     lab = Lab(name)
     state = lab.load()
-    click.echo(f"lab {name}: {state.phase}, network {state.network}, proxy {state.proxy}, "
+    fast_path = ", fast path" if state.fast_path else ""
+    click.echo(f"lab {name}: {state.phase}, network {state.network}{fast_path}, proxy {state.proxy}, "
                f"API server {state.api_url or '(not started)'}")
     health = {h.node: h for h in cluster.agent_health(state)}
     rows = [("NODE", "NETNS", "IP", "POD CIDR", "AGENT", "HEALTHZ")]

@@ -63,7 +63,8 @@ def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
         progress("lab up failed; removing what it created")
         down(name, progress=lambda _msg: None)
         raise
-    progress(f"lab {name!r} ready: {nodes} nodes, network {network}, proxy {proxy} "
+    progress(f"lab {name!r} ready: {nodes} nodes, network {network}{', fast path' if fast_path else ''}, "
+             f"proxy {proxy} "
              f"({time.monotonic() - started:.1f}s)")
     return state
 
