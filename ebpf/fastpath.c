@@ -7,7 +7,7 @@
  * bpf_fib_lookup() and sends the packet straight to the device the kernel would have used (the uplink
  * for a pod's packet, the bridge for one to a local pod), with the MAC addresses the neighbour table
  * gives and the TTL decremented, as ip_forward() does. Anything it is unsure about is passed to the stack
- * unchanged (TC_ACT_OK): other protocols, IP options, unresolved neighbours, destinations outside the
+ * unchanged (TC_ACT_OK): other protocols, IP options, fragments, unresolved neighbours, destinations outside the
  * cluster CIDR, and the flows the stack has NATed.
  *
  * NAT: a connection to a ClusterIP or NodePort is DNATed by the stack (the service proxy), and its
@@ -37,12 +37,14 @@ struct flow {
 
 BPF_TABLE_PINNED("lru_hash", struct flow, __u8, stack_flows, 65536, PIN_PATH);
 
+#define FRAGMENT_BITS 0x3FFF /* IP_MF | IP_OFFSET: set on every fragment of a fragmented packet */
+
 struct ports {
     __be16 source;
     __be16 dest;
 };
 
-/* The IPv4 header and ports of a TCP/UDP packet without IP options, or NULL. */
+/* The IPv4 header and ports of an unfragmented TCP/UDP packet without IP options, or NULL. */
 static __always_inline struct iphdr *parse(struct __sk_buff *skb, struct ports **ports) {
     void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
@@ -51,6 +53,8 @@ static __always_inline struct iphdr *parse(struct __sk_buff *skb, struct ports *
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > end || ip->ihl != 5)
         return NULL;
+    if (ip->frag_off & bpf_htons(FRAGMENT_BITS))
+        return NULL; /* a fragment: later ones carry no ports, so the stack reassembles or tracks them */
     if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
         return NULL;
     struct ports *p = (void *)(ip + 1);
