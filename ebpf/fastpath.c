@@ -15,13 +15,16 @@
  * bridge and the uplink and records, for every packet the stack forwarded between a pod and the cluster
  * (i.e. one forward() did not take, which it marks), the reply's 5-tuple in `stack_flows`. forward()
  * leaves packets of a recorded flow to the stack. The map is pinned at PIN_PATH so a restarted agent
- * keeps it (LRU: a flow idle long enough to be evicted is re-recorded by its next stack-path packet).
+ * keeps it, and the loader seeds a new one from conntrack's DNAT entries (flows NATed before the fast
+ * path was attached). It is an LRU: an entry is refreshed by every stack-path packet of its flow; one
+ * idle long enough to be evicted by 262,144 newer flows is re-recorded by its next outgoing packet.
  *
  * Compiled by bcc with: CLUSTER_NET / CLUSTER_MASK (host byte order), BRIDGE_IFINDEX, UPLINK_IFINDEX,
  * FAST_MARK (a skb->mark bit), PIN_PATH.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/if_packet.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
@@ -35,7 +38,7 @@ struct flow {
     __u8 pad[3];
 };
 
-BPF_TABLE_PINNED("lru_hash", struct flow, __u8, stack_flows, 65536, PIN_PATH);
+BPF_TABLE_PINNED("lru_hash", struct flow, __u8, stack_flows, 262144, PIN_PATH);
 
 #define FRAGMENT_BITS 0x3FFF /* IP_MF | IP_OFFSET: set on every fragment of a fragmented packet */
 
@@ -69,9 +72,17 @@ static __always_inline int in_cluster(__be32 addr) {
 }
 
 int forward(struct __sk_buff *skb) {
+    /* the interface the stack would route from: the bridge for a pod's packet */
+    int from_uplink = skb->ingress_ifindex == UPLINK_IFINDEX;
+    /* the stack routes what the uplink receives only when addressed to this host (a pod's veth has
+     * its own MAC, the pod addresses the bridge: its packets are not PACKET_HOST there) */
+    if (from_uplink && skb->pkt_type != PACKET_HOST)
+        return TC_ACT_OK;
     struct ports *ports;
     struct iphdr *ip = parse(skb, &ports);
-    if (!ip || !in_cluster(ip->daddr) || ip->ttl <= 1)
+    /* both ends pods: a host-network peer (a node, an API server endpoint) may be NATed by the stack
+     * in ways pod-to-pod records do not cover, so its packets keep the stack */
+    if (!ip || !in_cluster(ip->saddr) || !in_cluster(ip->daddr) || ip->ttl <= 1)
         return TC_ACT_OK;
     struct flow key = {.saddr = ip->saddr, .daddr = ip->daddr, .sport = ports->source,
                        .dport = ports->dest, .protocol = ip->protocol};
@@ -87,11 +98,11 @@ int forward(struct __sk_buff *skb) {
     fib.tot_len = 0; /* 0: the kernel checks the MTU against the skb (GSO aware) */
     fib.ipv4_src = ip->saddr;
     fib.ipv4_dst = ip->daddr;
-    fib.ifindex = skb->ingress_ifindex;
+    fib.ifindex = from_uplink ? UPLINK_IFINDEX : BRIDGE_IFINDEX;
     if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
         return TC_ACT_OK;
     /* only between pods and the uplink: pod to pod on this node stays on the bridge */
-    if (fib.ifindex != (skb->ingress_ifindex == UPLINK_IFINDEX ? BRIDGE_IFINDEX : UPLINK_IFINDEX))
+    if (fib.ifindex != (from_uplink ? BRIDGE_IFINDEX : UPLINK_IFINDEX))
         return TC_ACT_OK;
 
     /* bpf_fib_lookup may not touch packet data, but re-check the bounds for the verifier */

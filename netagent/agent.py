@@ -177,8 +177,19 @@ class Agent:
         log.info("node controller started (network %s)", cfg.network)
         if cfg.fast_path:
             self._start_fast_path()
+        else:
+            self._remove_fast_path()
         if cfg.proxy != "none":
             self._start_proxy(api_client)
+
+    def _remove_fast_path(self) -> None:
+        """A node restarted with --no-fast-path: take away filters an earlier agent attached."""
+        from netagent import fastpath
+
+        try:
+            fastpath.remove(self.config.state_dir)
+        except Exception:  # leftovers are worth a warning, not a dead agent
+            log.warning("could not remove the fast path of an earlier agent", exc_info=True)
 
     def _start_fast_path(self) -> None:
         """Attach once the node state (our pod CIDRs) exists; see netagent.fastpath."""

@@ -4,9 +4,10 @@ Pod traffic to another node normally crosses this node's IP stack twice over (ro
 the way out, bridge and routing again on the way in). The BPF program makes the same routing decision
 with bpf_fib_lookup() and hands the packet straight to the device the stack would have chosen: the
 bridge (towards a local pod) or the uplink (the underlay interface in routes mode, the VXLAN device in
-vxlan mode). It is an optimisation only: whatever it does not take (other protocols, IPv6, unresolved
-neighbours, flows the stack NATed) goes through the stack as before, so it can be switched on and off
-under traffic.
+vxlan mode). It is an optimisation only: whatever it does not take (other protocols, IPv6, fragments,
+unresolved neighbours, host-network peers, flows the stack NATed) goes through the stack as before, so
+it can be switched on and off under traffic: on attaching, the flows conntrack already DNATed are
+recorded as the stack's; `--no-fast-path` detaches everything at agent start.
 
 Attachments: `forward` at tc ingress of the uplink and of every pod's host-side veth (before the
 bridge, so pod packets skip the bridge's netfilter hooks too), `note_stack_flow` at tc egress of the
@@ -22,15 +23,19 @@ mount are private to the agent) the running programs' map, found through bpftool
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import ipaddress
 import json
 import logging
 import os
+import socket
 import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ FILTER_PREFIX = "netagent-fp-"
 INGRESS, EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # clsact parents
 FUNCTIONS = ("forward", "note_stack_flow")
 _BPF_PROG_TYPE_SCHED_CLS = 3
+RETRY_FAILED_LOAD = 60.0  # seconds before a program version that failed to load is tried again
 
 
 class FastPathError(RuntimeError):
@@ -91,9 +97,10 @@ class FastPath:
         self.uplink = uplink
         self.local_pod_cidrs = local_pod_cidrs
         self.pin_path = pin_path(state_dir)
-        self._bpf = None  # the loaded bcc module: its program fds attach later pods' veths too
+        self._bpf: Any = None  # the loaded bcc module: its program fds attach later pods' veths too
         self._functions: dict[str, int] = {}  # function -> program fd
         self._loaded = ""  # the filter name (program version) self._functions belong to
+        self._failed = ("", 0.0)  # the version whose load failed last, and when
 
     def ensure(self) -> bool:
         """Attach wherever our current filters are missing; True once the fast path is in place."""
@@ -105,24 +112,36 @@ class FastPath:
             missing = [hook for hook in devices.hooks() if _filter_name(ipr, hook[0], hook[1]) != name]
             if not missing:
                 return True
-            if self._loaded != name:  # a fresh load: every hook must share its flow map
+            reloaded = self._loaded != name
+            if reloaded:  # a fresh load: every hook must share its flow map
                 _mount_bpffs()
                 self._adopt_running_flow_map()
-                self._functions, self._loaded = self._load(devices), name
+                self._load(devices, name)
                 missing = devices.hooks()
             for index, parent, function in missing:
                 _attach(ipr, index, parent, self._functions[function], name)
             self._detach_stale(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
+            if reloaded:  # after attaching: a flow NATed while the filters were replaced is in conntrack
+                self._seed_from_conntrack()
             log.info("fast path attached at %d hooks (uplink %s, bridge #%d, %d pod veths)", len(missing),
                      self.uplink, devices.bridge, len(devices.pod_veths))
             return True
 
-    def remove(self) -> None:
-        """Detach our filters and unpin the flow map (the stack takes all traffic again)."""
-        with IPRoute() as ipr:
-            self._detach_stale(ipr, keep=set())
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.pin_path)
+    def _seed_from_conntrack(self) -> None:
+        """Record the flows the stack has DNATed so far (connections opened before the fast path, or
+        with a map that could not be adopted): their replies must keep going through the stack."""
+        try:
+            listing = subprocess.run(["conntrack", "-L", "--dst-nat", "-f", "ipv4"], capture_output=True,
+                                     text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as err:
+            log.warning("fast path: cannot read conntrack's NATed flows: %s", err)
+            return
+        table, seeded = self._bpf["stack_flows"], 0
+        for reply in _nat_replies(listing):
+            if all(ipaddress.ip_address(address) in self.cluster for address in reply[:2]):
+                table[table.Key(*_flow_key(*reply))] = table.Leaf(1)
+                seeded += 1
+        log.info("fast path: %d NATed flows known from conntrack", seeded)
 
     def _adopt_running_flow_map(self) -> None:
         """Before a load: pin the flow map of the programs already attached, if it is not pinned
@@ -182,23 +201,76 @@ class FastPath:
         version = hashlib.sha256(PROGRAM.read_bytes() + " ".join(self._cflags(devices)).encode())
         return FILTER_PREFIX + version.hexdigest()[:12]
 
-    def _load(self, devices: Devices) -> dict[str, int]:
+    def _load(self, devices: Devices, name: str) -> None:
+        """Compile and load; the previous load's objects are released (the attached programs, and
+        through them the map, live on in the kernel). A version that failed is not retried for a
+        minute: a verifier refusal would otherwise be recompiled on every poll."""
+        failed_name, failed_at = self._failed
+        if failed_name == name and time.monotonic() - failed_at < RETRY_FAILED_LOAD:
+            raise FastPathError(f"loading {PROGRAM} failed recently; retrying later")
         try:
             from bcc import BPF  # Debian's python3-bpfcc, exposed to the venv by bootstrap
         except ImportError as err:
             raise FastPathError(f"bcc is not importable: {err}") from None
         os.makedirs(PIN_ROOT, exist_ok=True)
+        bpf = None
         try:
-            self._bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self._cflags(devices))
-            return {function: self._bpf.load_func(function.encode(), _BPF_PROG_TYPE_SCHED_CLS).fd
-                    for function in FUNCTIONS}
+            bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self._cflags(devices))
+            functions = {f: bpf.load_func(f.encode(), _BPF_PROG_TYPE_SCHED_CLS).fd for f in FUNCTIONS}
         except Exception as err:  # bcc raises plain Exception for compile and load errors
+            _release(bpf)
+            self._failed = (name, time.monotonic())
             raise FastPathError(f"cannot load {PROGRAM}: {err}") from None
+        _release(self._bpf)
+        self._bpf, self._functions, self._loaded = bpf, functions, name
 
 
 def _kind(link) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def remove(state_dir: str) -> None:
+    """Detach every netagent fast-path filter in this netns and unpin the flow map: the stack takes
+    all traffic again (`netagent run --no-fast-path` does this at start)."""
+    with IPRoute() as ipr:
+        FastPath._detach_stale(ipr, keep=set())
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pin_path(state_dir))
+
+
+def _nat_replies(listing: str) -> Iterator[tuple[str, str, int, int, int]]:
+    """(src, dst, sport, dport, protocol) of each DNATed TCP/UDP entry's reply direction, from
+    `conntrack -L` output (the second src=/dst=/sport=/dport= group of a line)."""
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] not in ("tcp", "udp"):
+            continue
+        fields: dict[str, list[str]] = {}
+        for word in words:
+            key, _, value = word.partition("=")
+            fields.setdefault(key, []).append(value)
+        try:
+            yield (fields["src"][1], fields["dst"][1], int(fields["sport"][1]), int(fields["dport"][1]),
+                   int(words[1]))
+        except (KeyError, IndexError, ValueError):
+            continue
+
+
+def _flow_key(src: str, dst: str, sport: int, dport: int, protocol: int) -> tuple[int, ...]:
+    """struct flow's fields as ctypes wants them: addresses and ports in network byte order in memory."""
+    def native(raw: bytes) -> int:
+        return int.from_bytes(raw, sys.byteorder)
+
+    return (native(socket.inet_aton(src)), native(socket.inet_aton(dst)), native(sport.to_bytes(2, "big")),
+            native(dport.to_bytes(2, "big")), protocol)
+
+
+def _release(bpf: Any) -> None:
+    """Free a bcc module now (bcc otherwise keeps it until exit through atexit)."""
+    if bpf is not None:
+        atexit.unregister(bpf.cleanup)
+        bpf.cleanup()
 
 
 def _mount_bpffs() -> None:
@@ -276,8 +348,9 @@ class FastPathAttacher:
             try:
                 self.fast_path.ensure()
                 failed = False
-            except (FastPathError, NetlinkError, OSError) as err:
+            except Exception as err:  # whatever it is, the thread must keep trying
                 if not failed:  # once per failure streak, not every poll
-                    log.warning("fast path not attached, traffic takes the stack: %s", err)
+                    log.warning("fast path not attached, traffic takes the stack: %s", err,
+                                exc_info=not isinstance(err, (FastPathError, NetlinkError, OSError)))
                 failed = True
             self._stopping.wait(self.interval)

@@ -20,6 +20,7 @@ from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fi
 from netagent import netns
 
 CLUSTER_IP = "10.96.77.7"
+HOST_SERVICE_IP = "10.96.77.8"
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
@@ -47,20 +48,30 @@ def tracked_flows(node_ns: str, address: str) -> int:
     return sum(address in line for line in listing.splitlines())
 
 
-def service_answers(client_netns: str) -> bool:
+def service_answers(client_netns: str, service_ip: str, name: str) -> bool:
     try:
-        return probe.tcp_name(client_netns, CLUSTER_IP, 80) == "far"
+        return probe.tcp_name(client_netns, service_ip, 80) == name
     except OSError:
         return False
 
 
-def service_manifest(tmp_path) -> str:
-    docs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "far"},
-             "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": "far"},
-                      "ports": [{"name": "tcp", "port": 80, "targetPort": DEFAULT_PORT, "protocol": "TCP"},
-                                {"name": "udp", "port": 80, "targetPort": DEFAULT_PORT, "protocol": "UDP"}]}}]
-    path = tmp_path / "far.json"
-    path.write_text(json.dumps(docs[0]))
+def service_manifest(tmp_path, host_endpoint: str) -> str:
+    """Service `far` (ClusterIP CLUSTER_IP) on the pod labelled app=far, and service `host`
+    (HOST_SERVICE_IP) whose endpoint is a node's own address, like the API server's."""
+    docs = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "far"},
+         "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": "far"},
+                  "ports": [{"name": "tcp", "port": 80, "targetPort": DEFAULT_PORT, "protocol": "TCP"},
+                            {"name": "udp", "port": 80, "targetPort": DEFAULT_PORT, "protocol": "UDP"}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "host"},
+         "spec": {"clusterIP": HOST_SERVICE_IP, "ports": [{"port": 80, "targetPort": DEFAULT_PORT}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "host-1", "labels": {"kubernetes.io/service-name": "host"}},
+         "addressType": "IPv4", "ports": [{"port": DEFAULT_PORT, "protocol": "TCP"}],
+         "endpoints": [{"addresses": [host_endpoint], "conditions": {"ready": True}}]},
+    ]
+    path = tmp_path / "services.json"
+    path.write_text("\n---\n".join(json.dumps(doc) for doc in docs))
     return str(path)
 
 
@@ -71,8 +82,8 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
     lab_cmd(lab_name, "up", "--nodes", "2", "--network", network, "--proxy", "nftables", "--fast-path")
     lab_cmd(lab_name, "pod", "near", "--node", "n1")
     lab_cmd(lab_name, "pod", "far", "--node", "n2", "--labels", "app=far")
-    lab_cmd(lab_name, "apply", service_manifest(tmp_path))
     state = Lab(lab_name).load()
+    lab_cmd(lab_name, "apply", service_manifest(tmp_path, host_endpoint=state.nodes["n2"].ip))
     near, far = state.pods["near"], state.pods["far"]
     n1, n2 = state.nodes["n1"].netns, state.nodes["n2"].netns
     wait_until(lambda: len(fast_path_filters(n1)) == 3 and len(fast_path_filters(n2)) == 3,
@@ -92,58 +103,109 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
 
     # The service's only endpoint is on the other node: DNATed on n1, so the replies must be
     # un-NATed there; the fast path learned the flow at n1's uplink egress and leaves it to the stack.
-    wait_until(lambda: service_answers(near.netns), "the service (refused until its endpoint is in)")
+    wait_until(lambda: service_answers(near.netns, CLUSTER_IP, "far"), "the service (refused until ready)")
     for _ in range(5):
         assert probe.tcp_name(near.netns, CLUSTER_IP, 80) == "far"
         assert probe.udp_name(near.netns, CLUSTER_IP, 80) == "far"
     assert tracked_flows(n1, CLUSTER_IP) > 0
 
+    # An endpoint that is a node, not a pod: its replies come from outside the pod network and
+    # must reach the stack to be un-NATed; the node itself reaches pods on other nodes too.
+    wait_until(lambda: service_answers(near.netns, HOST_SERVICE_IP, "n2"), "the host-network service")
+    for _ in range(3):
+        assert probe.tcp_name(near.netns, HOST_SERVICE_IP, 80) == "n2"
+        assert probe.tcp_name(n2, near.ips[0], DEFAULT_PORT) == "near"
+
     lab_cmd(lab_name, "down")
     assert residue(lab_name) == []
+
+
+class EchoThroughService:
+    """A 2-node routes lab with the nftables proxy: pod `near` on n1 holds one TCP connection to
+    ClusterIP:5005, DNATed on n1 to an echo socket in pod `far` on n2."""
+
+    def __init__(self, lab: str, tmp_path, fast_path: bool) -> None:
+        lab_cmd(lab, "up", "--nodes", "2", "--network", "routes", "--proxy", "nftables",
+                *(["--fast-path"] if fast_path else []))
+        lab_cmd(lab, "pod", "near", "--node", "n1")
+        lab_cmd(lab, "pod", "far", "--node", "n2", "--labels", "app=far")
+        manifest = tmp_path / "echo.json"
+        manifest.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+            "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": "far"},
+                     "ports": [{"port": 5005, "targetPort": 5005, "protocol": "TCP"}]}}))
+        lab_cmd(lab, "apply", str(manifest))
+        state = Lab(lab).load()
+        self.n1 = state.nodes["n1"].netns
+        far = state.pods["far"]
+        with netns.entered(netns.path(far.netns)):
+            self.listener = socket.create_server((far.ips[0], 5005))
+        self.listener.settimeout(30)
+        self.client = connect_when_served(state.pods["near"].netns, (CLUSTER_IP, 5005))
+        self.server, _ = self.listener.accept()
+        self.server.settimeout(10)
+        self.client.settimeout(10)
+
+    def server_pushes_and_client_answers(self, payload: bytes) -> bool:
+        """The server speaks first: its DNATed packet must reach the stack on n1 to be un-NATed."""
+        self.server.sendall(payload)
+        if self.client.recv(100) != payload:
+            return False
+        self.client.sendall(payload)
+        return self.server.recv(100) == payload
+
+    def close(self) -> None:
+        for sock in (self.client, self.server, self.listener):
+            sock.close()
 
 
 def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reloads_the_fast_path(
     lab_name, tmp_path  # noqa: F811
 ):
     """A restarted agent leaves the running fast path alone; when a new pod makes it load the
-    program anew, it re-attaches every hook with the running programs' flow map: the connection's
-    DNATed replies, pushed by the server without the client sending first, still go through the
-    stack and reach the client un-NATed."""
-    lab_cmd(lab_name, "up", "--nodes", "2", "--network", "routes", "--proxy", "nftables", "--fast-path")
-    lab_cmd(lab_name, "pod", "near", "--node", "n1")
-    lab_cmd(lab_name, "pod", "far", "--node", "n2", "--labels", "app=far")
-    manifest = tmp_path / "echo.json"
-    manifest.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
-        "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": "far"},
-                 "ports": [{"port": 5005, "targetPort": 5005, "protocol": "TCP"}]}}))
-    lab_cmd(lab_name, "apply", str(manifest))
-    state = Lab(lab_name).load()
-    near, far, n1 = state.pods["near"], state.pods["far"], state.nodes["n1"].netns
-    wait_until(lambda: len(fast_path_filters(n1)) == 3, "the fast path on n1")
-
-    with netns.entered(netns.path(far.netns)):
-        listener = socket.create_server((far.ips[0], 5005))
-    listener.settimeout(30)
+    program anew, it re-attaches every hook with the running programs' flow map, so the connection's
+    replies still go through the stack."""
+    echo = EchoThroughService(lab_name, tmp_path, fast_path=True)
     try:
-        client = connect_when_served(near.netns, (CLUSTER_IP, 5005))
-        server, _ = listener.accept()
-        server.settimeout(10)
-        client.sendall(b"before")
-        assert server.recv(100) == b"before"
-        programs_before = attached_programs(n1)
+        wait_until(lambda: len(fast_path_filters(echo.n1)) == 3, "the fast path on n1")
+        assert echo.server_pushes_and_client_answers(b"before")
+        programs_before = attached_programs(echo.n1)
 
         cluster.restart_agent(lab_name, "n1")
-        assert attached_programs(n1) == programs_before  # a restart alone touches nothing
+        assert attached_programs(echo.n1) == programs_before  # a restart alone touches nothing
         lab_cmd(lab_name, "pod", "newcomer", "--node", "n1")  # its veth needs the program: a reload
-        wait_until(lambda: attached_programs(n1).isdisjoint(programs_before), "the fast path reloaded")
+        wait_until(lambda: attached_programs(echo.n1).isdisjoint(programs_before), "the fast path reloaded")
 
-        server.sendall(b"pushed after the restart")
-        assert client.recv(100) == b"pushed after the restart"
-        client.sendall(b"and back")
-        assert server.recv(100) == b"and back"
+        assert echo.server_pushes_and_client_answers(b"pushed after the restart")
     finally:
-        listener.close()
+        echo.close()
+
+
+def test_switching_the_fast_path_on_keeps_service_connections_opened_before_and_off_removes_it(
+    lab_name, tmp_path  # noqa: F811
+):
+    """Flows the stack NATed before the fast path existed were never seen by its programs: the
+    agent learns them from conntrack when it attaches. --no-fast-path takes the filters away."""
+    echo = EchoThroughService(lab_name, tmp_path, fast_path=False)
+    try:
+        assert echo.server_pushes_and_client_answers(b"before")
+        set_fast_path(lab_name, True)
+        cluster.restart_agent(lab_name, "n1")
+        wait_until(lambda: len(fast_path_filters(echo.n1)) == 3, "the fast path on n1")
+        assert echo.server_pushes_and_client_answers(b"pushed after switching on")
+
+        set_fast_path(lab_name, False)
+        cluster.restart_agent(lab_name, "n1")
+        assert fast_path_filters(echo.n1) == {}
+        assert echo.server_pushes_and_client_answers(b"pushed after switching off")
+    finally:
+        echo.close()
+
+
+def set_fast_path(lab: str, on: bool) -> None:
+    """What the next (re)started agent of the lab runs with."""
+    with Lab(lab).update() as state:
+        state.fast_path = on
 
 
 def connect_when_served(client_netns: str, address: tuple[str, int]) -> socket.socket:
