@@ -196,7 +196,7 @@ def build_snapshot(services: Iterable[Any], endpoint_slices: Iterable[Any], node
     return SnapshotBuilder(node_name).build(services, endpoint_slices)
 
 
-ServiceKey = tuple[str, str]  # (namespace, name)
+NamespacedName = tuple[str, str]  # (namespace, name) of a Service or an EndpointSlice
 
 
 class SnapshotBuilder:
@@ -212,17 +212,17 @@ class SnapshotBuilder:
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
         self._lock = threading.Lock()  # guards the inputs and _dirty, which informer threads change
-        self._services: dict[ServiceKey, Any] = {}
-        self._slices: dict[ServiceKey, dict[ServiceKey, Any]] = {}  # owner -> slice key -> slice
-        self._slice_owners: dict[ServiceKey, ServiceKey] = {}  # slice key -> owning service
-        self._dirty: set[ServiceKey] = set()
+        self._services: dict[NamespacedName, Any] = {}
+        self._slices: dict[NamespacedName, dict[NamespacedName, Any]] = {}  # owner -> slice key -> slice
+        self._slice_owners: dict[NamespacedName, NamespacedName] = {}  # slice key -> owning service
+        self._dirty: set[NamespacedName] = set()
         # Only the thread calling snapshot() touches these:
-        self._built: dict[ServiceKey, tuple[ServicePort, ...]] = {}
-        self._order: list[ServiceKey] = []  # the keys of _built, sorted
-        self._skipped: dict[ServiceKey, str] = {}  # malformed Services: why
+        self._built: dict[NamespacedName, tuple[ServicePort, ...]] = {}
+        self._order: list[NamespacedName] = []  # the keys of _built, sorted
+        self._skipped: dict[NamespacedName, str] = {}  # malformed Services: why
 
     def service_changed(self, svc: Any, deleted: bool = False) -> None:
-        key = _service_key(svc)
+        key = _namespaced_name(svc)
         with self._lock:
             if deleted:
                 self._services.pop(key, None)
@@ -231,7 +231,7 @@ class SnapshotBuilder:
             self._dirty.add(key)
 
     def slice_changed(self, es: Any, deleted: bool = False) -> None:
-        key, owner = _service_key(es), None if deleted else _slice_owner(es)
+        key, owner = _namespaced_name(es), None if deleted else _slice_owner(es)
         with self._lock:
             old_owner = self._slice_owners.pop(key, None)
             if old_owner:
@@ -247,13 +247,13 @@ class SnapshotBuilder:
 
     def build(self, services: Iterable[Any], endpoint_slices: Iterable[Any]) -> Snapshot:
         """The snapshot for exactly these objects (replacing what the builder was fed before)."""
-        services_now = {_service_key(svc): svc for svc in services}
-        slices_now: dict[ServiceKey, dict[ServiceKey, Any]] = {}
+        services_now = {_namespaced_name(svc): svc for svc in services}
+        slices_now: dict[NamespacedName, dict[NamespacedName, Any]] = {}
         owners_now = {}
         for es in endpoint_slices:
             owner = _slice_owner(es)
             if owner:
-                key = _service_key(es)
+                key = _namespaced_name(es)
                 owners_now[key] = owner
                 slices_now.setdefault(owner, {})[key] = es
         with self._lock:
@@ -278,7 +278,7 @@ class SnapshotBuilder:
             ports = tuple(itertools.chain.from_iterable(map(self._built.__getitem__, self._order)))
         return Snapshot(ports=ports, skipped=tuple(self._skipped[key] for key in sorted(self._skipped)))
 
-    def _rebuild(self, key: ServiceKey, svc: Any, slices: list[Any]) -> None:
+    def _rebuild(self, key: NamespacedName, svc: Any, slices: list[Any]) -> None:
         self._skipped.pop(key, None)
         built = None
         if svc is not None:
@@ -303,12 +303,12 @@ def _same_objects(old: dict[Any, Any], new: dict[Any, Any]) -> bool:
     return old.keys() == new.keys() and all(old[key] is new[key] for key in old)
 
 
-def _service_key(obj: Any) -> ServiceKey:
+def _namespaced_name(obj: Any) -> NamespacedName:
     meta = json_field(obj, "metadata")
     return json_field(meta, "namespace") or "default", json_field(meta, "name") or ""
 
 
-def _slice_owner(es: Any) -> ServiceKey | None:
+def _slice_owner(es: Any) -> NamespacedName | None:
     meta = json_field(es, "metadata")
     owner = (json_field(meta, "labels") or {}).get(SERVICE_NAME_LABEL)
     return (json_field(meta, "namespace") or "default", owner) if owner else None
