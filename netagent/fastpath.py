@@ -97,6 +97,7 @@ class FastPath:
         self.uplink = uplink
         self.local_pod_cidrs = local_pod_cidrs
         self.pin_path = pin_path(state_dir)
+        self._source = PROGRAM.read_bytes()  # hashed into the filter name at every poll
         self._bpf: Any = None  # the loaded bcc module: its program fds attach later pods' veths too
         self._functions: dict[str, int] = {}  # function -> program fd
         self._loaded = ""  # the filter name (program version) self._functions belong to
@@ -120,7 +121,7 @@ class FastPath:
                 missing = devices.hooks()
             for index, parent, function in missing:
                 _attach(ipr, index, parent, self._functions[function], name)
-            self._detach_stale(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
+            _detach_all_except(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
             if reloaded:  # after attaching: a flow NATed while the filters were replaced is in conntrack
                 self._seed_from_conntrack()
             log.info("fast path attached at %d hooks (uplink %s, bridge #%d, %d pod veths)", len(missing),
@@ -163,15 +164,6 @@ class FastPath:
         except (OSError, subprocess.CalledProcessError, ValueError) as err:
             log.warning("fast path: cannot adopt the running flow map, starting an empty one: %s", err)
 
-    @staticmethod
-    def _detach_stale(ipr: IPRoute, keep: set[tuple[int, int]]) -> None:
-        """Our filters at hooks not in `keep` (an older program's layout, a bridge that went away)."""
-        for link in ipr.get_links():
-            for parent in (INGRESS, EGRESS):
-                hook = (link["index"], parent)
-                if hook not in keep:
-                    _detach(ipr, *hook)
-
     def _devices(self, ipr: IPRoute) -> Devices | None:
         uplink = ipr.link_lookup(ifname=self.uplink)
         pod_nets = [ipaddress.ip_network(c) for c in self.local_pod_cidrs() if ":" not in c]
@@ -198,7 +190,7 @@ class FastPath:
 
     def _filter_name(self, devices: Devices) -> str:
         """Names the program text and parameters, so a restart can tell its own filters apart."""
-        version = hashlib.sha256(PROGRAM.read_bytes() + " ".join(self._cflags(devices)).encode())
+        version = hashlib.sha256(self._source + " ".join(self._cflags(devices)).encode())
         return FILTER_PREFIX + version.hexdigest()[:12]
 
     def _load(self, devices: Devices, name: str) -> None:
@@ -234,7 +226,7 @@ def remove(state_dir: str) -> None:
     """Detach every netagent fast-path filter in this netns and unpin the flow map: the stack takes
     all traffic again (`netagent run --no-fast-path` does this at start)."""
     with IPRoute() as ipr:
-        FastPath._detach_stale(ipr, keep=set())
+        _detach_all_except(ipr, keep=set())
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pin_path(state_dir))
 
@@ -309,12 +301,21 @@ def _filter_name(ipr: IPRoute, index: int, parent: int) -> str | None:
 
 
 def _attach(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
-    """Replace whatever filter we had at this hook: between the delete and the add, packets take the
-    stack, which is always correct. Other filters at the hook are left alone."""
+    """Replace whatever filter we had at this hook (other filters there are left alone). Between the
+    delete and the add packets take the stack; a flow the stack NATs meanwhile is not noted by the
+    egress hook, which is why ensure() seeds the map from conntrack after attaching."""
     with contextlib.suppress(NetlinkError):  # EEXIST: the clsact qdisc is already there
         ipr.tc("add", "clsact", index)
     _detach(ipr, index, parent)
     ipr.tc("add-filter", "bpf", index, ":1", fd=fd, name=name, parent=parent, classid=1, direct_action=True)
+
+
+def _detach_all_except(ipr: IPRoute, keep: set[tuple[int, int]]) -> None:
+    """Our filters at every hook not in `keep` (an older program's layout, a bridge that went away)."""
+    for link in ipr.get_links():
+        for parent in (INGRESS, EGRESS):
+            if (link["index"], parent) not in keep:
+                _detach(ipr, link["index"], parent)
 
 
 def _detach(ipr: IPRoute, index: int, parent: int) -> None:

@@ -9,25 +9,18 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
 from netns_lab import cluster, probe
 from netns_lab.responder import DEFAULT_PORT
 from netns_lab.state import Lab
+from test_agent import wait_for
 from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
 
 from netagent import netns
 
 CLUSTER_IP = "10.96.77.7"
 HOST_SERVICE_IP = "10.96.77.8"
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def fast_path_filters(node_ns: str) -> dict[str, list[str]]:
@@ -86,8 +79,8 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
     lab_cmd(lab_name, "apply", service_manifest(tmp_path, host_endpoint=state.nodes["n2"].ip))
     near, far = state.pods["near"], state.pods["far"]
     n1, n2 = state.nodes["n1"].netns, state.nodes["n2"].netns
-    wait_until(lambda: len(fast_path_filters(n1)) == 3 and len(fast_path_filters(n2)) == 3,
-               "the fast path on both nodes (uplink, bridge, one pod veth each)")
+    wait_for(lambda: len(fast_path_filters(n1)) == 3 and len(fast_path_filters(n2)) == 3,
+             what="the fast path on both nodes (uplink, bridge, one pod veth each)")
     uplink = "netagent.1" if network == "vxlan" else "eth0"
     assert sorted(fast_path_filters(n1)[uplink]) == ["forward", "note_stack_flow"]
 
@@ -103,7 +96,7 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
 
     # The service's only endpoint is on the other node: DNATed on n1, so the replies must be
     # un-NATed there; the fast path learned the flow at n1's uplink egress and leaves it to the stack.
-    wait_until(lambda: service_answers(near.netns, CLUSTER_IP, "far"), "the service (refused until ready)")
+    wait_for(lambda: service_answers(near.netns, CLUSTER_IP, "far"), what="the service (refused until ready)")
     for _ in range(5):
         assert probe.tcp_name(near.netns, CLUSTER_IP, 80) == "far"
         assert probe.udp_name(near.netns, CLUSTER_IP, 80) == "far"
@@ -111,7 +104,7 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
 
     # An endpoint that is a node, not a pod: its replies come from outside the pod network and
     # must reach the stack to be un-NATed; the node itself reaches pods on other nodes too.
-    wait_until(lambda: service_answers(near.netns, HOST_SERVICE_IP, "n2"), "the host-network service")
+    wait_for(lambda: service_answers(near.netns, HOST_SERVICE_IP, "n2"), what="the host-network service")
     for _ in range(3):
         assert probe.tcp_name(near.netns, HOST_SERVICE_IP, 80) == "n2"
         assert probe.tcp_name(n2, near.ips[0], DEFAULT_PORT) == "near"
@@ -167,14 +160,14 @@ def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reload
     replies still go through the stack."""
     echo = EchoThroughService(lab_name, tmp_path, fast_path=True)
     try:
-        wait_until(lambda: len(fast_path_filters(echo.n1)) == 3, "the fast path on n1")
+        wait_for(lambda: len(fast_path_filters(echo.n1)) == 3, what="the fast path on n1")
         assert echo.server_pushes_and_client_answers(b"before")
         programs_before = attached_programs(echo.n1)
 
         cluster.restart_agent(lab_name, "n1")
         assert attached_programs(echo.n1) == programs_before  # a restart alone touches nothing
         lab_cmd(lab_name, "pod", "newcomer", "--node", "n1")  # its veth needs the program: a reload
-        wait_until(lambda: attached_programs(echo.n1).isdisjoint(programs_before), "the fast path reloaded")
+        wait_for(lambda: attached_programs(echo.n1).isdisjoint(programs_before), what="a reloaded fast path")
 
         assert echo.server_pushes_and_client_answers(b"pushed after the restart")
     finally:
@@ -191,7 +184,7 @@ def test_switching_the_fast_path_on_keeps_service_connections_opened_before_and_
         assert echo.server_pushes_and_client_answers(b"before")
         set_fast_path(lab_name, True)
         cluster.restart_agent(lab_name, "n1")
-        wait_until(lambda: len(fast_path_filters(echo.n1)) == 3, "the fast path on n1")
+        wait_for(lambda: len(fast_path_filters(echo.n1)) == 3, what="the fast path on n1")
         assert echo.server_pushes_and_client_answers(b"pushed after switching on")
 
         set_fast_path(lab_name, False)

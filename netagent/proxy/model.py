@@ -246,24 +246,23 @@ class SnapshotBuilder:
                 self._dirty.add(owner)
 
     def build(self, services: Iterable[Any], endpoint_slices: Iterable[Any]) -> Snapshot:
-        """The snapshot for exactly these objects (replacing what the builder was fed before)."""
+        """The snapshot for exactly these objects: fed as the events that turn what the builder holds
+        into them (a service or slice that is the very same object as before is no event)."""
         services_now = {_namespaced_name(svc): svc for svc in services}
-        slices_now: dict[NamespacedName, dict[NamespacedName, Any]] = {}
-        owners_now = {}
-        for es in endpoint_slices:
-            owner = _slice_owner(es)
-            if owner:
-                key = _namespaced_name(es)
-                owners_now[key] = owner
-                slices_now.setdefault(owner, {})[key] = es
-        with self._lock:
-            for key in self._services.keys() | services_now.keys():
-                if self._services.get(key) is not services_now.get(key):
-                    self._dirty.add(key)
-            for owner in self._slices.keys() | slices_now.keys():
-                if not _same_objects(self._slices.get(owner, {}), slices_now.get(owner, {})):
-                    self._dirty.add(owner)
-            self._services, self._slices, self._slice_owners = services_now, slices_now, owners_now
+        slices_now = {_namespaced_name(es): es for es in endpoint_slices}
+        for key, svc in list(self._services.items()):
+            if key not in services_now:
+                self.service_changed(svc, deleted=True)
+        for key, svc in services_now.items():
+            if self._services.get(key) is not svc:
+                self.service_changed(svc)
+        for key, owner in list(self._slice_owners.items()):
+            if key not in slices_now:
+                self.slice_changed(self._slices[owner][key], deleted=True)
+        for key, es in slices_now.items():
+            owner = self._slice_owners.get(key)
+            if owner is None or self._slices[owner][key] is not es:
+                self.slice_changed(es)
         return self.snapshot()
 
     def snapshot(self) -> Snapshot:
@@ -297,10 +296,6 @@ class SnapshotBuilder:
 
 
 _PORT_ORDER = operator.attrgetter("namespace", "name", "port_name", "family")
-
-
-def _same_objects(old: dict[Any, Any], new: dict[Any, Any]) -> bool:
-    return old.keys() == new.keys() and all(old[key] is new[key] for key in old)
 
 
 def _namespaced_name(obj: Any) -> NamespacedName:
