@@ -19,8 +19,21 @@
  * path was attached). It is an LRU: an entry is refreshed by every stack-path packet of its flow; one
  * idle long enough to be evicted by 262,144 newer flows is re-recorded by its next outgoing packet.
  *
+ * VXLAN (compiled in when VXLAN_VNI is defined): sending a pod's packet through the VXLAN device costs
+ * the device's transmit path and a second trip through the IP stack for the outer packet, and the
+ * receiving node pays the UDP socket, the device and GRO cells before the inner packet even reaches
+ * routing. forward() therefore encapsulates itself (the same headers the device would write: outer IPv4
+ * and UDP to the remote node's VTEP, the VNI, an inner Ethernet header with the VTEP MACs) and hands the
+ * result to the underlay interface; receive_vxlan(), at tc ingress of the underlay interface, strips the
+ * encapsulation of packets for a local pod and hands them to the pod's veth. The remote node's address
+ * comes from `vteps`, the VXLAN device's forwarding table mirrored by the agent; a packet whose VTEP is
+ * not there, or whose source is not the node that VTEP belongs to, is left to the device. The pod's veth
+ * comes from `local_pods`, learned from the pods' own packets and trusted only when its MAC is the one
+ * the neighbour table holds for the address.
+ *
  * Compiled by bcc with: CLUSTER_NET / CLUSTER_MASK (host byte order), BRIDGE_IFINDEX, UPLINK_IFINDEX,
- * FAST_MARK (a skb->mark bit), PIN_PATH.
+ * FAST_MARK (a skb->mark bit), PIN_PATH; for VXLAN also VXLAN_VNI, VXLAN_PORT, VTEP_MAC (an array
+ * initialiser), NODE_IP (network byte order as loaded) and UNDERLAY_IFINDEX.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -28,6 +41,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/udp.h>
 
 struct flow {
     __be32 saddr;
@@ -47,10 +61,8 @@ struct ports {
     __be16 dest;
 };
 
-/* The IPv4 header and ports of an unfragmented TCP/UDP packet without IP options, or NULL. */
-static __always_inline struct iphdr *parse(struct __sk_buff *skb, struct ports **ports) {
-    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
+/* The IPv4 header and ports of an unfragmented TCP/UDP packet without IP options after `eth`, or NULL. */
+static __always_inline struct iphdr *parse(struct ethhdr *eth, void *end, struct ports **ports) {
     if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
         return NULL;
     struct iphdr *ip = (void *)(eth + 1);
@@ -71,6 +83,193 @@ static __always_inline int in_cluster(__be32 addr) {
     return (bpf_ntohl(addr) & CLUSTER_MASK) == CLUSTER_NET;
 }
 
+/* Between two pods, TCP or UDP, not a flow whose replies the stack must un-NAT. */
+static __always_inline int fast_eligible(struct iphdr *ip, struct ports *ports) {
+    /* both ends pods: a host-network peer (a node, an API server endpoint) may be NATed by the stack
+     * in ways pod-to-pod records do not cover, so its packets keep the stack */
+    if (!in_cluster(ip->saddr) || !in_cluster(ip->daddr) || ip->ttl <= 1)
+        return 0;
+    struct flow key = {.saddr = ip->saddr, .daddr = ip->daddr, .sport = ports->source,
+                       .dport = ports->dest, .protocol = ip->protocol};
+    return stack_flows.lookup(&key) == NULL;
+}
+
+/* The stack's routing decision for the packet as if it arrived on `ifindex`. tot_len: the length to
+ * check against the MTU, 0 for the skb's own (GSO aware, but that of the whole, still encapsulated
+ * packet on the receive side). */
+static __always_inline int route(struct __sk_buff *skb, struct iphdr *ip, struct ports *ports, __u32 ifindex,
+                                 __u16 tot_len, struct bpf_fib_lookup *fib) {
+    fib->family = AF_INET;
+    fib->tos = ip->tos;
+    fib->l4_protocol = ip->protocol;
+    fib->sport = ports->source;
+    fib->dport = ports->dest;
+    fib->tot_len = tot_len;
+    fib->ipv4_src = ip->saddr;
+    fib->ipv4_dst = ip->daddr;
+    fib->ifindex = ifindex;
+    return bpf_fib_lookup(skb, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS;
+}
+
+/* ip_decrease_ttl(): the TTL and an incremental update of the header checksum */
+static __always_inline void decrease_ttl(struct iphdr *ip) {
+    __u32 check = ip->check;
+    check += bpf_htons(0x0100);
+    ip->check = (__u16)(check + (check >= 0xFFFF));
+    ip->ttl--;
+}
+
+static __always_inline void set_macs(struct ethhdr *eth, struct bpf_fib_lookup *fib) {
+    __builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+}
+
+#ifdef VXLAN_VNI
+struct mac {
+    __u8 addr[ETH_ALEN];
+    __u8 pad[2];
+};
+
+struct local_pod {
+    __u32 ifindex; /* its host-side veth */
+    __u8 mac[ETH_ALEN];
+    __u8 pad[2];
+};
+
+/* remote VTEP MAC -> the underlay address of its node */
+BPF_HASH(vteps, struct mac, __be32, 4096);
+/* pod address -> its veth and MAC, as its own packets showed them */
+BPF_TABLE("lru_hash", __be32, struct local_pod, local_pods, 16384);
+
+struct vxlan_encap {
+    struct iphdr ip;
+    struct udphdr udp;
+    __be32 flags;
+    __be32 vni;
+    struct ethhdr inner;
+} __attribute__((packed));
+
+#define VXLAN_FLAG_VNI bpf_htonl(0x08000000) /* "the VNI is valid"; every other bit must be zero */
+#define ENCAP_FLAGS (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | \
+                     BPF_F_ADJ_ROOM_ENCAP_L2_ETH | ((__u64)ETH_HLEN << 56) /* BPF_F_ADJ_ROOM_ENCAP_L2 */)
+#define SOURCE_PORT_MIN 32768 /* the kernel's default local port range, as the VXLAN device uses */
+#define SOURCE_PORTS 28232
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b) {
+    int differ = 0;
+#pragma unroll
+    for (int i = 0; i < ETH_ALEN; i++)
+        differ |= a[i] ^ b[i];
+    return !differ;
+}
+
+static __always_inline void learn_local_pod(struct __sk_buff *skb, struct ethhdr *eth, __be32 addr) {
+    struct local_pod seen = {.ifindex = skb->ingress_ifindex};
+    __builtin_memcpy(seen.mac, eth->h_source, ETH_ALEN);
+    struct local_pod *known = local_pods.lookup(&addr);
+    if (!known || known->ifindex != seen.ifindex || !same_mac(known->mac, seen.mac))
+        local_pods.update(&addr, &seen);
+}
+
+static __always_inline __u16 ipv4_checksum(struct iphdr *ip) {
+    __u16 *word = (__u16 *)ip;
+    __u32 sum = 0;
+#pragma unroll
+    for (int i = 0; i < (int)sizeof(*ip) / 2; i++)
+        sum += word[i];
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    return (__u16)~sum;
+}
+
+/* Wrap the routed packet (inner MACs from `fib`) in VXLAN for the VTEP `fib` chose and send it to the
+ * underlay; -1 leaves it to the device (a VTEP not yet mirrored, an unresolved underlay neighbour). */
+static __always_inline int encapsulate(struct __sk_buff *skb, struct bpf_fib_lookup *fib) {
+    struct mac vtep = {};
+    __builtin_memcpy(vtep.addr, fib->dmac, ETH_ALEN);
+    __be32 *node = vteps.lookup(&vtep);
+    if (!node)
+        return -1;
+    struct bpf_fib_lookup underlay = {.family = AF_INET, .l4_protocol = IPPROTO_UDP, .ipv4_src = NODE_IP,
+                                      .ipv4_dst = *node, .ifindex = UNDERLAY_IFINDEX};
+    if (bpf_fib_lookup(skb, &underlay, sizeof(underlay), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS ||
+        underlay.ifindex != UNDERLAY_IFINDEX)
+        return -1;
+
+    __u32 outer_len = skb->len - ETH_HLEN + sizeof(struct vxlan_encap);
+    struct vxlan_encap h = {
+        .ip = {.version = 4, .ihl = 5, .ttl = 64, .protocol = IPPROTO_UDP, .tot_len = bpf_htons(outer_len),
+               .id = (__u16)bpf_get_prandom_u32(), .saddr = NODE_IP, .daddr = *node},
+        /* the source port spreads flows over the underlay's ECMP paths and receive queues */
+        .udp = {.source = bpf_htons(SOURCE_PORT_MIN + bpf_get_hash_recalc(skb) % SOURCE_PORTS),
+                .dest = bpf_htons(VXLAN_PORT), .len = bpf_htons(outer_len - sizeof(struct iphdr))},
+        .flags = VXLAN_FLAG_VNI,
+        .vni = bpf_htonl(VXLAN_VNI << 8),
+        .inner = {.h_proto = bpf_htons(ETH_P_IP)},
+    };
+    h.ip.check = ipv4_checksum(&h.ip);
+    __builtin_memcpy(h.inner.h_dest, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(h.inner.h_source, fib->smac, ETH_ALEN);
+    if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC, ENCAP_FLAGS))
+        return -1; /* nothing changed */
+    struct ethhdr outer = {.h_proto = bpf_htons(ETH_P_IP)};
+    set_macs(&outer, &underlay);
+    if (bpf_skb_store_bytes(skb, 0, &outer, sizeof(outer), 0) ||
+        bpf_skb_store_bytes(skb, sizeof(outer), &h, sizeof(h), 0))
+        return TC_ACT_SHOT;
+    return bpf_redirect(UNDERLAY_IFINDEX, 0);
+}
+
+int receive_vxlan(struct __sk_buff *skb) {
+    if (skb->pkt_type != PACKET_HOST)
+        return TC_ACT_OK;
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return TC_ACT_OK;
+    struct vxlan_encap *h = (void *)(eth + 1);
+    if ((void *)(h + 1) > end || h->ip.ihl != 5 || h->ip.protocol != IPPROTO_UDP || h->ip.daddr != NODE_IP ||
+        (h->ip.frag_off & bpf_htons(FRAGMENT_BITS)) || h->udp.dest != bpf_htons(VXLAN_PORT) ||
+        h->flags != VXLAN_FLAG_VNI || h->vni != bpf_htonl(VXLAN_VNI << 8))
+        return TC_ACT_OK;
+    __u8 own_vtep[ETH_ALEN] = VTEP_MAC;
+    if (!same_mac(h->inner.h_dest, own_vtep))
+        return TC_ACT_OK;
+    /* only from the node the sending VTEP belongs to: packets the device would take from anyone
+     * keep going through the stack (and the node's firewall) */
+    struct mac vtep = {};
+    __builtin_memcpy(vtep.addr, h->inner.h_source, ETH_ALEN);
+    __be32 *node = vteps.lookup(&vtep);
+    if (!node || *node != h->ip.saddr)
+        return TC_ACT_OK;
+    struct ports *ports;
+    struct iphdr *ip = parse(&h->inner, end, &ports);
+    if (!ip || !fast_eligible(ip, ports))
+        return TC_ACT_OK;
+    struct bpf_fib_lookup fib = {};
+    __u16 inner_len = skb->gso_size ? 0 : bpf_ntohs(ip->tot_len); /* a GSO packet's segments fit */
+    if (!route(skb, ip, ports, UPLINK_IFINDEX, inner_len, &fib) || fib.ifindex != BRIDGE_IFINDEX)
+        return TC_ACT_OK;
+    __be32 daddr = ip->daddr;
+    struct local_pod *pod = local_pods.lookup(&daddr);
+    if (!pod || !same_mac(pod->mac, fib.dmac))
+        return TC_ACT_OK;
+    __u32 pod_veth = pod->ifindex;
+
+    if (bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC, 0))
+        return TC_ACT_OK;
+    data = (void *)(long)skb->data;
+    end = (void *)(long)skb->data_end;
+    eth = data;
+    ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end)
+        return TC_ACT_SHOT;
+    decrease_ttl(ip);
+    set_macs(eth, &fib);
+    return bpf_redirect(pod_veth, 0);
+}
+#endif
+
 int forward(struct __sk_buff *skb) {
     /* the interface the stack would route from: the bridge for a pod's packet */
     int from_uplink = skb->ingress_ifindex == UPLINK_IFINDEX;
@@ -78,45 +277,45 @@ int forward(struct __sk_buff *skb) {
      * its own MAC, the pod addresses the bridge: its packets are not PACKET_HOST there) */
     if (from_uplink && skb->pkt_type != PACKET_HOST)
         return TC_ACT_OK;
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
     struct ports *ports;
-    struct iphdr *ip = parse(skb, &ports);
-    /* both ends pods: a host-network peer (a node, an API server endpoint) may be NATed by the stack
-     * in ways pod-to-pod records do not cover, so its packets keep the stack */
-    if (!ip || !in_cluster(ip->saddr) || !in_cluster(ip->daddr) || ip->ttl <= 1)
+    struct iphdr *ip = parse(data, end, &ports);
+    if (!ip)
         return TC_ACT_OK;
-    struct flow key = {.saddr = ip->saddr, .daddr = ip->daddr, .sport = ports->source,
-                       .dport = ports->dest, .protocol = ip->protocol};
-    if (stack_flows.lookup(&key))
+#ifdef VXLAN_VNI
+    if (!from_uplink && in_cluster(ip->saddr))
+        learn_local_pod(skb, data, ip->saddr);
+#endif
+    if (!fast_eligible(ip, ports))
         return TC_ACT_OK;
-
     struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET;
-    fib.tos = ip->tos;
-    fib.l4_protocol = ip->protocol;
-    fib.sport = ports->source;
-    fib.dport = ports->dest;
-    fib.tot_len = 0; /* 0: the kernel checks the MTU against the skb (GSO aware) */
-    fib.ipv4_src = ip->saddr;
-    fib.ipv4_dst = ip->daddr;
-    fib.ifindex = from_uplink ? UPLINK_IFINDEX : BRIDGE_IFINDEX;
-    if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+    if (!route(skb, ip, ports, from_uplink ? UPLINK_IFINDEX : BRIDGE_IFINDEX, 0, &fib))
         return TC_ACT_OK;
     /* only between pods and the uplink: pod to pod on this node stays on the bridge */
     if (fib.ifindex != (from_uplink ? BRIDGE_IFINDEX : UPLINK_IFINDEX))
         return TC_ACT_OK;
 
     /* bpf_fib_lookup may not touch packet data, but re-check the bounds for the verifier */
-    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    data = (void *)(long)skb->data;
+    end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > end)
         return TC_ACT_OK;
-    __u32 check = ip->check;
-    check += bpf_htons(0x0100); /* ip_decrease_ttl(): incremental checksum update */
-    ip->check = (__u16)(check + (check >= 0xFFFF));
-    ip->ttl--;
-    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+    decrease_ttl(ip);
+#ifdef VXLAN_VNI
+    if (!from_uplink) {
+        int verdict = encapsulate(skb, &fib);
+        if (verdict >= 0)
+            return verdict;
+        data = (void *)(long)skb->data; /* unchanged, but the verifier forgets packet pointers */
+        end = (void *)(long)skb->data_end;
+        eth = data;
+        if ((void *)(eth + 1) > end)
+            return TC_ACT_SHOT;
+    }
+#endif
+    set_macs(eth, &fib);
     skb->mark |= FAST_MARK;
     return bpf_redirect(fib.ifindex, 0);
 }
@@ -126,8 +325,9 @@ int note_stack_flow(struct __sk_buff *skb) {
         skb->mark &= ~FAST_MARK;
         return TC_ACT_OK;
     }
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
     struct ports *ports;
-    struct iphdr *ip = parse(skb, &ports);
+    struct iphdr *ip = parse(data, end, &ports);
     if (!ip || !in_cluster(ip->saddr) || !in_cluster(ip->daddr))
         return TC_ACT_OK;
     struct flow reply = {.saddr = ip->daddr, .daddr = ip->saddr, .sport = ports->dest,

@@ -50,7 +50,6 @@ PIN_ROOT = "/sys/fs/bpf/netagent"
 FAST_MARK = 0x20000  # skb->mark bit: "forward() took this packet" (kube-proxy uses 0x4000 and 0x8000)
 FILTER_PREFIX = "netagent-fp-"
 INGRESS, EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # clsact parents
-FUNCTIONS = ("forward", "note_stack_flow")
 _BPF_PROG_TYPE_SCHED_CLS = 3
 RETRY_FAILED_LOAD = 60.0  # seconds before a program version that failed to load is tried again
 
@@ -68,10 +67,21 @@ def pin_path(state_dir: str) -> str:
 
 
 @dataclass(frozen=True)
+class Vxlan:
+    """The uplink VXLAN device's settings: the fast path writes and strips the headers it would."""
+    vni: int
+    port: int
+    local: str  # this node's underlay address, the outer source
+    mac: str  # this node's VTEP MAC
+    underlay: int  # the interface the device sends through
+
+
+@dataclass(frozen=True)
 class Devices:
     bridge: int
     uplink: int
     pod_veths: tuple[int, ...]  # the bridge's ports
+    vxlan: Vxlan | None  # None in routes mode (or a VXLAN device without a local address)
 
     def hooks(self) -> list[tuple[int, int, str]]:
         """(ifindex, clsact parent, function) for every attachment."""
@@ -80,6 +90,7 @@ class Devices:
             (self.uplink, EGRESS, "note_stack_flow"),
             (self.bridge, EGRESS, "note_stack_flow"),
             *((veth, INGRESS, "forward") for veth in self.pod_veths),
+            *([(self.vxlan.underlay, INGRESS, "receive_vxlan")] if self.vxlan else []),
         ]
 
 
@@ -102,6 +113,7 @@ class FastPath:
         self._functions: dict[str, int] = {}  # function -> program fd
         self._loaded = ""  # the filter name (program version) self._functions belong to
         self._failed = ("", 0.0)  # the version whose load failed last, and when
+        self._vteps = VtepMirror(uplink)
 
     def ensure(self) -> bool:
         """Attach wherever our current filters are missing; True once the fast path is in place."""
@@ -111,22 +123,27 @@ class FastPath:
                 return False
             name = self._filter_name(devices)
             missing = [hook for hook in devices.hooks() if _filter_name(ipr, hook[0], hook[1]) != name]
-            if not missing:
-                return True
-            reloaded = self._loaded != name
-            if reloaded:  # a fresh load: every hook must share its flow map
-                _mount_bpffs()
-                self._adopt_running_flow_map()
-                self._load(devices, name)
-                missing = devices.hooks()
-            for index, parent, function in missing:
-                _attach(ipr, index, parent, self._functions[function], name)
-            _detach_all_except(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
-            if reloaded:  # after attaching: a flow NATed while the filters were replaced is in conntrack
-                self._seed_from_conntrack()
-            log.info("fast path attached at %d hooks (uplink %s, bridge #%d, %d pod veths)", len(missing),
-                     self.uplink, devices.bridge, len(devices.pod_veths))
+            if missing:
+                self._attach(ipr, devices, name, missing)
+            if devices.vxlan:
+                self._vteps.sync(_vtep_addresses(ipr, devices.uplink), program=name)
             return True
+
+    def _attach(self, ipr: IPRoute, devices: Devices, name: str, missing: list[tuple[int, int, str]]) -> None:
+        reloaded = self._loaded != name
+        if reloaded:  # a fresh load: every hook must share its flow map
+            _mount_bpffs()
+            self._adopt_running_flow_map()
+            self._load(devices, name)
+            missing = devices.hooks()
+        for index, parent, function in missing:
+            _attach(ipr, index, parent, self._functions[function], name)
+        _detach_all_except(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
+        if reloaded:  # after attaching: a flow NATed while the filters were replaced is in conntrack
+            self._seed_from_conntrack()
+        log.info("fast path attached at %d hooks (uplink %s, bridge #%d, %d pod veths%s)", len(missing),
+                 self.uplink, devices.bridge, len(devices.pod_veths),
+                 ", VXLAN encapsulation" if devices.vxlan else "")
 
     def _seed_from_conntrack(self) -> None:
         """Record the flows the stack has DNATed so far (connections opened before the fast path, or
@@ -151,16 +168,11 @@ class FastPath:
         if os.path.exists(self.pin_path):
             return
         try:
-            attached = _bpftool("net", "show", "dev", self.uplink)  # pyroute2 does not parse the ids
-            running = [tc["id"] for entry in attached for tc in entry.get("tc", [])
-                       if tc.get("name", "").startswith(FILTER_PREFIX)]
-            map_ids = _bpftool("prog", "show", "id", str(running[0])).get("map_ids", []) if running else []
-            for map_id in map_ids:
-                if _bpftool("map", "show", "id", str(map_id)).get("name") == "stack_flows":
-                    os.makedirs(PIN_ROOT, exist_ok=True)
-                    _bpftool("map", "pin", "id", str(map_id), self.pin_path)
-                    log.info("fast path: kept the running programs' flow map (id %d)", map_id)
-                    return
+            map_id = _running_maps(self.uplink).get("stack_flows")
+            if map_id is not None:
+                os.makedirs(PIN_ROOT, exist_ok=True)
+                _bpftool("map", "pin", "id", str(map_id), self.pin_path)
+                log.info("fast path: kept the running programs' flow map (id %d)", map_id)
         except (OSError, subprocess.CalledProcessError, ValueError) as err:
             log.warning("fast path: cannot adopt the running flow map, starting an empty one: %s", err)
 
@@ -176,7 +188,8 @@ class FastPath:
         if not uplink or bridge is None:
             return None
         ports = tuple(link["index"] for link in links if link.get_attr("IFLA_MASTER") == bridge)
-        return Devices(bridge=bridge, uplink=uplink[0], pod_veths=ports)
+        return Devices(bridge=bridge, uplink=uplink[0], pod_veths=ports,
+                       vxlan=_vxlan(next(link for link in links if link["index"] == uplink[0])))
 
     def _cflags(self, devices: Devices) -> list[str]:
         return [
@@ -186,6 +199,7 @@ class FastPath:
             f"-DUPLINK_IFINDEX={devices.uplink}",
             f"-DFAST_MARK={FAST_MARK}",
             f'-DPIN_PATH="{self.pin_path}"',
+            *(_vxlan_cflags(devices.vxlan) if devices.vxlan else []),
         ]
 
     def _filter_name(self, devices: Devices) -> str:
@@ -208,7 +222,8 @@ class FastPath:
         bpf = None
         try:
             bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self._cflags(devices))
-            functions = {f: bpf.load_func(f.encode(), _BPF_PROG_TYPE_SCHED_CLS).fd for f in FUNCTIONS}
+            functions = {f: bpf.load_func(f.encode(), _BPF_PROG_TYPE_SCHED_CLS).fd
+                         for f in {function for _index, _parent, function in devices.hooks()}}
         except Exception as err:  # bcc raises plain Exception for compile and load errors
             _release(bpf)
             self._failed = (name, time.monotonic())
@@ -220,6 +235,93 @@ class FastPath:
 def _kind(link) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def _vxlan(uplink) -> Vxlan | None:
+    if _kind(uplink) != "vxlan":
+        return None
+    data = uplink.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+    local, underlay = data.get_attr("IFLA_VXLAN_LOCAL"), data.get_attr("IFLA_VXLAN_LINK")
+    if not local or ":" in local or not underlay:  # the encapsulation needs a fixed IPv4 source
+        return None
+    return Vxlan(vni=data.get_attr("IFLA_VXLAN_ID"), port=data.get_attr("IFLA_VXLAN_PORT"), local=local,
+                 mac=uplink.get_attr("IFLA_ADDRESS"), underlay=underlay)
+
+
+def _vxlan_cflags(vxlan: Vxlan) -> list[str]:
+    mac = ",".join(f"0x{octet}" for octet in vxlan.mac.split(":"))
+    return [
+        f"-DVXLAN_VNI={vxlan.vni}",
+        f"-DVXLAN_PORT={vxlan.port}",
+        f"-DVTEP_MAC={{{mac}}}",
+        f"-DNODE_IP={_native(socket.inet_aton(vxlan.local))}U",
+        f"-DUNDERLAY_IFINDEX={vxlan.underlay}",
+    ]
+
+
+def _vtep_addresses(ipr: IPRoute, vxlan_device: int) -> dict[str, str]:
+    """Remote VTEP MAC -> node address, from the VXLAN device's forwarding table (the node controller
+    writes one entry per node; the all-zeros default entries are flooding, not a VTEP)."""
+    found = {}
+    for entry in ipr.fdb("dump", ifindex=vxlan_device):
+        mac, address = entry.get_attr("NDA_LLADDR"), entry.get_attr("NDA_DST")
+        if entry["ifindex"] == vxlan_device and mac and mac != "00:00:00:00:00:00" and address \
+                and ":" not in address:
+            found[mac] = address
+    return found
+
+
+class VtepMirror:
+    """Keeps the running programs' `vteps` map equal to the VXLAN device's forwarding table. It writes
+    through bpftool, by map id: a restarted agent that found its programs in place never loaded them,
+    so it has no bcc handle on their maps."""
+
+    def __init__(self, uplink: str) -> None:
+        self.uplink = uplink
+        self._program = ""  # the filter name whose map _map_id is
+        self._map_id = 0
+        self._written: dict[str, str] = {}
+
+    def sync(self, desired: dict[str, str], program: str) -> None:
+        if program != self._program:
+            self._map_id = _running_maps(self.uplink)["vteps"]
+            self._written = _vtep_map_entries(self._map_id)
+            self._program = program
+        for mac in self._written.keys() - desired.keys():
+            _bpftool("map", "delete", "id", str(self._map_id), "key", "hex", *_vtep_key(mac))
+        for mac, address in desired.items():
+            if self._written.get(mac) != address:
+                _bpftool("map", "update", "id", str(self._map_id), "key", "hex", *_vtep_key(mac),
+                         "value", "hex", *(f"{octet:02x}" for octet in socket.inet_aton(address)))
+        if desired != self._written:
+            log.info("fast path: %d remote VTEPs", len(desired))
+        self._written = dict(desired)
+
+
+def _vtep_key(mac: str) -> list[str]:
+    return [*mac.split(":"), "00", "00"]  # struct mac: six octets and two of padding
+
+
+def _vtep_map_entries(map_id: int) -> dict[str, str]:
+    """What the map holds now. bpftool prints the fields by name when the map has BTF (bcc gives it
+    some), else raw bytes as "0x.." strings."""
+    entries = {}
+    for entry in _bpftool("map", "dump", "id", str(map_id)) or []:
+        key, value = entry["key"], entry["value"]
+        mac = key["addr"] if isinstance(key, dict) else [int(octet, 16) for octet in key[:6]]
+        address = (value.to_bytes(4, sys.byteorder) if isinstance(value, int)
+                   else bytes(int(octet, 16) for octet in value))
+        entries[":".join(f"{octet:02x}" for octet in mac)] = socket.inet_ntoa(address)
+    return entries
+
+
+def _running_maps(device: str) -> dict[str, int]:
+    """Map name -> id of the maps our programs attached at the device's ingress use."""
+    attached = _bpftool("net", "show", "dev", device)  # pyroute2 does not parse the ids
+    running = [tc["id"] for entry in attached for tc in entry.get("tc", [])
+               if tc.get("name", "").startswith(FILTER_PREFIX) and tc.get("kind") == "clsact/ingress"]
+    map_ids = _bpftool("prog", "show", "id", str(running[0])).get("map_ids", []) if running else []
+    return {_bpftool("map", "show", "id", str(map_id))["name"]: map_id for map_id in map_ids}
 
 
 def remove(state_dir: str) -> None:
@@ -251,11 +353,13 @@ def _nat_replies(listing: str) -> Iterator[tuple[str, str, int, int, int]]:
 
 def _flow_key(src: str, dst: str, sport: int, dport: int, protocol: int) -> tuple[int, ...]:
     """struct flow's fields as ctypes wants them: addresses and ports in network byte order in memory."""
-    def native(raw: bytes) -> int:
-        return int.from_bytes(raw, sys.byteorder)
+    return (_native(socket.inet_aton(src)), _native(socket.inet_aton(dst)), _native(sport.to_bytes(2, "big")),
+            _native(dport.to_bytes(2, "big")), protocol)
 
-    return (native(socket.inet_aton(src)), native(socket.inet_aton(dst)), native(sport.to_bytes(2, "big")),
-            native(dport.to_bytes(2, "big")), protocol)
+
+def _native(raw: bytes) -> int:
+    """The integer these network-order bytes are to this host's CPU (what BPF code compares with)."""
+    return int.from_bytes(raw, sys.byteorder)
 
 
 def _release(bpf: Any) -> None:
