@@ -126,7 +126,7 @@ class FastPath:
             if missing:
                 self._attach(ipr, devices, name, missing)
             if devices.vxlan:
-                self._vteps.sync(_vtep_addresses(ipr, devices.uplink), program=name)
+                self._vteps.sync(_vtep_addresses(ipr, devices.uplink))
             return True
 
     def _attach(self, ipr: IPRoute, devices: Devices, name: str, missing: list[tuple[int, int, str]]) -> None:
@@ -135,6 +135,7 @@ class FastPath:
             _mount_bpffs()
             self._adopt_running_flow_map()
             self._load(devices, name)
+            self._vteps.forget()
             missing = devices.hooks()
         for index, parent, function in missing:
             _attach(ipr, index, parent, self._functions[function], name)
@@ -278,15 +279,18 @@ class VtepMirror:
 
     def __init__(self, uplink: str) -> None:
         self.uplink = uplink
-        self._program = ""  # the filter name whose map _map_id is
-        self._map_id = 0
+        self._map_id: int | None = None  # the running programs' map, found at the first sync
         self._written: dict[str, str] = {}
 
-    def sync(self, desired: dict[str, str], program: str) -> None:
-        if program != self._program:
-            self._map_id = _running_maps(self.uplink)["vteps"]
-            self._written = _vtep_map_entries(self._map_id)
-            self._program = program
+    def forget(self) -> None:
+        """Programs were loaded anew, with a map of their own."""
+        self._map_id = None
+
+    def sync(self, desired: dict[str, str]) -> None:
+        if self._map_id is None:
+            map_id = _running_maps(self.uplink)["vteps"]
+            self._written = _vtep_map_entries(map_id)
+            self._map_id = map_id
         for mac in self._written.keys() - desired.keys():
             _bpftool("map", "delete", "id", str(self._map_id), "key", "hex", *_vtep_key(mac))
         for mac, address in desired.items():

@@ -12,8 +12,10 @@ import time
 
 import pytest
 from netns_lab import cluster, probe
+from netns_lab.capture import capture
 from netns_lab.responder import DEFAULT_PORT
 from netns_lab.state import Lab
+from netns_lab.topology import UNDERLAY_BRIDGE
 from test_agent import wait_for
 from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
 
@@ -21,6 +23,9 @@ from netagent import netns
 
 CLUSTER_IP = "10.96.77.7"
 HOST_SERVICE_IP = "10.96.77.8"
+VXLAN_DEVICE = "netagent.1"
+VXLAN_PORT = 4789
+UDP = 17
 
 
 def fast_path_filters(node_ns: str) -> dict[str, list[str]]:
@@ -79,9 +84,10 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
     lab_cmd(lab_name, "apply", service_manifest(tmp_path, host_endpoint=state.nodes["n2"].ip))
     near, far = state.pods["near"], state.pods["far"]
     n1, n2 = state.nodes["n1"].netns, state.nodes["n2"].netns
-    wait_for(lambda: len(fast_path_filters(n1)) == 3 and len(fast_path_filters(n2)) == 3,
-             what="the fast path on both nodes (uplink, bridge, one pod veth each)")
-    uplink = "netagent.1" if network == "vxlan" else "eth0"
+    hooked_devices = 4 if network == "vxlan" else 3  # uplink, bridge, one pod veth (+ underlay)
+    wait_for(lambda: len(fast_path_filters(n1)) == len(fast_path_filters(n2)) == hooked_devices,
+             what="the fast path on both nodes")
+    uplink = VXLAN_DEVICE if network == "vxlan" else "eth0"
     assert sorted(fast_path_filters(n1)[uplink]) == ["forward", "note_stack_flow"]
 
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # neighbours resolved
@@ -113,12 +119,67 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
     assert residue(lab_name) == []
 
 
+def test_the_fast_path_writes_the_vxlan_devices_packets_and_reads_those_of_a_node_without_it(
+    lab_name,  # noqa: F811
+):
+    """In vxlan mode the programs encapsulate and decapsulate pod traffic themselves: neither node's
+    VXLAN device carries it, yet the underlay sees the very packets the device would send (outer
+    node addresses, the VXLAN port and VNI, the pod addresses inside). A node whose agent runs without
+    the fast path must therefore understand them, and its device's packets must be understood."""
+    lab_cmd(lab_name, "up", "--nodes", "2", "--network", "vxlan", "--proxy", "none", "--fast-path")
+    lab_cmd(lab_name, "pod", "near", "--node", "n1")
+    lab_cmd(lab_name, "pod", "far", "--node", "n2")
+    state = Lab(lab_name).load()
+    near, far = state.pods["near"], state.pods["far"]
+    n1, n2 = state.nodes["n1"], state.nodes["n2"]
+    wait_for(lambda: len(fast_path_filters(n1.netns)) == len(fast_path_filters(n2.netns)) == 4,
+             what="the fast path on both nodes")
+    assert fast_path_filters(n1.netns)["eth0"] == ["receive_vxlan"]
+    # first packets: the stack resolves neighbours, the programs learn where each pod is
+    assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+    assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
+
+    before = {node.name: vxlan_device_packets(node.netns) for node in (n1, n2)}
+    underlay = Lab(lab_name).underlay_netns
+    with capture(underlay, UNDERLAY_BRIDGE, f"udp dst port {VXLAN_PORT}", count=2) as seen:
+        assert probe.udp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+    for _ in range(3):
+        assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+        assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
+    assert {node.name: vxlan_device_packets(node.netns) for node in (n1, n2)} == before
+    request, reply = seen.packets
+    assert (request["src"], request["dst"], request["dport"], request["vni"]) == (n1.ip, n2.ip, VXLAN_PORT, 1)
+    assert request["inner"] == {"src": near.ips[0], "dst": far.ips[0], "proto": UDP}
+    assert (reply["src"], reply["dst"], reply["dport"], reply["vni"]) == (n2.ip, n1.ip, VXLAN_PORT, 1)
+    assert reply["inner"] == {"src": far.ips[0], "dst": near.ips[0], "proto": UDP}
+
+    set_fast_path(lab_name, False)
+    cluster.restart_agent(lab_name, "n2")
+    assert fast_path_filters(n2.netns) == {}
+    n2_before = vxlan_device_packets(n2.netns)
+    for _ in range(3):
+        assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+        assert probe.udp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+        assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
+    assert vxlan_device_packets(n2.netns) > n2_before  # n2's device does its part now
+    assert vxlan_device_packets(n1.netns) == before["n1"]  # n1's programs still do theirs
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
+
+
+def vxlan_device_packets(node_ns: str) -> int:
+    """Packets the node's VXLAN device sent and received."""
+    link = json.loads(netns.run(node_ns, ["ip", "-j", "-s", "link", "show", VXLAN_DEVICE]).stdout)[0]
+    return link["stats64"]["tx"]["packets"] + link["stats64"]["rx"]["packets"]
+
+
 class EchoThroughService:
-    """A 2-node routes lab with the nftables proxy: pod `near` on n1 holds one TCP connection to
+    """A 2-node lab with the nftables proxy: pod `near` on n1 holds one TCP connection to
     ClusterIP:5005, DNATed on n1 to an echo socket in pod `far` on n2."""
 
-    def __init__(self, lab: str, tmp_path, fast_path: bool) -> None:
-        lab_cmd(lab, "up", "--nodes", "2", "--network", "routes", "--proxy", "nftables",
+    def __init__(self, lab: str, tmp_path, fast_path: bool, network: str = "routes") -> None:
+        lab_cmd(lab, "up", "--nodes", "2", "--network", network, "--proxy", "nftables",
                 *(["--fast-path"] if fast_path else []))
         lab_cmd(lab, "pod", "near", "--node", "n1")
         lab_cmd(lab, "pod", "far", "--node", "n2", "--labels", "app=far")
@@ -130,7 +191,8 @@ class EchoThroughService:
         lab_cmd(lab, "apply", str(manifest))
         state = Lab(lab).load()
         self.n1 = state.nodes["n1"].netns
-        far = state.pods["far"]
+        self.near, self.far = state.pods["near"], state.pods["far"]
+        far = self.far
         with netns.entered(netns.path(far.netns)):
             self.listener = socket.create_server((far.ips[0], 5005))
         self.listener.settimeout(30)
@@ -152,15 +214,17 @@ class EchoThroughService:
             sock.close()
 
 
+@pytest.mark.parametrize("network", ["routes", "vxlan"])
 def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reloads_the_fast_path(
-    lab_name, tmp_path  # noqa: F811
+    lab_name, tmp_path, network  # noqa: F811
 ):
     """A restarted agent leaves the running fast path alone; when a new pod makes it load the
     program anew, it re-attaches every hook with the running programs' flow map, so the connection's
-    replies still go through the stack."""
-    echo = EchoThroughService(lab_name, tmp_path, fast_path=True)
+    replies still go through the stack. In vxlan mode the new programs get the VTEP map again."""
+    echo = EchoThroughService(lab_name, tmp_path, fast_path=True, network=network)
     try:
-        wait_for(lambda: len(fast_path_filters(echo.n1)) == 3, what="the fast path on n1")
+        hooked_devices = 4 if network == "vxlan" else 3
+        wait_for(lambda: len(fast_path_filters(echo.n1)) == hooked_devices, what="the fast path on n1")
         assert echo.server_pushes_and_client_answers(b"before")
         programs_before = attached_programs(echo.n1)
 
@@ -170,6 +234,12 @@ def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reload
         wait_for(lambda: attached_programs(echo.n1).isdisjoint(programs_before), what="a reloaded fast path")
 
         assert echo.server_pushes_and_client_answers(b"pushed after the restart")
+        if network == "vxlan":
+            assert probe.tcp_name(echo.near.netns, echo.far.ips[0], DEFAULT_PORT) == "far"  # learns `near`
+            before = vxlan_device_packets(echo.n1)
+            for _ in range(3):
+                assert probe.tcp_name(echo.near.netns, echo.far.ips[0], DEFAULT_PORT) == "far"
+            assert vxlan_device_packets(echo.n1) == before
     finally:
         echo.close()
 
