@@ -15,7 +15,10 @@ from netns_lab import cluster, probe
 from netns_lab.capture import capture
 from netns_lab.responder import DEFAULT_PORT
 from netns_lab.state import Lab
-from netns_lab.topology import UNDERLAY_BRIDGE
+from netns_lab.topology import UNDERLAY_BRIDGE, UNDERLAY_GATEWAY
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
 from test_agent import wait_for
 from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
 
@@ -25,7 +28,7 @@ CLUSTER_IP = "10.96.77.7"
 HOST_SERVICE_IP = "10.96.77.8"
 VXLAN_DEVICE = "netagent.1"
 VXLAN_PORT = 4789
-UDP = 17
+UDP_PROTOCOL = 17
 
 
 def fast_path_filters(node_ns: str) -> dict[str, list[str]]:
@@ -149,9 +152,9 @@ def test_the_fast_path_writes_the_vxlan_devices_packets_and_reads_those_of_a_nod
     assert {node.name: vxlan_device_packets(node.netns) for node in (n1, n2)} == before
     request, reply = seen.packets
     assert (request["src"], request["dst"], request["dport"], request["vni"]) == (n1.ip, n2.ip, VXLAN_PORT, 1)
-    assert request["inner"] == {"src": near.ips[0], "dst": far.ips[0], "proto": UDP}
+    assert request["inner"] == {"src": near.ips[0], "dst": far.ips[0], "proto": UDP_PROTOCOL}
     assert (reply["src"], reply["dst"], reply["dport"], reply["vni"]) == (n2.ip, n1.ip, VXLAN_PORT, 1)
-    assert reply["inner"] == {"src": far.ips[0], "dst": near.ips[0], "proto": UDP}
+    assert reply["inner"] == {"src": far.ips[0], "dst": near.ips[0], "proto": UDP_PROTOCOL}
 
     set_fast_path(lab_name, False)
     cluster.restart_agent(lab_name, "n2")
@@ -166,6 +169,58 @@ def test_the_fast_path_writes_the_vxlan_devices_packets_and_reads_those_of_a_nod
 
     lab_cmd(lab_name, "down")
     assert residue(lab_name) == []
+
+
+def test_vxlan_packets_not_from_a_known_node_are_left_to_the_device_and_the_nodes_firewall(
+    lab_name,  # noqa: F811
+):
+    """receive_vxlan() skips the node's INPUT chain, so it takes only what a known node's VTEP sent
+    from that node's address. The same forged frame, sent from the underlay's gateway instead of n1's
+    address, must reach n2's VXLAN device (the stack path) rather than the pod directly."""
+    lab_cmd(lab_name, "up", "--nodes", "2", "--network", "vxlan", "--proxy", "none", "--fast-path")
+    lab_cmd(lab_name, "pod", "near", "--node", "n1")
+    lab_cmd(lab_name, "pod", "far", "--node", "n2")
+    state = Lab(lab_name).load()
+    near, far = state.pods["near"], state.pods["far"]
+    n1, n2 = state.nodes["n1"], state.nodes["n2"]
+    wait_for(lambda: len(fast_path_filters(n1.netns)) == len(fast_path_filters(n2.netns)) == 4,
+             what="the fast path on both nodes")
+    assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"  # n2 learns where `far` is
+    underlay = Lab(lab_name).underlay_netns
+
+    with netns.entered(netns.path(near.netns)):  # `far` answers here; no ICMP "unreachable" goes back
+        answers = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    answers.bind((near.ips[0], 0))
+    answers.settimeout(10)
+
+    def n2_device_after_sending_from(outer_source: str) -> int:
+        before = vxlan_device_packets(n2.netns)
+        frame = (Ether(src=link_mac(underlay, UNDERLAY_BRIDGE), dst=link_mac(n2.netns, "eth0"))
+                 / IP(src=outer_source, dst=n2.ip) / UDP(sport=40000, dport=VXLAN_PORT)
+                 / VXLAN(vni=1, flags=0x08)  # "the VNI is valid", nothing else
+                 / Ether(src=link_mac(n1.netns, VXLAN_DEVICE), dst=link_mac(n2.netns, VXLAN_DEVICE))
+                 / IP(src=near.ips[0], dst=far.ips[0])
+                 / UDP(sport=answers.getsockname()[1], dport=DEFAULT_PORT) / b"x")
+        send_frame(underlay, UNDERLAY_BRIDGE, bytes(frame))
+        assert answers.recv(100) == b"far\n"
+        return vxlan_device_packets(n2.netns) - before
+
+    with answers:
+        assert n2_device_after_sending_from(n1.ip) == 0  # the programs took it
+        assert n2_device_after_sending_from(UNDERLAY_GATEWAY) == 1  # the device did
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
+
+
+def send_frame(netns_name: str, device: str, frame: bytes) -> None:
+    with netns.entered(netns.path(netns_name)), socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((device, 0))
+        raw.send(frame)
+
+
+def link_mac(node_ns: str, device: str) -> str:
+    return json.loads(netns.run(node_ns, ["ip", "-j", "link", "show", device]).stdout)[0]["address"]
 
 
 def vxlan_device_packets(node_ns: str) -> int:
