@@ -266,6 +266,9 @@ int receive_vxlan(struct __sk_buff *skb) {
         return TC_ACT_SHOT;
     decrease_ttl(ip);
     set_macs(eth, &fib);
+    /* straight to the pod's veth: it skips the bridge, and a veth takes GSO packets still flagged as
+     * tunnelled, which this kernel's bpf_skb_adjust_room() may leave (the flag that clears them,
+     * BPF_F_ADJ_ROOM_DECAP_L4_UDP, is newer) */
     return bpf_redirect(pod_veth, 0);
 }
 #endif

@@ -9,10 +9,16 @@ unresolved neighbours, host-network peers, flows the stack NATed) goes through t
 it can be switched on and off under traffic: on attaching, the flows conntrack already DNATed are
 recorded as the stack's; `--no-fast-path` detaches everything at agent start.
 
+In vxlan mode the programs also encapsulate and decapsulate themselves, which skips the VXLAN device
+and the outer packet's trip through both nodes' IP stacks (ebpf/fastpath.c says how). They need each
+remote VTEP's node address: `VtepMirror` copies the device's forwarding table, which the node
+controller writes, into the programs' `vteps` map at every poll.
+
 Attachments: `forward` at tc ingress of the uplink and of every pod's host-side veth (before the
 bridge, so pod packets skip the bridge's netfilter hooks too), `note_stack_flow` at tc egress of the
-bridge and the uplink. The bridge and the veths come and go with pods (the CNI plugin makes them), so
-the attacher polls; a pod's first packets before its veth is attached simply take the stack.
+bridge and the uplink, and in vxlan mode `receive_vxlan` at tc ingress of the underlay interface.
+The bridge and the veths come and go with pods (the CNI plugin makes them), so the attacher polls; a
+pod's first packets before its veth is attached simply take the stack.
 Each tc filter is named after a hash of the program text and its parameters: an agent restart that
 finds its filters in place touches nothing (no compile, no re-attach; the attached programs keep their
 flow map). A restarted agent that must load the program again (a new pod's veth, a new version)
