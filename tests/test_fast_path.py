@@ -14,7 +14,7 @@ import pytest
 from netns_lab import cluster, probe
 from netns_lab.capture import capture
 from netns_lab.responder import DEFAULT_PORT
-from netns_lab.state import Lab
+from netns_lab.state import Lab, NodeInfo, PodInfo
 from netns_lab.topology import UNDERLAY_BRIDGE, UNDERLAY_GATEWAY
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
@@ -129,14 +129,7 @@ def test_the_fast_path_writes_the_vxlan_devices_packets_and_reads_those_of_a_nod
     VXLAN device carries it, yet the underlay sees the very packets the device would send (outer
     node addresses, the VXLAN port and VNI, the pod addresses inside). A node whose agent runs without
     the fast path must therefore understand them, and its device's packets must be understood."""
-    lab_cmd(lab_name, "up", "--nodes", "2", "--network", "vxlan", "--proxy", "none", "--fast-path")
-    lab_cmd(lab_name, "pod", "near", "--node", "n1")
-    lab_cmd(lab_name, "pod", "far", "--node", "n2")
-    state = Lab(lab_name).load()
-    near, far = state.pods["near"], state.pods["far"]
-    n1, n2 = state.nodes["n1"], state.nodes["n2"]
-    wait_for(lambda: len(fast_path_filters(n1.netns)) == len(fast_path_filters(n2.netns)) == 4,
-             what="the fast path on both nodes")
+    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
     assert fast_path_filters(n1.netns)["eth0"] == ["receive_vxlan"]
     # first packets: the stack resolves neighbours, the programs learn where each pod is
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
@@ -177,14 +170,7 @@ def test_vxlan_packets_not_from_a_known_node_are_left_to_the_device_and_the_node
     """receive_vxlan() skips the node's INPUT chain, so it takes only what a known node's VTEP sent
     from that node's address. The same forged frame, sent from the underlay's gateway instead of n1's
     address, must reach n2's VXLAN device (the stack path) rather than the pod directly."""
-    lab_cmd(lab_name, "up", "--nodes", "2", "--network", "vxlan", "--proxy", "none", "--fast-path")
-    lab_cmd(lab_name, "pod", "near", "--node", "n1")
-    lab_cmd(lab_name, "pod", "far", "--node", "n2")
-    state = Lab(lab_name).load()
-    near, far = state.pods["near"], state.pods["far"]
-    n1, n2 = state.nodes["n1"], state.nodes["n2"]
-    wait_for(lambda: len(fast_path_filters(n1.netns)) == len(fast_path_filters(n2.netns)) == 4,
-             what="the fast path on both nodes")
+    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"  # n2 learns where `far` is
     underlay = Lab(lab_name).underlay_netns
 
@@ -221,6 +207,18 @@ def send_frame(netns_name: str, device: str, frame: bytes) -> None:
 
 def link_mac(node_ns: str, device: str) -> str:
     return json.loads(netns.run(node_ns, ["ip", "-j", "link", "show", device]).stdout)[0]["address"]
+
+
+def vxlan_lab_with_a_pod_per_node(lab: str) -> tuple[PodInfo, PodInfo, NodeInfo, NodeInfo]:
+    """A 2-node vxlan lab with the fast path attached on both nodes: pod `near` on n1, `far` on n2."""
+    lab_cmd(lab, "up", "--nodes", "2", "--network", "vxlan", "--proxy", "none", "--fast-path")
+    lab_cmd(lab, "pod", "near", "--node", "n1")
+    lab_cmd(lab, "pod", "far", "--node", "n2")
+    state = Lab(lab).load()
+    n1, n2 = state.nodes["n1"], state.nodes["n2"]
+    wait_for(lambda: len(fast_path_filters(n1.netns)) == len(fast_path_filters(n2.netns)) == 4,
+             what="the fast path on both nodes (uplink, underlay, bridge, one pod veth)")
+    return state.pods["near"], state.pods["far"], n1, n2
 
 
 def vxlan_device_packets(node_ns: str) -> int:
