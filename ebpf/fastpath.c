@@ -137,7 +137,7 @@ struct local_pod {
 };
 
 /* remote VTEP MAC -> the underlay address of its node */
-BPF_HASH(vteps, struct mac, __be32, 4096);
+BPF_HASH(vteps, struct mac, __be32, 8192); /* Kubernetes supports 5,000 nodes */
 /* pod address -> its veth and MAC, as its own packets showed them */
 BPF_TABLE("lru_hash", __be32, struct local_pod, local_pods, 16384);
 
@@ -150,8 +150,15 @@ struct vxlan_encap {
 } __attribute__((packed));
 
 #define VXLAN_FLAG_VNI bpf_htonl(0x08000000) /* "the VNI is valid"; every other bit must be zero */
-#define ENCAP_FLAGS (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | \
+/* FIXED_GSO: the pod's TCP already sized its segments for the VXLAN MTU (and the receiving side must
+ * not grow them back) */
+#define ENCAP_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | \
                      BPF_F_ADJ_ROOM_ENCAP_L2_ETH | ((__u64)ETH_HLEN << 56) /* BPF_F_ADJ_ROOM_ENCAP_L2 */)
+/* Newer than the kernel headers bcc compiles against here: resets a decapsulated packet's UDP-tunnel
+ * GSO state, as the VXLAN device does. Kernels without it refuse the call (-EINVAL). */
+#define ADJ_ROOM_DECAP_L4_UDP (1ULL << 10)
+#define ECN_MASK 3
+#define ECN_CE 3
 #define SOURCE_PORT_MIN 32768 /* the kernel's default local port range, as the VXLAN device uses */
 #define SOURCE_PORTS 28232
 
@@ -171,6 +178,8 @@ static __always_inline void learn_local_pod(struct __sk_buff *skb, struct ethhdr
         local_pods.update(&addr, &seen);
 }
 
+/* The one's-complement sum of an IPv4 header without options: the checksum to write when its check
+ * field is 0, and 0 when the header is intact. */
 static __always_inline __u16 ipv4_checksum(struct iphdr *ip) {
     __u16 *word = (__u16 *)ip;
     __u32 sum = 0;
@@ -184,21 +193,25 @@ static __always_inline __u16 ipv4_checksum(struct iphdr *ip) {
 
 /* Wrap the routed packet (inner MACs from `fib`) in VXLAN for the VTEP `fib` chose and send it to the
  * underlay; -1 leaves it to the device (a VTEP not yet mirrored, an unresolved underlay neighbour). */
-static __always_inline int encapsulate(struct __sk_buff *skb, struct bpf_fib_lookup *fib) {
+static __always_inline int encapsulate(struct __sk_buff *skb, struct iphdr *inner, struct bpf_fib_lookup *fib) {
     struct mac vtep = {};
     __builtin_memcpy(vtep.addr, fib->dmac, ETH_ALEN);
     __be32 *node = vteps.lookup(&vtep);
     if (!node)
         return -1;
+    __u32 outer_len = skb->len - ETH_HLEN + sizeof(struct vxlan_encap);
     struct bpf_fib_lookup underlay = {.family = AF_INET, .l4_protocol = IPPROTO_UDP, .ipv4_src = NODE_IP,
-                                      .ipv4_dst = *node, .ifindex = UNDERLAY_IFINDEX};
+                                      .ipv4_dst = *node, .ifindex = UNDERLAY_IFINDEX,
+                                      .tot_len = skb->gso_size ? 0 : outer_len /* a GSO packet's segments fit */};
     if (bpf_fib_lookup(skb, &underlay, sizeof(underlay), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS ||
         underlay.ifindex != UNDERLAY_IFINDEX)
         return -1;
 
-    __u32 outer_len = skb->len - ETH_HLEN + sizeof(struct vxlan_encap);
+    /* ECN as the device does it (RFC 6040): the outer header is ECN-capable when the inner one is */
+    __u8 ecn = inner->tos & ECN_MASK;
     struct vxlan_encap h = {
         .ip = {.version = 4, .ihl = 5, .ttl = 64, .protocol = IPPROTO_UDP, .tot_len = bpf_htons(outer_len),
+               .tos = ecn == ECN_CE ? 2 /* ECT(0) */ : ecn,
                .id = (__u16)bpf_get_prandom_u32(), .saddr = NODE_IP, .daddr = *node},
         /* the source port spreads flows over the underlay's ECMP paths and receive queues */
         .udp = {.source = bpf_htons(SOURCE_PORT_MIN + bpf_get_hash_recalc(skb) % SOURCE_PORTS),
@@ -228,15 +241,19 @@ int receive_vxlan(struct __sk_buff *skb) {
     if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
         return TC_ACT_OK;
     struct vxlan_encap *h = (void *)(eth + 1);
-    if ((void *)(h + 1) > end || h->ip.ihl != 5 || h->ip.protocol != IPPROTO_UDP || h->ip.daddr != NODE_IP ||
-        (h->ip.frag_off & bpf_htons(FRAGMENT_BITS)) || h->udp.dest != bpf_htons(VXLAN_PORT) ||
-        h->flags != VXLAN_FLAG_VNI || h->vni != bpf_htonl(VXLAN_VNI << 8))
+    if ((void *)(h + 1) > end || h->ip.version != 4 || h->ip.ihl != 5 || h->ip.protocol != IPPROTO_UDP ||
+        h->ip.daddr != NODE_IP || (h->ip.frag_off & bpf_htons(FRAGMENT_BITS)) ||
+        h->udp.dest != bpf_htons(VXLAN_PORT) || h->flags != VXLAN_FLAG_VNI || h->vni != bpf_htonl(VXLAN_VNI << 8))
+        return TC_ACT_OK;
+    /* a damaged outer header, or a congestion mark to carry over: the device's checks and RFC 6040 */
+    if (ipv4_checksum(&h->ip) || (h->ip.tos & ECN_MASK) == ECN_CE)
         return TC_ACT_OK;
     __u8 own_vtep[ETH_ALEN] = VTEP_MAC;
     if (!same_mac(h->inner.h_dest, own_vtep))
         return TC_ACT_OK;
-    /* only from the node the sending VTEP belongs to: packets the device would take from anyone
-     * keep going through the stack (and the node's firewall) */
+    /* only from the address of the node the sending VTEP belongs to: other packets, which the device
+     * would take from anyone, keep going through the stack and so the node's INPUT rules. (The check
+     * is on addresses, which a host on the underlay can forge, as it can for the device.) */
     struct mac vtep = {};
     __builtin_memcpy(vtep.addr, h->inner.h_source, ETH_ALEN);
     __be32 *node = vteps.lookup(&vtep);
@@ -256,7 +273,13 @@ int receive_vxlan(struct __sk_buff *skb) {
         return TC_ACT_OK;
     __u32 pod_veth = pod->ifindex;
 
-    if (bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC, 0))
+    /* Strip the encapsulation. A kernel that cannot reset the tunnel GSO state leaves GSO packets to
+     * the device: marked as tunnelled, with stale inner-header offsets, they would mislead a NIC's
+     * offloads if a pod forwarded them on. */
+    if (bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC,
+                            BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L4_UDP) &&
+        (skb->gso_size ||
+         bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO)))
         return TC_ACT_OK;
     data = (void *)(long)skb->data;
     end = (void *)(long)skb->data_end;
@@ -266,10 +289,7 @@ int receive_vxlan(struct __sk_buff *skb) {
         return TC_ACT_SHOT;
     decrease_ttl(ip);
     set_macs(eth, &fib);
-    /* straight to the pod's veth: it skips the bridge, and a veth takes GSO packets still flagged as
-     * tunnelled, which this kernel's bpf_skb_adjust_room() may leave (the flag that clears them,
-     * BPF_F_ADJ_ROOM_DECAP_L4_UDP, is newer) */
-    return bpf_redirect(pod_veth, 0);
+    return bpf_redirect(pod_veth, 0); /* straight to the pod's veth, skipping the bridge */
 }
 #endif
 
@@ -308,7 +328,7 @@ int forward(struct __sk_buff *skb) {
     decrease_ttl(ip);
 #ifdef VXLAN_VNI
     if (!from_uplink) {
-        int verdict = encapsulate(skb, &fib);
+        int verdict = encapsulate(skb, ip, &fib);
         if (verdict >= 0)
             return verdict;
         data = (void *)(long)skb->data; /* unchanged, but the verifier forgets packet pointers */

@@ -120,6 +120,8 @@ class FastPath:
         self._loaded = ""  # the filter name (program version) self._functions belong to
         self._failed = ("", 0.0)  # the version whose load failed last, and when
         self._vteps = VtepMirror(uplink)
+        self._local_pods = RunningMap(uplink, "local_pods")
+        self._pruned_for: tuple[int, ...] | None = None  # the pod veths local_pods was last pruned for
 
     def ensure(self) -> bool:
         """Attach wherever our current filters are missing; True once the fast path is in place."""
@@ -133,6 +135,9 @@ class FastPath:
                 self._attach(ipr, devices, name, missing)
             if devices.vxlan:
                 self._vteps.sync(_vtep_addresses(ipr, devices.uplink))
+                if devices.pod_veths != self._pruned_for:
+                    prune_local_pods(self._local_pods, devices.pod_veths)
+                    self._pruned_for = devices.pod_veths
             return True
 
     def _attach(self, ipr: IPRoute, devices: Devices, name: str, missing: list[tuple[int, int, str]]) -> None:
@@ -142,6 +147,7 @@ class FastPath:
             self._adopt_running_flow_map()
             self._load(devices, name)
             self._vteps.forget()
+            self._local_pods.forget()
             missing = devices.hooks()
         for index, parent, function in missing:
             _attach(ipr, index, parent, self._functions[function], name)
@@ -278,51 +284,87 @@ def _vtep_addresses(ipr: IPRoute, vxlan_device: int) -> dict[str, str]:
     return found
 
 
-class VtepMirror:
-    """Keeps the running programs' `vteps` map equal to the VXLAN device's forwarding table. It writes
-    through bpftool, by map id: a restarted agent that found its programs in place never loaded them,
-    so it has no bcc handle on their maps."""
+class RunningMap:
+    """One map of the programs attached at the uplink's ingress, read and written through bpftool by
+    id: a restarted agent that found its programs in place never loaded them, so it has no bcc handle
+    on their maps."""
 
-    def __init__(self, uplink: str) -> None:
+    def __init__(self, uplink: str, name: str) -> None:
         self.uplink = uplink
-        self._map_id: int | None = None  # the running programs' map, found at the first sync
-        self._written: dict[str, str] = {}
+        self.name = name
+        self._id: int | None = None  # found at first use
 
     def forget(self) -> None:
-        """Programs were loaded anew, with a map of their own."""
-        self._map_id = None
+        """The programs were replaced (or an operation failed): find the map again at next use."""
+        self._id = None
 
-    def sync(self, desired: dict[str, str]) -> None:
-        if self._map_id is None:
-            map_id = _running_maps(self.uplink)["vteps"]
-            self._written = _vtep_map_entries(map_id)
-            self._map_id = map_id
-        for mac in self._written.keys() - desired.keys():
-            _bpftool("map", "delete", "id", str(self._map_id), "key", "hex", *_vtep_key(mac))
-        for mac, address in desired.items():
-            if self._written.get(mac) != address:
-                _bpftool("map", "update", "id", str(self._map_id), "key", "hex", *_vtep_key(mac),
-                         "value", "hex", *(f"{octet:02x}" for octet in socket.inet_aton(address)))
-        if desired != self._written:
-            log.info("fast path: %d remote VTEPs", len(desired))
-        self._written = dict(desired)
+    def entries(self) -> dict[bytes, bytes]:
+        """Key -> value, as raw bytes (bpftool prints each byte as a "0x.." string)."""
+        def raw(octets: list[str]) -> bytes:
+            return bytes(int(octet, 16) for octet in octets)
+
+        dump = _bpftool("map", "dump", "id", self._map_id()) or []
+        return {raw(entry["key"]): raw(entry["value"]) for entry in dump}
+
+    def update(self, key: bytes, value: bytes) -> None:
+        _bpftool("map", "update", "id", self._map_id(), "key", "hex", *key.hex(" ").split(),
+                 "value", "hex", *value.hex(" ").split())
+
+    def delete(self, key: bytes) -> None:
+        _bpftool("map", "delete", "id", self._map_id(), "key", "hex", *key.hex(" ").split())
+
+    def _map_id(self) -> str:
+        if self._id is None:
+            self._id = _running_maps(self.uplink)[self.name]
+        return str(self._id)
 
 
-def _vtep_key(mac: str) -> list[str]:
-    return [*mac.split(":"), "00", "00"]  # struct mac: six octets and two of padding
+class VtepMirror:
+    """Keeps the running programs' `vteps` map (remote VTEP MAC -> node address) equal to the VXLAN
+    device's forwarding table."""
+
+    def __init__(self, uplink: str) -> None:
+        self._map = RunningMap(uplink, "vteps")
+        self._written: dict[bytes, bytes] | None = None  # None: read the map first
+
+    def forget(self) -> None:
+        self._map.forget()
+        self._written = None
+
+    def sync(self, vteps: dict[str, str]) -> None:
+        desired = {_vtep_key(mac): socket.inet_aton(address) for mac, address in vteps.items()}
+        if desired == self._written:
+            return
+        try:
+            if self._written is None:
+                self._written = self._map.entries()
+            for key in self._written.keys() - desired.keys():
+                self._map.delete(key)
+                del self._written[key]
+            for key, address in desired.items():
+                if self._written.get(key) != address:
+                    self._map.update(key, address)
+                    self._written[key] = address
+        except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as err:
+            self.forget()  # what the map holds is read again next time
+            raise FastPathError(f"cannot copy the VXLAN forwarding table into the fast path: {err}") from None
+        log.info("fast path: %d remote VTEPs", len(desired))
 
 
-def _vtep_map_entries(map_id: int) -> dict[str, str]:
-    """What the map holds now. bpftool prints the fields by name when the map has BTF (bcc gives it
-    some), else raw bytes as "0x.." strings."""
-    entries = {}
-    for entry in _bpftool("map", "dump", "id", str(map_id)) or []:
-        key, value = entry["key"], entry["value"]
-        mac = key["addr"] if isinstance(key, dict) else [int(octet, 16) for octet in key[:6]]
-        address = (value.to_bytes(4, sys.byteorder) if isinstance(value, int)
-                   else bytes(int(octet, 16) for octet in value))
-        entries[":".join(f"{octet:02x}" for octet in mac)] = socket.inet_ntoa(address)
-    return entries
+def _vtep_key(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", "")) + bytes(2)  # struct mac: six octets and two of padding
+
+
+def prune_local_pods(local_pods: RunningMap, pod_veths: Iterable[int]) -> None:
+    """Forget pods whose veth is gone: their address would otherwise lead decapsulated packets to a
+    deleted interface (dropped) where the stack would find the neighbour unreachable."""
+    try:
+        for key, value in local_pods.entries().items():
+            if int.from_bytes(value[:4], sys.byteorder) not in pod_veths:
+                local_pods.delete(key)
+    except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as err:
+        local_pods.forget()
+        raise FastPathError(f"cannot forget deleted pods in the fast path: {err}") from None
 
 
 def _running_maps(device: str) -> dict[str, int]:
@@ -465,7 +507,7 @@ class FastPathAttacher:
                 failed = False
             except Exception as err:  # whatever it is, the thread must keep trying
                 if not failed:  # once per failure streak, not every poll
-                    log.warning("fast path not attached, traffic takes the stack: %s", err,
+                    log.warning("fast path incomplete, the stack carries what it does not: %s", err,
                                 exc_info=not isinstance(err, (FastPathError, NetlinkError, OSError)))
                 failed = True
             self._stopping.wait(self.interval)
