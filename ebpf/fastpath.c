@@ -29,7 +29,10 @@
  * comes from `vteps`, the VXLAN device's forwarding table mirrored by the agent; a packet whose VTEP is
  * not there, or whose source is not the node that VTEP belongs to, is left to the device. The pod's veth
  * comes from `local_pods`, learned from the pods' own packets and trusted only when its MAC is the one
- * the neighbour table holds for the address.
+ * the neighbour table holds for the address. A GSO aggregate (a GRO-merged or locally built TCP
+ * super-packet) is stripped only if the kernel can also reset its UDP-tunnel GSO state, as the device
+ * does; otherwise, flagged as tunnelled with stale inner-header offsets, it could mislead a NIC's
+ * offloads should a pod forward it, so it is left to the device.
  *
  * Compiled by bcc with: CLUSTER_NET / CLUSTER_MASK (host byte order), BRIDGE_IFINDEX, UPLINK_IFINDEX,
  * FAST_MARK (a skb->mark bit), PIN_PATH; for VXLAN also VXLAN_VNI, VXLAN_PORT, VTEP_MAC (an array
