@@ -194,11 +194,11 @@ class Agent:
     def _start_fast_path(self) -> None:
         """Attach once the node state (our pod CIDRs) exists; see netagent.fastpath."""
         from netagent.fastpath import FastPath, FastPathAttacher
-        from netagent.node_network import VXLAN_DEVICE_PREFIX, find_underlay
+        from netagent.node_network import find_underlay, vxlan_device_name
 
         cfg = self.config
         if cfg.network == "vxlan":
-            uplink = f"{VXLAN_DEVICE_PREFIX}{cfg.vxlan_vni}"[:15]
+            uplink = vxlan_device_name(cfg.vxlan_vni)
         else:
             from pyroute2 import IPRoute
 

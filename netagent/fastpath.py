@@ -11,7 +11,7 @@ recorded as the stack's; `--no-fast-path` detaches everything at agent start.
 
 In vxlan mode the programs also encapsulate and decapsulate themselves, which skips the VXLAN device
 and the outer packet's trip through both nodes' IP stacks (ebpf/fastpath.c says how). They need each
-remote VTEP's node address: `VtepMirror` copies the device's forwarding table, which the node
+remote VTEP's node address: `VxlanMaps` copies the device's forwarding table, which the node
 controller writes, into the programs' `vteps` map at every poll.
 
 Attachments: `forward` at tc ingress of the uplink and of every pod's host-side veth (before the
@@ -119,9 +119,7 @@ class FastPath:
         self._functions: dict[str, int] = {}  # function -> program fd
         self._loaded = ""  # the filter name (program version) self._functions belong to
         self._failed = ("", 0.0)  # the version whose load failed last, and when
-        self._vteps = VtepMirror(uplink)
-        self._local_pods = RunningMap(uplink, "local_pods")
-        self._pruned_for: tuple[int, ...] | None = None  # the pod veths local_pods was last pruned for
+        self._vxlan_maps = VxlanMaps(uplink)
 
     def ensure(self) -> bool:
         """Attach wherever our current filters are missing; True once the fast path is in place."""
@@ -134,10 +132,7 @@ class FastPath:
             if missing:
                 self._attach(ipr, devices, name, missing)
             if devices.vxlan:
-                self._vteps.sync(_vtep_addresses(ipr, devices.uplink))
-                if devices.pod_veths != self._pruned_for:
-                    prune_local_pods(self._local_pods, devices.pod_veths)
-                    self._pruned_for = devices.pod_veths
+                self._vxlan_maps.sync(_vtep_addresses(ipr, devices.uplink), devices.pod_veths)
             return True
 
     def _attach(self, ipr: IPRoute, devices: Devices, name: str, missing: list[tuple[int, int, str]]) -> None:
@@ -146,8 +141,7 @@ class FastPath:
             _mount_bpffs()
             self._adopt_running_flow_map()
             self._load(devices, name)
-            self._vteps.forget()
-            self._local_pods.forget()
+            self._vxlan_maps.forget()
             missing = devices.hooks()
         for index, parent, function in missing:
             _attach(ipr, index, parent, self._functions[function], name)
@@ -190,19 +184,18 @@ class FastPath:
             log.warning("fast path: cannot adopt the running flow map, starting an empty one: %s", err)
 
     def _devices(self, ipr: IPRoute) -> Devices | None:
-        uplink = ipr.link_lookup(ifname=self.uplink)
         pod_nets = [ipaddress.ip_network(c) for c in self.local_pod_cidrs() if ":" not in c]
         gateways = {a["index"] for a in ipr.get_addr(family=2)
                     if any(ipaddress.ip_address(a.get("IFA_ADDRESS")) in net for net in pod_nets)}
         links = ipr.get_links()
+        uplink = next((link for link in links if link.get_attr("IFLA_IFNAME") == self.uplink), None)
         # the bridge, not the VXLAN device, which holds an address in our pod CIDR too
         bridges = [link["index"] for link in links if link["index"] in gateways and _kind(link) == "bridge"]
         bridge = bridges[0] if bridges else None
-        if not uplink or bridge is None:
+        if uplink is None or bridge is None:
             return None
         ports = tuple(link["index"] for link in links if link.get_attr("IFLA_MASTER") == bridge)
-        return Devices(bridge=bridge, uplink=uplink[0], pod_veths=ports,
-                       vxlan=_vxlan(next(link for link in links if link["index"] == uplink[0])))
+        return Devices(bridge=bridge, uplink=uplink["index"], pod_veths=ports, vxlan=_vxlan(uplink))
 
     def _cflags(self, devices: Devices) -> list[str]:
         return [
@@ -303,68 +296,71 @@ class RunningMap:
         def raw(octets: list[str]) -> bytes:
             return bytes(int(octet, 16) for octet in octets)
 
-        dump = _bpftool("map", "dump", "id", self._map_id()) or []
-        return {raw(entry["key"]): raw(entry["value"]) for entry in dump}
+        return {raw(entry["key"]): raw(entry["value"]) for entry in self._bpftool("dump") or []}
 
     def update(self, key: bytes, value: bytes) -> None:
-        _bpftool("map", "update", "id", self._map_id(), "key", "hex", *key.hex(" ").split(),
-                 "value", "hex", *value.hex(" ").split())
+        self._bpftool("update", "key", "hex", *key.hex(" ").split(), "value", "hex", *value.hex(" ").split())
 
     def delete(self, key: bytes) -> None:
-        _bpftool("map", "delete", "id", self._map_id(), "key", "hex", *key.hex(" ").split())
+        self._bpftool("delete", "key", "hex", *key.hex(" ").split())
 
-    def _map_id(self) -> str:
-        if self._id is None:
-            self._id = _running_maps(self.uplink)[self.name]
-        return str(self._id)
+    def _bpftool(self, command: str, *args: str) -> Any:
+        try:
+            if self._id is None:
+                self._id = _running_maps(self.uplink)[self.name]
+            return _bpftool("map", command, "id", str(self._id), *args)
+        except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as err:
+            self.forget()
+            raise FastPathError(f"the running programs' {self.name} map: {err}") from None
 
 
-class VtepMirror:
-    """Keeps the running programs' `vteps` map (remote VTEP MAC -> node address) equal to the VXLAN
-    device's forwarding table."""
+class VxlanMaps:
+    """What the agent keeps in the running programs' maps in vxlan mode: `vteps` (remote VTEP MAC ->
+    node address) equal to the VXLAN device's forwarding table, and no `local_pods` entry for a veth
+    that is gone, whose address would otherwise lead decapsulated packets to a deleted interface
+    (dropped) where the stack would find the neighbour unreachable."""
 
     def __init__(self, uplink: str) -> None:
-        self._map = RunningMap(uplink, "vteps")
-        self._written: dict[bytes, bytes] | None = None  # None: read the map first
+        self._vteps = RunningMap(uplink, "vteps")
+        self._local_pods = RunningMap(uplink, "local_pods")
+        self._written: dict[bytes, bytes] | None = None  # what `vteps` holds; None: read it first
+        self._pruned_for: tuple[int, ...] | None = None  # the pod veths `local_pods` was pruned for
 
     def forget(self) -> None:
-        self._map.forget()
-        self._written = None
+        """Programs were loaded anew, with maps of their own (or an update failed half-way)."""
+        self._vteps.forget()
+        self._local_pods.forget()
+        self._written = self._pruned_for = None
 
-    def sync(self, vteps: dict[str, str]) -> None:
-        desired = {_vtep_key(mac): socket.inet_aton(address) for mac, address in vteps.items()}
+    def sync(self, vteps: dict[str, str], pod_veths: tuple[int, ...]) -> None:
+        try:
+            self._sync_vteps({_vtep_key(mac): socket.inet_aton(address) for mac, address in vteps.items()})
+            if pod_veths != self._pruned_for:
+                for key, value in self._local_pods.entries().items():
+                    if int.from_bytes(value[:4], sys.byteorder) not in pod_veths:
+                        self._local_pods.delete(key)
+                self._pruned_for = pod_veths
+        except FastPathError:
+            self.forget()  # what the maps hold is read again next time
+            raise
+
+    def _sync_vteps(self, desired: dict[bytes, bytes]) -> None:
         if desired == self._written:
             return
-        try:
-            if self._written is None:
-                self._written = self._map.entries()
-            for key in self._written.keys() - desired.keys():
-                self._map.delete(key)
-                del self._written[key]
-            for key, address in desired.items():
-                if self._written.get(key) != address:
-                    self._map.update(key, address)
-                    self._written[key] = address
-        except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as err:
-            self.forget()  # what the map holds is read again next time
-            raise FastPathError(f"cannot copy the VXLAN forwarding table into the fast path: {err}") from None
+        if self._written is None:
+            self._written = self._vteps.entries()
+        for key in self._written.keys() - desired.keys():
+            self._vteps.delete(key)
+            del self._written[key]
+        for key, address in desired.items():
+            if self._written.get(key) != address:
+                self._vteps.update(key, address)
+                self._written[key] = address
         log.info("fast path: %d remote VTEPs", len(desired))
 
 
 def _vtep_key(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", "")) + bytes(2)  # struct mac: six octets and two of padding
-
-
-def prune_local_pods(local_pods: RunningMap, pod_veths: Iterable[int]) -> None:
-    """Forget pods whose veth is gone: their address would otherwise lead decapsulated packets to a
-    deleted interface (dropped) where the stack would find the neighbour unreachable."""
-    try:
-        for key, value in local_pods.entries().items():
-            if int.from_bytes(value[:4], sys.byteorder) not in pod_veths:
-                local_pods.delete(key)
-    except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as err:
-        local_pods.forget()
-        raise FastPathError(f"cannot forget deleted pods in the fast path: {err}") from None
 
 
 def _running_maps(device: str) -> dict[str, int]:

@@ -149,6 +149,11 @@ def remove_stale_overlays(ipr: IPRoute, keep: str | None = None) -> None:
             ipr.link("del", index=link["index"])
 
 
+def vxlan_device_name(vni: int) -> str:
+    """The VXLAN device netagent owns for this VNI (interface names are at most 15 characters)."""
+    return f"{VXLAN_DEVICE_PREFIX}{vni}"[:15]
+
+
 def vtep_mac_for(node_ip: str) -> str:
     """A stable, locally administered unicast MAC derived from the node IP."""
     digest = hashlib.sha256(ipaddress.ip_address(node_ip).packed).digest()
@@ -290,7 +295,7 @@ class VxlanNetwork:
         self.underlay = underlay
         self.vni = vni
         self.port = port
-        self.device = f"{VXLAN_DEVICE_PREFIX}{vni}"[:15]
+        self.device = vxlan_device_name(vni)
         self.vtep_mac = vtep_mac_for(underlay.node_ip)
         self.index: int | None = None
         self.routes = _RouteTable(ipr)

@@ -63,8 +63,8 @@ def up(name: str, nodes: int = 3, network: str = "vxlan", proxy: str = "none",
         progress("lab up failed; removing what it created")
         down(name, progress=lambda _msg: None)
         raise
-    progress(f"lab {name!r} ready: {nodes} nodes, network {network}{', fast path' if fast_path else ''}, "
-             f"proxy {proxy} "
+    fast = ", fast path" if fast_path else ""
+    progress(f"lab {name!r} ready: {nodes} nodes, network {network}{fast}, proxy {proxy} "
              f"({time.monotonic() - started:.1f}s)")
     return state
 

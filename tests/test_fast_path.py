@@ -31,6 +31,14 @@ VXLAN_PORT = 4789
 UDP_PROTOCOL = 17
 
 
+def wait_for_fast_path(network: str, *node_namespaces: str) -> None:
+    """Until our filters are on every device they belong to, on nodes with one pod each: uplink,
+    bridge, the pod's veth, and in vxlan mode the underlay interface."""
+    devices = 4 if network == "vxlan" else 3
+    wait_for(lambda: all(len(fast_path_filters(node)) == devices for node in node_namespaces),
+             what=f"the fast path on {', '.join(node_namespaces)}")
+
+
 def fast_path_filters(node_ns: str) -> dict[str, list[str]]:
     """Our tc filters on the node: device -> the BPF functions attached there."""
     found: dict[str, list[str]] = {}
@@ -87,9 +95,7 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
     lab_cmd(lab_name, "apply", service_manifest(tmp_path, host_endpoint=state.nodes["n2"].ip))
     near, far = state.pods["near"], state.pods["far"]
     n1, n2 = state.nodes["n1"].netns, state.nodes["n2"].netns
-    hooked_devices = 4 if network == "vxlan" else 3  # uplink, bridge, one pod veth (+ underlay)
-    wait_for(lambda: len(fast_path_filters(n1)) == len(fast_path_filters(n2)) == hooked_devices,
-             what="the fast path on both nodes")
+    wait_for_fast_path(network, n1, n2)
     uplink = VXLAN_DEVICE if network == "vxlan" else "eth0"
     assert sorted(fast_path_filters(n1)[uplink]) == ["forward", "note_stack_flow"]
 
@@ -226,8 +232,7 @@ def vxlan_lab_with_a_pod_per_node(lab: str) -> tuple[PodInfo, PodInfo, NodeInfo,
     lab_cmd(lab, "pod", "far", "--node", "n2")
     state = Lab(lab).load()
     n1, n2 = state.nodes["n1"], state.nodes["n2"]
-    wait_for(lambda: len(fast_path_filters(n1.netns)) == len(fast_path_filters(n2.netns)) == 4,
-             what="the fast path on both nodes (uplink, underlay, bridge, one pod veth)")
+    wait_for_fast_path("vxlan", n1.netns, n2.netns)
     return state.pods["near"], state.pods["far"], n1, n2
 
 
@@ -286,8 +291,7 @@ def test_a_service_connection_across_nodes_survives_an_agent_restart_that_reload
     replies still go through the stack. In vxlan mode the new programs get the VTEP map again."""
     echo = EchoThroughService(lab_name, tmp_path, fast_path=True, network=network)
     try:
-        hooked_devices = 4 if network == "vxlan" else 3
-        wait_for(lambda: len(fast_path_filters(echo.n1)) == hooked_devices, what="the fast path on n1")
+        wait_for_fast_path(network, echo.n1)
         assert echo.server_pushes_and_client_answers(b"before")
         programs_before = attached_programs(echo.n1)
 
@@ -317,7 +321,7 @@ def test_switching_the_fast_path_on_keeps_service_connections_opened_before_and_
         assert echo.server_pushes_and_client_answers(b"before")
         set_fast_path(lab_name, True)
         cluster.restart_agent(lab_name, "n1")
-        wait_for(lambda: len(fast_path_filters(echo.n1)) == 3, what="the fast path on n1")
+        wait_for_fast_path("routes", echo.n1)
         assert echo.server_pushes_and_client_answers(b"pushed after switching on")
 
         set_fast_path(lab_name, False)
