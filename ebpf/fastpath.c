@@ -36,8 +36,11 @@
  *
  * Compiled by bcc with: CLUSTER_NET / CLUSTER_MASK (host byte order), BRIDGE_IFINDEX, UPLINK_IFINDEX,
  * FAST_MARK (a skb->mark bit), PIN_PATH; for VXLAN also VXLAN_VNI, VXLAN_PORT, VTEP_MAC (an array
- * initialiser), NODE_IP (network byte order as loaded) and UNDERLAY_IFINDEX.
+ * initialiser), NODE_IP (network byte order as loaded), UNDERLAY_IFINDEX and ADJ_ROOM_DECAP_L4_UDP
+ * (newer than the kernel headers bcc compiles against: resets a decapsulated packet's UDP-tunnel GSO
+ * state, as the VXLAN device does; kernels without it refuse the call with -EINVAL).
  */
+#include <uapi/asm-generic/errno-base.h>
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/if_packet.h>
@@ -159,9 +162,6 @@ struct vxlan_encap {
  * not grow them back) */
 #define ENCAP_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | \
                      BPF_F_ADJ_ROOM_ENCAP_L2_ETH | ((__u64)ETH_HLEN << 56) /* BPF_F_ADJ_ROOM_ENCAP_L2 */)
-/* Newer than the kernel headers bcc compiles against here: resets a decapsulated packet's UDP-tunnel
- * GSO state, as the VXLAN device does. Kernels without it refuse the call (-EINVAL). */
-#define ADJ_ROOM_DECAP_L4_UDP (1ULL << 10)
 #define ECN_MASK 3
 #define ECN_CE 3
 #define SOURCE_PORT_MIN 32768 /* the kernel's default local port range, as the VXLAN device uses */
@@ -283,9 +283,11 @@ int receive_vxlan(struct __sk_buff *skb) {
     /* Strip the encapsulation. A kernel that cannot reset the tunnel GSO state leaves GSO packets to
      * the device: marked as tunnelled, with stale inner-header offsets, they would mislead a NIC's
      * offloads if a pod forwarded them on. */
-    if (bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC,
-                            BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L4_UDP)) {
-        *refused = 1;
+    long err = bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC,
+                                   BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L4_UDP);
+    if (err) {
+        if (err == -EINVAL) /* an unknown flag; anything else (no memory) may pass */
+            *refused = 1;
         if (skb->gso_size ||
             bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
             return TC_ACT_OK;

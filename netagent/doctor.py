@@ -13,8 +13,10 @@ import platform
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -143,6 +145,64 @@ def probe_bcc(ns: str) -> str:
     return f"bcc importable, headers at {os.path.realpath(build)}"
 
 
+DECAP_PROBE = Path(__file__).resolve().parents[1] / "ebpf" / "decap_probe.c"
+
+
+def probe_tunnel_gso_reset(ns: str) -> str:
+    """Runs ebpf/decap_probe.c on one VXLAN frame sent across a veth pair in the scratch namespace:
+    the kernel either accepts the decapsulation flag or says why not."""
+    import socket
+
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+
+    from netagent.fastpath import ADJ_ROOM_DECAP_L4_UDP_CFLAG, BPF_PROG_TYPE_SCHED_CLS, INGRESS, attach_filter
+
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise Missing(f"python module bcc not importable: {exc}") from exc
+    _ip(ns, "link", "add", "dr-gso", "type", "veth", "peer", "name", "dr-gso2")
+    _ip(ns, "link", "set", "dr-gso", "up")
+    _ip(ns, "link", "set", "dr-gso2", "up")
+    try:
+        bpf = BPF(src_file=str(DECAP_PROBE).encode(), cflags=[ADJ_ROOM_DECAP_L4_UDP_CFLAG])
+        fd = bpf.load_func(b"probe", BPF_PROG_TYPE_SCHED_CLS).fd
+    except Exception as exc:  # bcc raises plain Exception for compile and load errors
+        raise Missing(f"cannot load {DECAP_PROBE.name}: {exc}") from exc
+    try:
+        some_mac = "02:00:00:00:00:01"
+        frame = (Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.1") / UDP(dport=4789) / VXLAN(vni=1)
+                 / Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.2") / UDP() / b"probe")
+        with netns.entered(netns.path(ns)), IPRoute() as ipr:
+            try:
+                attach_filter(ipr, ipr.link_lookup(ifname="dr-gso2")[0], INGRESS, fd, "netagent-doctor-probe")
+            except NetlinkError as exc:
+                raise Missing(f"cannot attach the probe: {exc}") from exc
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                raw.bind(("dr-gso", 0))
+                raw.send(bytes(frame))
+        with_flag = without_flag = 0
+        for _ in range(100):
+            with_flag, without_flag = (bpf[b"outcome"][i].value for i in (0, 1))
+            if with_flag:
+                break
+            time.sleep(0.01)
+    finally:
+        bpf.cleanup()
+    if with_flag == 1:
+        return "the fast path strips VXLAN from GSO packets too"
+    if not with_flag:
+        raise Missing("the probe frame never reached the probe")
+    control = ("while the same call without it succeeds" if without_flag == 1
+               else f"and without it too: {os.strerror(-without_flag)}")
+    raise Missing(f"bpf_skb_adjust_room() refuses BPF_F_ADJ_ROOM_DECAP_L4_UDP ({os.strerror(-with_flag)}) "
+                  f"{control}; the VXLAN device decapsulates GSO packets")
+
+
 def probe_c_compiler(ns: str) -> str:
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
@@ -170,6 +230,9 @@ CHECKS: tuple[Check, ...] = (
     Check("tc clsact", False, "--fast-path (tc programs)", probe_tc_bpf),
     Check("cgroup v2", False, "--proxy ebpf (socket-level load balancing)", probe_cgroup2),
     Check("bcc + headers", False, "--proxy ebpf, --fast-path (BPF programs are compiled by bcc)", probe_bcc),
+    Check("tunnel GSO reset in BPF", False,
+          "--fast-path decapsulating VXLAN GSO packets (the VXLAN device does it, at lower throughput)",
+          probe_tunnel_gso_reset),
     Check("C compiler", False, "the fast CNI shim (the slower Python plugin is installed instead)",
           probe_c_compiler),
     Check("reference CNI plugins", False, "portmap chaining (hostPort)", probe_reference_plugins),

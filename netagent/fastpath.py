@@ -56,7 +56,10 @@ PIN_ROOT = "/sys/fs/bpf/netagent"
 FAST_MARK = 0x20000  # skb->mark bit: "forward() took this packet" (kube-proxy uses 0x4000 and 0x8000)
 FILTER_PREFIX = "netagent-fp-"
 INGRESS, EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # clsact parents
-_BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_SCHED_CLS = 3
+# bpf_skb_adjust_room() flag BPF_F_ADJ_ROOM_DECAP_L4_UDP (bpf-next, 2026): strip a UDP tunnel and reset
+# the packet's tunnel GSO state. Kernels before it (6.18 included) refuse it with -EINVAL.
+ADJ_ROOM_DECAP_L4_UDP_CFLAG = f"-DADJ_ROOM_DECAP_L4_UDP={1 << 10}ULL"
 RETRY_FAILED_LOAD = 60.0  # seconds before a program version that failed to load is tried again
 
 
@@ -144,7 +147,7 @@ class FastPath:
             self._vxlan_maps.forget()
             missing = devices.hooks()
         for index, parent, function in missing:
-            _attach(ipr, index, parent, self._functions[function], name)
+            attach_filter(ipr, index, parent, self._functions[function], name)
         _detach_all_except(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
         if reloaded:  # after attaching: a flow NATed while the filters were replaced is in conntrack
             self._seed_from_conntrack()
@@ -228,7 +231,7 @@ class FastPath:
         bpf = None
         try:
             bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self._cflags(devices))
-            functions = {f: bpf.load_func(f.encode(), _BPF_PROG_TYPE_SCHED_CLS).fd
+            functions = {f: bpf.load_func(f.encode(), BPF_PROG_TYPE_SCHED_CLS).fd
                          for f in {function for _index, _parent, function in devices.hooks()}}
         except Exception as err:  # bcc raises plain Exception for compile and load errors
             _release(bpf)
@@ -262,6 +265,7 @@ def _vxlan_cflags(vxlan: Vxlan) -> list[str]:
         f"-DVTEP_MAC={{{mac}}}",
         f"-DNODE_IP={_native(socket.inet_aton(vxlan.local))}U",
         f"-DUNDERLAY_IFINDEX={vxlan.underlay}",
+        ADJ_ROOM_DECAP_L4_UDP_CFLAG,
     ]
 
 
@@ -452,7 +456,7 @@ def _filter_name(ipr: IPRoute, index: int, parent: int) -> str | None:
     return next((name for _info, name in _our_filters(ipr, index, parent)), None)
 
 
-def _attach(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
+def attach_filter(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
     """Replace whatever filter we had at this hook (other filters there are left alone). Between the
     delete and the add packets take the stack; a flow the stack NATs meanwhile is not noted by the
     egress hook, which is why ensure() seeds the map from conntrack after attaching."""

@@ -43,3 +43,11 @@ def test_a_missing_required_feature_fails_the_run(monkeypatch) -> None:
 def test_doctor_leaves_no_scratch_namespace_behind() -> None:
     doctor.run_checks()
     assert netns.names("na-doctor-") == []
+
+
+def test_the_tunnel_gso_probe_blames_the_flag_only_when_the_same_call_without_it_works() -> None:
+    """On a kernel without BPF_F_ADJ_ROOM_DECAP_L4_UDP the probe must show that its frame could be
+    stripped (the control), so the refusal is the flag's, not the probe's."""
+    check = next(c for c in doctor.CHECKS if c.probe is doctor.probe_tunnel_gso_reset)
+    outcome = doctor.run_checks((doctor.CHECKS[0], check))[1]
+    assert outcome.ok or "while the same call without it succeeds" in outcome.detail, outcome.detail
