@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from netagent import netns
 
 READY = "capturing"
+ECN_MASK = 3  # the low two bits of the IPv4 TOS byte
 
 
 @dataclass
@@ -65,7 +66,8 @@ def describe(packet) -> dict:  # a scapy packet
 
     summary: dict = {}
     if IP in packet:
-        summary.update(src=packet[IP].src, dst=packet[IP].dst, proto=packet[IP].proto)
+        summary.update(src=packet[IP].src, dst=packet[IP].dst, proto=packet[IP].proto,
+                       ecn=packet[IP].tos & ECN_MASK)
     if UDP in packet:
         summary.update(dport=packet[UDP].dport)
     if VXLAN in packet:
@@ -73,6 +75,7 @@ def describe(packet) -> dict:  # a scapy packet
         summary["vni"] = packet[VXLAN].vni
         if IP in inner:
             summary["inner"] = {"src": inner[IP].src, "dst": inner[IP].dst, "proto": inner[IP].proto}
+            summary["inner_ecn"] = inner[IP].tos & ECN_MASK
     return summary
 
 

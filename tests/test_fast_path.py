@@ -218,6 +218,66 @@ def test_vxlan_packets_not_from_a_known_node_are_left_to_the_device_and_the_node
     assert residue(lab_name) == []
 
 
+ECT_0, CE = 2, 3  # ECN codepoints (RFC 3168)
+
+
+def test_ecn_crosses_the_vxlan_fast_path_as_rfc_6040_says(lab_name):  # noqa: F811
+    """Encapsulation copies an ECN-capable inner codepoint to the outer header, as the VXLAN device
+    does. On arrival a congestion mark (CE) on the outer header must reach the pod; the programs leave
+    such packets to the device, which marks the inner header, or drops the packet when the inner one
+    is not ECN-capable."""
+    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
+    assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # neighbours, local_pods
+    assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
+    underlay = Lab(lab_name).underlay_netns
+
+    device = vxlan_device_packets(n1.netns)
+    from_n1 = f"udp dst port {VXLAN_PORT} and src host {n1.ip}"
+    with capture(underlay, UNDERLAY_BRIDGE, from_n1, count=1) as seen:
+        with netns.entered(netns.path(near.netns)):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sender:  # open until the answer is in: a closed port would send ICMP, which the device carries
+            sender.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, ECT_0)
+            sender.settimeout(5)
+            sender.sendto(b"x", (far.ips[0], DEFAULT_PORT))
+            assert sender.recv(100) == b"far\n"
+    assert (seen.packets[0]["ecn"], seen.packets[0]["inner_ecn"]) == (ECT_0, ECT_0)
+    assert vxlan_device_packets(n1.netns) == device  # written by the programs
+
+    with netns.entered(netns.path(far.netns)):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind((far.ips[0], 0))
+    listener.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+    listener.settimeout(3)
+
+    def arrives_with_ecn(outer: int, inner: int) -> int | None:
+        """The ECN codepoint the pod sees on a frame n1 sends with these codepoints, None if lost."""
+        frame = (Ether(src=link_mac(underlay, UNDERLAY_BRIDGE), dst=link_mac(n2.netns, "eth0"))
+                 / IP(src=n1.ip, dst=n2.ip, tos=outer) / UDP(sport=40000, dport=VXLAN_PORT)
+                 / VXLAN(vni=1, flags=0x08)
+                 / Ether(src=link_mac(n1.netns, VXLAN_DEVICE), dst=link_mac(n2.netns, VXLAN_DEVICE))
+                 / IP(src=near.ips[0], dst=far.ips[0], tos=inner)
+                 / UDP(sport=40001, dport=listener.getsockname()[1]) / b"x")
+        send_frame(underlay, UNDERLAY_BRIDGE, bytes(frame))
+        try:
+            _data, ancillary, _flags, _peer = listener.recvmsg(100, socket.CMSG_SPACE(1))
+        except TimeoutError:
+            return None
+        return next(data[0] & 3 for level, kind, data in ancillary
+                    if (level, kind) == (socket.IPPROTO_IP, socket.IP_TOS))
+
+    with listener:
+        device = vxlan_device_packets(n2.netns, "rx")
+        assert arrives_with_ecn(outer=ECT_0, inner=ECT_0) == ECT_0
+        assert vxlan_device_packets(n2.netns, "rx") == device  # the programs took it
+        assert arrives_with_ecn(outer=CE, inner=ECT_0) == CE
+        assert vxlan_device_packets(n2.netns, "rx") == device + 1  # the device did
+        assert arrives_with_ecn(outer=CE, inner=0) is None
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
+
+
 def test_gso_packets_take_the_vxlan_device_exactly_when_the_kernel_cannot_reset_their_tunnel_state(
     lab_name,  # noqa: F811
 ):
