@@ -25,7 +25,7 @@ from scapy.layers.vxlan import VXLAN
 from test_agent import wait_for
 from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
 
-from netagent import doctor, netns
+from netagent import doctor, fastpath, netns
 
 CLUSTER_IP = "10.96.77.7"
 HOST_SERVICE_IP = "10.96.77.8"
@@ -300,6 +300,28 @@ def test_gso_packets_take_the_vxlan_device_exactly_when_the_kernel_cannot_reset_
 
     lab_cmd(lab_name, "down")
     assert residue(lab_name) == []
+
+
+def test_a_deleted_pod_is_forgotten_by_the_receiving_programs(lab_name):  # noqa: F811
+    """receive_vxlan() finds a local pod's veth in `local_pods`, learned from the pod's packets. Once
+    the pod is deleted the agent removes its entry, so its address no longer leads to a veth that is
+    gone, and a pod given that address later is learned afresh."""
+    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
+    assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"  # n2 learns where `far` is
+    assert far.ips[0] in local_pod_addresses(n2.netns)
+
+    lab_cmd(lab_name, "rm", "far")
+    wait_for(lambda: far.ips[0] not in local_pod_addresses(n2.netns), what="far's local_pods entry to go")
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
+
+
+def local_pod_addresses(node_ns: str) -> set[str]:
+    """The pod addresses in the node's running `local_pods` map."""
+    with netns.entered(netns.path(node_ns)):  # bpftool finds the programs through the node's devices
+        entries = fastpath.RunningMap(VXLAN_DEVICE, "local_pods").entries()
+    return {socket.inet_ntoa(address) for address in entries}
 
 
 def gso_reset_check() -> doctor.Check:
