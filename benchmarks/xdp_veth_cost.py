@@ -23,8 +23,6 @@ from netns_lab.state import Lab
 
 from netagent import netns
 
-XDP_FLAGS_DRV_MODE = 1 << 2
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -57,7 +55,7 @@ def main() -> None:
         bpf = BPF(text="int pass(struct xdp_md *ctx) { return XDP_PASS; }")
         program = bpf.load_func(b"pass", BPF.XDP)
         with netns.entered(netns.path(n2.netns)):
-            BPF.attach_xdp(b"eth0", program, XDP_FLAGS_DRV_MODE)
+            BPF.attach_xdp(b"eth0", program, BPF.XDP_FLAGS_DRV_MODE)
         after = medians()
         print(f"{'XDP on n2 eth0':<16} {'node->node Gbit/s':>18} {'pod->pod Gbit/s':>16} {'ratio':>6}")
         for label, (underlay, pod_path) in (("none", before), ("no-op XDP_PASS", after)):

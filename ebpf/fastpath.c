@@ -145,7 +145,7 @@ struct local_pod {
 /* remote VTEP MAC -> the underlay address of its node */
 BPF_HASH(vteps, struct mac, __be32, 8192); /* Kubernetes supports 5,000 nodes */
 /* [0]: set once this kernel refused ADJ_ROOM_DECAP_L4_UDP, so GSO packets go to the device at once */
-BPF_ARRAY(decap_l4_refused, __u32, 1);
+BPF_ARRAY(decap_refused, __u32, 1);
 /* pod address -> its veth and MAC, as its own packets showed them */
 BPF_TABLE("lru_hash", __be32, struct local_pod, local_pods, 16384);
 
@@ -240,7 +240,7 @@ static __always_inline int encapsulate(struct __sk_buff *skb, struct iphdr *inne
 
 int receive_vxlan(struct __sk_buff *skb) {
     int zero = 0;
-    __u32 *refused = decap_l4_refused.lookup(&zero);
+    __u32 *refused = decap_refused.lookup(&zero);
     if (skb->pkt_type != PACKET_HOST || !refused || (skb->gso_size && *refused))
         return TC_ACT_OK;
     void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
@@ -286,7 +286,7 @@ int receive_vxlan(struct __sk_buff *skb) {
     long err = bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC,
                                    BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L4_UDP);
     if (err) {
-        if (err == -EINVAL) /* an unknown flag; anything else (no memory) may pass */
+        if (err == -EINVAL) /* this kernel lacks the flag; other errors concern this packet only */
             *refused = 1;
         if (skb->gso_size ||
             bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))

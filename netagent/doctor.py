@@ -38,6 +38,9 @@ class Outcome:
     detail: str
 
 
+VXLAN_PORT = 4789  # IANA's
+
+
 class Missing(Exception):
     """A probe's way of saying the feature is absent (the message says why)."""
 
@@ -75,7 +78,7 @@ def probe_bridge(ns: str) -> str:
 
 
 def probe_vxlan(ns: str) -> str:
-    _ip(ns, "link", "add", "dr-vx", "type", "vxlan", "id", "42", "dstport", "4789", "nolearning")
+    _ip(ns, "link", "add", "dr-vx", "type", "vxlan", "id", "42", "dstport", str(VXLAN_PORT), "nolearning")
     return "vxlan device created"
 
 
@@ -159,7 +162,13 @@ def probe_tunnel_gso_reset(ns: str) -> str:
     from scapy.layers.l2 import Ether
     from scapy.layers.vxlan import VXLAN
 
-    from netagent.fastpath import ADJ_ROOM_DECAP_L4_UDP_CFLAG, BPF_PROG_TYPE_SCHED_CLS, INGRESS, attach_filter
+    from netagent.fastpath import (
+        ADJ_ROOM_DECAP_L4_UDP_CFLAG,
+        BPF_PROG_TYPE_SCHED_CLS,
+        INGRESS,
+        attach_filter,
+        release_bpf,
+    )
 
     try:
         from bcc import BPF
@@ -168,23 +177,25 @@ def probe_tunnel_gso_reset(ns: str) -> str:
     _ip(ns, "link", "add", "dr-gso", "type", "veth", "peer", "name", "dr-gso2")
     _ip(ns, "link", "set", "dr-gso", "up")
     _ip(ns, "link", "set", "dr-gso2", "up")
+    bpf = None
     try:
-        bpf = BPF(src_file=str(DECAP_PROBE).encode(), cflags=[ADJ_ROOM_DECAP_L4_UDP_CFLAG])
-        fd = bpf.load_func(b"probe", BPF_PROG_TYPE_SCHED_CLS).fd
-    except Exception as exc:  # bcc raises plain Exception for compile and load errors
-        raise Missing(f"cannot load {DECAP_PROBE.name}: {exc}") from exc
-    try:
+        try:
+            bpf = BPF(src_file=str(DECAP_PROBE).encode(),
+                      cflags=[ADJ_ROOM_DECAP_L4_UDP_CFLAG, f"-DPROBE_PORT={VXLAN_PORT}"])
+            fd = bpf.load_func(b"probe", BPF_PROG_TYPE_SCHED_CLS).fd
+        except Exception as exc:  # bcc raises plain Exception for compile and load errors
+            raise Missing(f"cannot load {DECAP_PROBE.name}: {exc}") from exc
         some_mac = "02:00:00:00:00:01"
-        frame = (Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.1") / UDP(dport=4789) / VXLAN(vni=1)
-                 / Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.2") / UDP() / b"probe")
-        with netns.entered(netns.path(ns)), IPRoute() as ipr:
-            try:
+        frame = (Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.1") / UDP(dport=VXLAN_PORT)
+                 / VXLAN(vni=1) / Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.2") / UDP() / b"probe")
+        try:
+            with netns.entered(netns.path(ns)), IPRoute() as ipr:
                 attach_filter(ipr, ipr.link_lookup(ifname="dr-gso2")[0], INGRESS, fd, "netagent-doctor-probe")
-            except NetlinkError as exc:
-                raise Missing(f"cannot attach the probe: {exc}") from exc
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind(("dr-gso", 0))
-                raw.send(bytes(frame))
+                with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                    raw.bind(("dr-gso", 0))
+                    raw.send(bytes(frame))
+        except (NetlinkError, OSError, IndexError) as exc:
+            raise Missing(f"cannot run the probe: {exc}") from exc
         with_flag = without_flag = 0
         for _ in range(100):
             with_flag, without_flag = (bpf[b"outcome"][i].value for i in (0, 1))
@@ -192,7 +203,7 @@ def probe_tunnel_gso_reset(ns: str) -> str:
                 break
             time.sleep(0.01)
     finally:
-        bpf.cleanup()
+        release_bpf(bpf)
     if with_flag == 1:
         return "the fast path strips VXLAN from GSO packets too"
     if not with_flag:

@@ -59,7 +59,8 @@ INGRESS, EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # clsact parents
 BPF_PROG_TYPE_SCHED_CLS = 3
 # bpf_skb_adjust_room() flag BPF_F_ADJ_ROOM_DECAP_L4_UDP (bpf-next, 2026): strip a UDP tunnel and reset
 # the packet's tunnel GSO state. Kernels before it (6.18 included) refuse it with -EINVAL.
-ADJ_ROOM_DECAP_L4_UDP_CFLAG = f"-DADJ_ROOM_DECAP_L4_UDP={1 << 10}ULL"
+ADJ_ROOM_DECAP_L4_UDP = 1 << 10
+ADJ_ROOM_DECAP_L4_UDP_CFLAG = f"-DADJ_ROOM_DECAP_L4_UDP={ADJ_ROOM_DECAP_L4_UDP}ULL"
 RETRY_FAILED_LOAD = 60.0  # seconds before a program version that failed to load is tried again
 
 
@@ -234,10 +235,10 @@ class FastPath:
             functions = {f: bpf.load_func(f.encode(), BPF_PROG_TYPE_SCHED_CLS).fd
                          for f in {function for _index, _parent, function in devices.hooks()}}
         except Exception as err:  # bcc raises plain Exception for compile and load errors
-            _release(bpf)
+            release_bpf(bpf)
             self._failed = (name, time.monotonic())
             raise FastPathError(f"cannot load {PROGRAM}: {err}") from None
-        _release(self._bpf)
+        release_bpf(self._bpf)
         self._bpf, self._functions, self._loaded = bpf, functions, name
 
 
@@ -414,7 +415,7 @@ def _native(raw: bytes) -> int:
     return int.from_bytes(raw, sys.byteorder)
 
 
-def _release(bpf: Any) -> None:
+def release_bpf(bpf: Any) -> None:
     """Free a bcc module now (bcc otherwise keeps it until exit through atexit)."""
     if bpf is not None:
         atexit.unregister(bpf.cleanup)

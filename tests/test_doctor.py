@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from netagent import doctor, netns
+from netagent import doctor, fastpath, netns
 
 
 def test_doctor_reports_every_feature_and_succeeds_when_required_ones_exist() -> None:
@@ -45,9 +45,18 @@ def test_doctor_leaves_no_scratch_namespace_behind() -> None:
     assert netns.names("na-doctor-") == []
 
 
-def test_the_tunnel_gso_probe_blames_the_flag_only_when_the_same_call_without_it_works() -> None:
-    """On a kernel without BPF_F_ADJ_ROOM_DECAP_L4_UDP the probe must show that its frame could be
-    stripped (the control), so the refusal is the flag's, not the probe's."""
+def test_the_tunnel_gso_probe_agrees_with_the_kernels_own_list_of_flags() -> None:
+    """The kernel's BTF names every bpf_skb_adjust_room() flag it knows. The probe must find the flag
+    usable exactly when it is named there (with the value the fast path passes), and on a refusal show
+    that its frame could be stripped without it (the control), so the refusal is the flag's."""
+    btf = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                         capture_output=True, text=True, check=True).stdout
+    named = [line for line in btf.splitlines() if "'BPF_F_ADJ_ROOM_DECAP_L4_UDP'" in line]
+    assert "'BPF_F_ADJ_ROOM_ENCAP_L4_UDP'" in btf  # the enum is there to be read
     check = next(c for c in doctor.CHECKS if c.probe is doctor.probe_tunnel_gso_reset)
-    outcome = doctor.run_checks((doctor.CHECKS[0], check))[1]
-    assert outcome.ok or "while the same call without it succeeds" in outcome.detail, outcome.detail
+    outcome = doctor.run_checks((check,))[0]
+    assert outcome.ok == bool(named), outcome.detail
+    if named:
+        assert named[0].strip().endswith(f"val={fastpath.ADJ_ROOM_DECAP_L4_UDP}")
+    else:
+        assert "while the same call without it succeeds" in outcome.detail

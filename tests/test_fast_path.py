@@ -10,12 +10,13 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
 import pytest
 from netns_lab import cluster, probe
-from netns_lab.capture import capture
+from netns_lab.capture import ECN_MASK, capture
 from netns_lab.responder import DEFAULT_PORT
 from netns_lab.state import Lab, NodeInfo, PodInfo
 from netns_lab.topology import UNDERLAY_BRIDGE, UNDERLAY_GATEWAY
@@ -32,6 +33,7 @@ HOST_SERVICE_IP = "10.96.77.8"
 VXLAN_DEVICE = "netagent.1"
 VXLAN_PORT = 4789
 UDP_PROTOCOL = 17
+UNDERLAY_MTU = 1500  # the lab's veths keep the default
 
 
 def wait_for_fast_path(network: str, *node_namespaces: str) -> None:
@@ -191,13 +193,10 @@ def test_vxlan_packets_not_from_a_known_node_are_left_to_the_device_and_the_node
     answers.settimeout(5)
 
     def far_answers_a_frame_from(outer_source: str) -> bool:
-        frame = (Ether(src=link_mac(underlay, UNDERLAY_BRIDGE), dst=link_mac(n2.netns, "eth0"))
-                 / IP(src=outer_source, dst=n2.ip) / UDP(sport=40000, dport=VXLAN_PORT)
-                 / VXLAN(vni=1, flags=0x08)  # "the VNI is valid", nothing else
-                 / Ether(src=link_mac(n1.netns, VXLAN_DEVICE), dst=link_mac(n2.netns, VXLAN_DEVICE))
-                 / IP(src=near.ips[0], dst=far.ips[0])
-                 / UDP(sport=answers.getsockname()[1], dport=DEFAULT_PORT) / b"x")
-        send_frame(underlay, UNDERLAY_BRIDGE, bytes(frame))
+        datagram = (IP(src=near.ips[0], dst=far.ips[0])
+                    / UDP(sport=answers.getsockname()[1], dport=DEFAULT_PORT) / b"x")
+        frame = vxlan_frame(underlay, n1, n2, datagram, outer_source=outer_source)
+        send_frame(underlay, UNDERLAY_BRIDGE, frame)
         try:
             return answers.recv(100) == b"far\n"
         except TimeoutError:
@@ -219,6 +218,7 @@ def test_vxlan_packets_not_from_a_known_node_are_left_to_the_device_and_the_node
 
 
 ECT_0, CE = 2, 3  # ECN codepoints (RFC 3168)
+INNER_IP_PROTOCOL = 8 + 8 + 14 + 9  # offset in the outer UDP header: UDP, VXLAN, inner Ethernet, IPv4
 
 
 def test_ecn_crosses_the_vxlan_fast_path_as_rfc_6040_says(lab_name):  # noqa: F811
@@ -232,8 +232,9 @@ def test_ecn_crosses_the_vxlan_fast_path_as_rfc_6040_says(lab_name):  # noqa: F8
     underlay = Lab(lab_name).underlay_netns
 
     device = vxlan_device_packets(n1.netns)
-    from_n1 = f"udp dst port {VXLAN_PORT} and src host {n1.ip}"
-    with capture(underlay, UNDERLAY_BRIDGE, from_n1, count=1) as seen:
+    udp_from_n1 = (f"udp dst port {VXLAN_PORT} and src host {n1.ip}"
+                   f" and udp[{INNER_IP_PROTOCOL}] = {UDP_PROTOCOL}")
+    with capture(underlay, UNDERLAY_BRIDGE, udp_from_n1, count=1) as seen:
         with netns.entered(netns.path(near.netns)):
             sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with sender:  # open until the answer is in: a closed port would send ICMP, which the device carries
@@ -252,18 +253,14 @@ def test_ecn_crosses_the_vxlan_fast_path_as_rfc_6040_says(lab_name):  # noqa: F8
 
     def arrives_with_ecn(outer: int, inner: int) -> int | None:
         """The ECN codepoint the pod sees on a frame n1 sends with these codepoints, None if lost."""
-        frame = (Ether(src=link_mac(underlay, UNDERLAY_BRIDGE), dst=link_mac(n2.netns, "eth0"))
-                 / IP(src=n1.ip, dst=n2.ip, tos=outer) / UDP(sport=40000, dport=VXLAN_PORT)
-                 / VXLAN(vni=1, flags=0x08)
-                 / Ether(src=link_mac(n1.netns, VXLAN_DEVICE), dst=link_mac(n2.netns, VXLAN_DEVICE))
-                 / IP(src=near.ips[0], dst=far.ips[0], tos=inner)
-                 / UDP(sport=40001, dport=listener.getsockname()[1]) / b"x")
-        send_frame(underlay, UNDERLAY_BRIDGE, bytes(frame))
+        datagram = (IP(src=near.ips[0], dst=far.ips[0], tos=inner)
+                    / UDP(sport=40001, dport=listener.getsockname()[1]) / b"x")
+        send_frame(underlay, UNDERLAY_BRIDGE, vxlan_frame(underlay, n1, n2, datagram, outer_tos=outer))
         try:
             _data, ancillary, _flags, _peer = listener.recvmsg(100, socket.CMSG_SPACE(1))
         except TimeoutError:
             return None
-        return next(data[0] & 3 for level, kind, data in ancillary
+        return next(data[0] & ECN_MASK for level, kind, data in ancillary
                     if (level, kind) == (socket.IPPROTO_IP, socket.IP_TOS))
 
     with listener:
@@ -272,7 +269,9 @@ def test_ecn_crosses_the_vxlan_fast_path_as_rfc_6040_says(lab_name):  # noqa: F8
         assert vxlan_device_packets(n2.netns, "rx") == device  # the programs took it
         assert arrives_with_ecn(outer=CE, inner=ECT_0) == CE
         assert vxlan_device_packets(n2.netns, "rx") == device + 1  # the device did
+        errors = vxlan_device_stats(n2.netns)["rx"]["errors"]
         assert arrives_with_ecn(outer=CE, inner=0) is None
+        assert vxlan_device_stats(n2.netns)["rx"]["errors"] == errors + 1  # the device's RFC 6040 drop
 
     lab_cmd(lab_name, "down")
     assert residue(lab_name) == []
@@ -284,19 +283,23 @@ def test_gso_packets_take_the_vxlan_device_exactly_when_the_kernel_cannot_reset_
     """A bulk TCP transfer between pods on two nodes arrives as GSO aggregates. receive_vxlan()
     strips them itself only where bpf_skb_adjust_room() can also reset their tunnel GSO state (what
     `netagent doctor` probes); elsewhere the VXLAN device does. Either way every byte arrives intact."""
-    reset_in_bpf = doctor.run_checks((doctor.CHECKS[0], gso_reset_check()))[1].ok
+    reset_in_bpf = doctor.run_checks((gso_reset_check(),))[0].ok
     near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # neighbours, local_pods
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
 
     payload = os.urandom(8 << 20)
-    received = vxlan_device_packets(n2.netns, "rx")
+    before = vxlan_device_stats(n2.netns)["rx"]
     assert transfer(near.netns, far.netns, far.ips[0], payload) == hashlib.sha256(payload).digest()
-    decapsulated_by_device = vxlan_device_packets(n2.netns, "rx") - received
+    after = vxlan_device_stats(n2.netns)["rx"]
+    packets, octets = after["packets"] - before["packets"], after["bytes"] - before["bytes"]
+    with netns.entered(netns.path(n2.netns)):  # receive_vxlan's map, at the underlay interface
+        refused = fastpath.RunningMap("eth0", "decap_refused").entries()
+    assert refused == {bytes(4): int(not reset_in_bpf).to_bytes(4, sys.byteorder)}  # the programs agree
     if reset_in_bpf:
-        assert decapsulated_by_device == 0
+        assert packets == 0
     else:
-        assert decapsulated_by_device > 0
+        assert packets > 0 and octets / packets > UNDERLAY_MTU  # GSO aggregates, not single packets
 
     lab_cmd(lab_name, "down")
     assert residue(lab_name) == []
@@ -305,7 +308,7 @@ def test_gso_packets_take_the_vxlan_device_exactly_when_the_kernel_cannot_reset_
 def test_a_deleted_pod_is_forgotten_by_the_receiving_programs(lab_name):  # noqa: F811
     """receive_vxlan() finds a local pod's veth in `local_pods`, learned from the pod's packets. Once
     the pod is deleted the agent removes its entry, so its address no longer leads to a veth that is
-    gone, and a pod given that address later is learned afresh."""
+    gone."""
     near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"  # n2 learns where `far` is
     assert far.ips[0] in local_pod_addresses(n2.netns)
@@ -332,23 +335,42 @@ def transfer(client_netns: str, server_netns: str, server_ip: str, payload: byte
     """Send `payload` over one TCP connection between the namespaces; the SHA-256 of what arrived."""
     with netns.entered(netns.path(server_netns)):
         listener = socket.create_server((server_ip, 0))
+    listener.settimeout(30)
     arrived = hashlib.sha256()
+    failures: list[BaseException] = []
 
     def receive() -> None:
-        connection, _peer = listener.accept()
-        with connection:
-            while chunk := connection.recv(1 << 16):
-                arrived.update(chunk)
+        try:
+            connection, _peer = listener.accept()
+            with connection:
+                connection.settimeout(30)
+                while chunk := connection.recv(1 << 16):
+                    arrived.update(chunk)
+        except OSError as err:
+            failures.append(err)
 
     with listener:
-        receiver = threading.Thread(target=receive)
+        receiver = threading.Thread(target=receive, daemon=True)
         receiver.start()
         with netns.entered(netns.path(client_netns)):
             sender = socket.create_connection(listener.getsockname(), timeout=30)
         with sender:
             sender.sendall(payload)
         receiver.join(timeout=60)
+    assert not receiver.is_alive() and not failures, failures or "the receiver is still reading"
     return arrived.digest()
+
+
+def vxlan_frame(underlay: str, sender: NodeInfo, receiver: NodeInfo, inner: IP,
+                outer_source: str | None = None, outer_tos: int = 0) -> bytes:
+    """`inner` as the sender's VXLAN device would put it on the underlay for the receiver, from
+    `outer_source` instead of the sender's address if given."""
+    return bytes(Ether(src=link_mac(underlay, UNDERLAY_BRIDGE), dst=link_mac(receiver.netns, "eth0"))
+                 / IP(src=outer_source or sender.ip, dst=receiver.ip, tos=outer_tos)
+                 / UDP(sport=40000, dport=VXLAN_PORT)
+                 / VXLAN(vni=1, flags=0x08)  # "the VNI is valid", nothing else
+                 / Ether(src=link_mac(sender.netns, VXLAN_DEVICE), dst=link_mac(receiver.netns, VXLAN_DEVICE))
+                 / inner)
 
 
 def send_frame(netns_name: str, device: str, frame: bytes) -> None:
@@ -374,8 +396,14 @@ def vxlan_lab_with_a_pod_per_node(lab: str) -> tuple[PodInfo, PodInfo, NodeInfo,
 
 def vxlan_device_packets(node_ns: str, *directions: str) -> int:
     """Packets the node's VXLAN device sent and received (or only those of `directions`)."""
+    stats = vxlan_device_stats(node_ns)
+    return sum(stats[direction]["packets"] for direction in directions or ("tx", "rx"))
+
+
+def vxlan_device_stats(node_ns: str) -> dict[str, dict[str, int]]:
+    """The device's counters: {"rx": {"packets": .., "bytes": .., "errors": ..}, "tx": {..}}."""
     link = json.loads(netns.run(node_ns, ["ip", "-j", "-s", "link", "show", VXLAN_DEVICE]).stdout)[0]
-    return sum(link["stats64"][direction]["packets"] for direction in directions or ("tx", "rx"))
+    return link["stats64"]
 
 
 class EchoThroughService:
