@@ -216,7 +216,7 @@ class Agent:
                 return []  # not written yet: the attacher retries
 
         fast_path = FastPath(cluster_v4[0], uplink, local_pod_cidrs, cfg.state_dir)
-        self._stoppables.append(FastPathAttacher(fast_path).start())
+        self._stoppables.append(FastPathAttacher(fast_path, self._registry).start())
         log.info("fast path enabled (uplink %s, cluster %s)", uplink, cluster_v4[0])
 
     def _start_proxy(self, api_client: Any) -> None:

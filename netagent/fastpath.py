@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Gauge
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -125,19 +126,25 @@ class FastPath:
         self._failed = ("", 0.0)  # the version whose load failed last, and when
         self._vxlan_maps = VxlanMaps(uplink)
 
-    def ensure(self) -> bool:
-        """Attach wherever our current filters are missing; True once the fast path is in place."""
+    def ensure(self) -> Devices | None:
+        """Attach wherever our current filters are missing; the devices it is attached to, None while
+        the node has no pod bridge yet."""
         with IPRoute() as ipr:
             devices = self._devices(ipr)
             if devices is None:
-                return False
+                return None
             name = self._filter_name(devices)
             missing = [hook for hook in devices.hooks() if _filter_name(ipr, hook[0], hook[1]) != name]
             if missing:
                 self._attach(ipr, devices, name, missing)
             if devices.vxlan:
                 self._vxlan_maps.sync(_vtep_addresses(ipr, devices.uplink), devices.pod_veths)
-            return True
+            return devices
+
+    @property
+    def remote_vteps(self) -> int:
+        """VTEPs the programs can encapsulate for (vxlan mode)."""
+        return self._vxlan_maps.remote_vteps
 
     def _attach(self, ipr: IPRoute, devices: Devices, name: str, missing: list[tuple[int, int, str]]) -> None:
         reloaded = self._loaded != name
@@ -329,6 +336,7 @@ class VxlanMaps:
         self._vteps = RunningMap(uplink, "vteps")
         self._local_pods = RunningMap(uplink, "local_pods")
         self._written: dict[bytes, bytes] | None = None  # what `vteps` holds; None: read it first
+        self.remote_vteps = 0  # entries in `vteps` after the last complete sync
         self._pruned_for: tuple[int, ...] | None = None  # the pod veths `local_pods` was pruned for
 
     def forget(self) -> None:
@@ -340,6 +348,7 @@ class VxlanMaps:
     def sync(self, vteps: dict[str, str], pod_veths: tuple[int, ...]) -> None:
         try:
             self._sync_vteps({_vtep_key(mac): socket.inet_aton(address) for mac, address in vteps.items()})
+            self.remote_vteps = len(vteps)
             if pod_veths != self._pruned_for:
                 for key, value in self._local_pods.entries().items():
                     if int.from_bytes(value[:4], sys.byteorder) not in pod_veths:
@@ -485,9 +494,19 @@ class FastPathAttacher:
     """Polls until the bridge exists, then keeps the fast path attached (a pod bridge recreated by the
     CNI plugin, an uplink that came back)."""
 
-    def __init__(self, fast_path: FastPath, interval: float = 2.0) -> None:
+    def __init__(self, fast_path: FastPath, registry: CollectorRegistry | None = None,
+                 interval: float = 2.0) -> None:
         self.fast_path = fast_path
         self.interval = interval
+        self._hooks = Gauge("netagent_fast_path_hooks",
+                            "tc hooks with the fast path's programs (0 until the pod bridge exists)",
+                            registry=registry)
+        self._failing = Gauge("netagent_fast_path_failing",
+                              "1 while attaching or updating the fast path fails (the stack carries what "
+                              "it does not)", registry=registry)
+        self._remote_vteps = Gauge("netagent_fast_path_remote_vteps",
+                                   "Remote VTEPs the programs encapsulate for (vxlan mode)",
+                                   registry=registry)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fast-path", daemon=True)
 
@@ -504,11 +523,14 @@ class FastPathAttacher:
         failed = False
         while not self._stopping.is_set():
             try:
-                self.fast_path.ensure()
+                devices = self.fast_path.ensure()
+                self._hooks.set(len(devices.hooks()) if devices else 0)
+                self._remote_vteps.set(self.fast_path.remote_vteps)
                 failed = False
             except Exception as err:  # whatever it is, the thread must keep trying
                 if not failed:  # once per failure streak, not every poll
                     log.warning("fast path incomplete, the stack carries what it does not: %s", err,
                                 exc_info=not isinstance(err, (FastPathError, NetlinkError, OSError)))
                 failed = True
+            self._failing.set(int(failed))
             self._stopping.wait(self.interval)

@@ -23,7 +23,7 @@ from netns_lab.topology import UNDERLAY_BRIDGE, UNDERLAY_GATEWAY
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
-from test_agent import wait_for
+from test_agent import http_get, wait_for
 from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
 
 from netagent import doctor, fastpath, netns
@@ -144,6 +144,9 @@ def test_the_fast_path_writes_the_vxlan_devices_packets_and_reads_those_of_a_nod
     packets must be understood."""
     near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
     assert fast_path_filters(n1.netns)["eth0"] == ["receive_vxlan"]
+    # hooks: the VXLAN device's ingress and egress, the bridge's egress, the pod veth's and eth0's ingress
+    wait_for(lambda: fast_path_metrics(n1) == {"hooks": 5, "remote_vteps": 1, "failing": 0},
+             what="n1's /metrics to show the fast path on its 5 hooks with n2's VTEP")
     # first packets: the stack resolves neighbours, the programs learn where each pod is
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
@@ -371,6 +374,14 @@ def vxlan_frame(underlay: str, sender: NodeInfo, receiver: NodeInfo, inner: IP,
                  / VXLAN(vni=1, flags=0x08)  # "the VNI is valid", nothing else
                  / Ether(src=link_mac(sender.netns, VXLAN_DEVICE), dst=link_mac(receiver.netns, VXLAN_DEVICE))
                  / inner)
+
+
+def fast_path_metrics(node: NodeInfo) -> dict[str, int]:
+    """The agent's netagent_fast_path_* gauges, from its /metrics endpoint."""
+    _status, body = http_get(node.netns, f"http://{node.ip}:{cluster.METRICS_PORT}/metrics")
+    prefix = "netagent_fast_path_"
+    return {name.removeprefix(prefix): int(float(value)) for line in body.decode().splitlines()
+            if line.startswith(prefix) for name, value in [line.split()]}
 
 
 def send_frame(netns_name: str, device: str, frame: bytes) -> None:
