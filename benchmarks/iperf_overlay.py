@@ -6,7 +6,7 @@ VXLAN encapsulation or a plain route). Runs are interleaved (baseline, pod, base
 noisy neighbour on this shared machine hits both sides alike.
 
     .venv/bin/python benchmarks/iperf_overlay.py [--modes vxlan,routes] [--seconds 5] [--rounds 3]
-        [--fast-path]
+        [--fast-path] [--cpus CLIENT,SERVER]
 
 Targets (issue 3): vxlan >= 0.85 of the baseline, routes >= 0.95. The verdict uses the ratio of the
 medians; the ratio of the best runs is printed too, as the shared machine's load moves both a lot.
@@ -29,13 +29,17 @@ TARGETS = {"vxlan": 0.85, "routes": 0.95}
 IPERF_PORT = 5201
 
 
-def iperf(client_netns: str, server_netns: str, server_ip: str, seconds: int, log: str) -> float:
-    """One TCP stream for `seconds` (after 1 s of slow start, omitted); the receiver's bits per second."""
-    server_argv = ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]
+def iperf(client_netns: str, server_netns: str, server_ip: str, seconds: int, log: str,
+          cpus: tuple[int, int] | None = None) -> float:
+    """One TCP stream for `seconds` (after 1 s of slow start, omitted); the receiver's bits per second.
+    cpus: (client's, server's) to pin them to; None leaves placement to the scheduler."""
+    client_pin, server_pin = (["taskset", "-c", str(cpu)] for cpu in cpus) if cpus else ([], [])
+    server_argv = [*server_pin, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)]
     server = processes.spawn(netns.exec_argv(server_netns, server_argv), log)
     try:
         for _ in range(50):  # until the server listens
-            argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J"]
+            argv = [*client_pin, "iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds),
+                    "-O", "1", "-J"]
             report = json.loads(netns.run(client_netns, argv, check=False).stdout or "{}")
             if "sum_received" in report.get("end", {}):
                 return report["end"]["sum_received"]["bits_per_second"]
@@ -47,7 +51,8 @@ def iperf(client_netns: str, server_netns: str, server_ip: str, seconds: int, lo
         processes.stop([server])
 
 
-def measure(mode: str, seconds: int, rounds: int, fast_path: bool) -> tuple[list[float], list[float]]:
+def measure(mode: str, seconds: int, rounds: int, fast_path: bool,
+            cpus: tuple[int, int] | None = None) -> tuple[list[float], list[float]]:
     name = f"bip{mode[:2]}"
     lab = Lab(name)
     cluster.down(name, progress=lambda _m: None)
@@ -63,8 +68,8 @@ def measure(mode: str, seconds: int, rounds: int, fast_path: bool) -> tuple[list
             time.sleep(3)
         underlay, pod_path = [], []
         for _ in range(rounds):
-            underlay.append(iperf(n1.netns, n2.netns, n2.ip, seconds, log))
-            pod_path.append(iperf(src.netns, dst.netns, dst.ips[0], seconds, log))
+            underlay.append(iperf(n1.netns, n2.netns, n2.ip, seconds, log, cpus))
+            pod_path.append(iperf(src.netns, dst.netns, dst.ips[0], seconds, log, cpus))
         return underlay, pod_path
     finally:
         cluster.down(name, progress=lambda _m: None)
@@ -77,18 +82,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fast-path", action="store_true", help="agents run with --fast-path (tc BPF)")
+    parser.add_argument("--cpus", help="CLIENT,SERVER: pin iperf3's client and server to these CPUs "
+                        "(both paths alike); the default leaves placement to the scheduler")
     args = parser.parse_args()
     print(f"{'mode':<8} {'underlay Gbit/s':>16} {'pod->pod Gbit/s':>16} {'ratio':>7} {'best/best':>10} "
           f"{'target':>7}")
     for mode in args.modes.split(","):
-        underlay, pod_path = measure(mode, args.seconds, args.rounds, args.fast_path)
+        cpus = tuple(int(cpu) for cpu in args.cpus.split(",")) if args.cpus else None
+        underlay, pod_path = measure(mode, args.seconds, args.rounds, args.fast_path, cpus)
         base, pod = statistics.median(underlay), statistics.median(pod_path)
         ratio = pod / base
         best_ratio = max(pod_path) / max(underlay)  # less sensitive to neighbours stealing CPU
         verdict = "ok" if ratio >= TARGETS[mode] else "BELOW"
         print(f"{mode:<8} {base / 1e9:>16.2f} {pod / 1e9:>16.2f} {ratio:>7.2f} {best_ratio:>10.2f} "
               f"{TARGETS[mode]:>7.2f} {verdict}   (medians of {args.rounds} x {args.seconds}s"
-              f"{', fast path' if args.fast_path else ''})")
+              f"{', fast path' if args.fast_path else ''}{f', cpus {args.cpus}' if args.cpus else ''})")
 
 if __name__ == "__main__":
     main()
