@@ -14,7 +14,9 @@
  * replies must go back through the stack to be un-NATed. note_stack_flow() runs at tc egress of the
  * bridge and the uplink and records, for every packet the stack forwarded between a pod and the cluster
  * (i.e. one forward() did not take, which it marks), the reply's 5-tuple in `stack_flows`. forward()
- * leaves packets of a recorded flow to the stack. The map is pinned at PIN_PATH so a restarted agent
+ * leaves packets of a recorded flow to the stack. A pod-addressed packet it passes to the stack only
+ * because the neighbour is not resolved yet carries the mark too: the first packet to a new pod is
+ * no reason to give its whole connection the slow path. The map is pinned at PIN_PATH so a restarted agent
  * keeps it, and the loader seeds a new one from conntrack's DNAT entries (flows NATed before the fast
  * path was attached). It is an LRU: an entry is refreshed by every stack-path packet of its flow; one
  * idle long enough to be evicted by 262,144 newer flows is re-recorded by its next outgoing packet.
@@ -100,10 +102,10 @@ static __always_inline int fast_eligible(struct iphdr *ip, struct ports *ports) 
     return stack_flows.lookup(&key) == NULL;
 }
 
-/* The stack's routing decision for the packet as if it arrived on `ifindex`. tot_len: the length to
- * check against the MTU, 0 for the skb's own (GSO aware, but that of the whole, still encapsulated
- * packet on the receive side). */
-static __always_inline int route(struct __sk_buff *skb, struct iphdr *ip, struct ports *ports, __u32 ifindex,
+/* The stack's routing decision for the packet as if it arrived on `ifindex`: a BPF_FIB_LKUP_RET_*
+ * code. tot_len: the length to check against the MTU, 0 for the skb's own (GSO aware, but that of the
+ * whole, still encapsulated packet on the receive side). */
+static __always_inline long route(struct __sk_buff *skb, struct iphdr *ip, struct ports *ports, __u32 ifindex,
                                  __u16 tot_len, struct bpf_fib_lookup *fib) {
     fib->family = AF_INET;
     fib->tos = ip->tos;
@@ -114,7 +116,7 @@ static __always_inline int route(struct __sk_buff *skb, struct iphdr *ip, struct
     fib->ipv4_src = ip->saddr;
     fib->ipv4_dst = ip->daddr;
     fib->ifindex = ifindex;
-    return bpf_fib_lookup(skb, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS;
+    return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 
 /* ip_decrease_ttl(): the TTL and an incremental update of the header checksum */
@@ -272,7 +274,8 @@ int receive_vxlan(struct __sk_buff *skb) {
         return TC_ACT_OK;
     struct bpf_fib_lookup fib = {};
     __u16 inner_len = skb->gso_size ? 0 : bpf_ntohs(ip->tot_len); /* a GSO packet's segments fit */
-    if (!route(skb, ip, ports, UPLINK_IFINDEX, inner_len, &fib) || fib.ifindex != BRIDGE_IFINDEX)
+    if (route(skb, ip, ports, UPLINK_IFINDEX, inner_len, &fib) != BPF_FIB_LKUP_RET_SUCCESS ||
+        fib.ifindex != BRIDGE_IFINDEX)
         return TC_ACT_OK;
     __be32 daddr = ip->daddr;
     struct local_pod *pod = local_pods.lookup(&daddr);
@@ -323,10 +326,17 @@ int forward(struct __sk_buff *skb) {
     if (!fast_eligible(ip, ports))
         return TC_ACT_OK;
     struct bpf_fib_lookup fib = {};
-    if (!route(skb, ip, ports, from_uplink ? UPLINK_IFINDEX : BRIDGE_IFINDEX, 0, &fib))
-        return TC_ACT_OK;
+    long routed = route(skb, ip, ports, from_uplink ? UPLINK_IFINDEX : BRIDGE_IFINDEX, 0, &fib);
     /* only between pods and the uplink: pod to pod on this node stays on the bridge */
     if (fib.ifindex != (from_uplink ? BRIDGE_IFINDEX : UPLINK_IFINDEX))
+        return TC_ACT_OK;
+    if (routed == BPF_FIB_LKUP_RET_NO_NEIGH) {
+        /* the stack only resolves the neighbour (it queues the packet meanwhile) and NATs nothing
+         * addressed to a pod, so note_stack_flow() must not give it the rest of the flow */
+        skb->mark |= FAST_MARK;
+        return TC_ACT_OK;
+    }
+    if (routed != BPF_FIB_LKUP_RET_SUCCESS)
         return TC_ACT_OK;
 
     /* bpf_fib_lookup may not touch packet data, but re-check the bounds for the verifier */

@@ -133,6 +133,47 @@ def test_pods_across_nodes_bypass_conntrack_while_services_still_reach_remote_en
     assert residue(lab_name) == []
 
 
+@pytest.mark.parametrize("network", ["vxlan", "routes"])
+def test_a_connection_that_meets_an_unresolved_neighbour_keeps_the_fast_path(lab_name, network):  # noqa: F811
+    """The first packet to a pod (or next hop) whose neighbour entry is missing goes through the stack,
+    which resolves it. Only neighbour resolution happens there, no NAT, so the connection must not be
+    recorded as one the stack owns: recorded, it would take the slow path for as long as it lives,
+    and a long-lived connection is often the first one to a new pod."""
+    lab_cmd(lab_name, "up", "--nodes", "2", "--network", network, "--proxy", "none", "--fast-path")
+    lab_cmd(lab_name, "pod", "near", "--node", "n1")
+    lab_cmd(lab_name, "pod", "far", "--node", "n2")
+    state = Lab(lab_name).load()
+    near, far, n1, n2 = state.pods["near"], state.pods["far"], state.nodes["n1"], state.nodes["n2"]
+    wait_for_fast_path(network, n1.netns, n2.netns)
+    uplink = VXLAN_DEVICE if network == "vxlan" else "eth0"
+    assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # the programs learn the pods
+    assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
+    for node in (n1, n2):  # those first connections met unresolved neighbours
+        clear_stack_flows(node.netns, uplink)
+
+    netns.run(n2.netns, ["ip", "neigh", "del", far.ips[0], "dev", "na0"])
+    if network == "routes":  # the next hop to n2's pods; in vxlan mode the VTEP's entry is permanent
+        netns.run(n1.netns, ["ip", "neigh", "del", n2.ip, "dev", "eth0"])
+    assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+    assert stack_flows(n1.netns, uplink) == stack_flows(n2.netns, uplink) == []
+
+    lab_cmd(lab_name, "down")
+    assert residue(lab_name) == []
+
+
+def stack_flows(node_ns: str, uplink: str) -> list[bytes]:
+    """The node's `stack_flows` keys: flows the programs leave to the stack."""
+    with netns.entered(netns.path(node_ns)):
+        return list(fastpath.RunningMap(uplink, "stack_flows").entries())
+
+
+def clear_stack_flows(node_ns: str, uplink: str) -> None:
+    with netns.entered(netns.path(node_ns)):
+        flows = fastpath.RunningMap(uplink, "stack_flows")
+        for key in flows.entries():
+            flows.delete(key)
+
+
 def test_the_fast_path_writes_the_vxlan_devices_packets_and_reads_those_of_a_node_without_it(
     lab_name,  # noqa: F811
 ):
