@@ -332,7 +332,8 @@ int forward(struct __sk_buff *skb) {
         return TC_ACT_OK;
     if (routed == BPF_FIB_LKUP_RET_NO_NEIGH) {
         /* the stack only resolves the neighbour (it queues the packet meanwhile) and NATs nothing
-         * addressed to a pod, so note_stack_flow() must not give it the rest of the flow */
+         * addressed to a pod (unless an externalIP or load-balancer IP lies in the cluster CIDR, which
+         * the fast path bypasses anyway), so note_stack_flow() must not give it the rest of the flow */
         skb->mark |= FAST_MARK;
         return TC_ACT_OK;
     }

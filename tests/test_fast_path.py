@@ -150,11 +150,13 @@ def test_a_connection_that_meets_an_unresolved_neighbour_keeps_the_fast_path(lab
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
     for node in (n1, n2):  # those first connections met unresolved neighbours
         clear_stack_flows(node.netns, uplink)
+        netns.run(node.netns, ["conntrack", "-F"], check=False)
 
     netns.run(n2.netns, ["ip", "neigh", "del", far.ips[0], "dev", "na0"])
     if network == "routes":  # the next hop to n2's pods; in vxlan mode the VTEP's entry is permanent
         netns.run(n1.netns, ["ip", "neigh", "del", n2.ip, "dev", "eth0"])
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"
+    assert tracked_flows(n2.netns, near.ips[0]) > 0  # the stack did carry the first packet
     assert stack_flows(n1.netns, uplink) == stack_flows(n2.netns, uplink) == []
 
     lab_cmd(lab_name, "down")
