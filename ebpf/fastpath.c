@@ -286,15 +286,18 @@ int receive_vxlan(struct __sk_buff *skb) {
     /* Strip the encapsulation. A kernel that cannot reset the tunnel GSO state leaves GSO packets to
      * the device: marked as tunnelled, with stale inner-header offsets, they would mislead a NIC's
      * offloads if a pod forwarded them on. */
-    long err = bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC,
-                                   BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L4_UDP);
-    if (err) {
+    long err = -EINVAL;
+    if (!*refused) {
+        err = bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC,
+                                  BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L4_UDP);
         if (err == -EINVAL) /* this kernel lacks the flag; other errors concern this packet only */
             *refused = 1;
-        if (skb->gso_size ||
-            bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
-            return TC_ACT_OK;
     }
+    if (err == -EINVAL && !skb->gso_size) /* a single packet has no tunnel GSO state to reset */
+        err = bpf_skb_adjust_room(skb, -(int)sizeof(struct vxlan_encap), BPF_ADJ_ROOM_MAC,
+                                  BPF_F_ADJ_ROOM_FIXED_GSO);
+    if (err)
+        return TC_ACT_OK;
     data = (void *)(long)skb->data;
     end = (void *)(long)skb->data_end;
     eth = data;
