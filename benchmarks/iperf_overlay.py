@@ -19,9 +19,12 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from netns_lab import cluster, pods, processes
-from netns_lab.state import Lab
+from netns_lab.state import Lab, NodeInfo, PodInfo
 
 from netagent import netns
 
@@ -51,9 +54,28 @@ def iperf(client_netns: str, server_netns: str, server_ip: str, seconds: int, lo
         processes.stop([server])
 
 
-def measure(mode: str, seconds: int, rounds: int, fast_path: bool,
-            cpus: tuple[int, int] | None = None) -> tuple[list[float], list[float]]:
-    name = f"bip{mode[:2]}"
+@dataclass(frozen=True)
+class PodPair:
+    """A 2-node lab with pod `src` on n1 and `dst` on n2."""
+    n1: NodeInfo
+    n2: NodeInfo
+    src: PodInfo
+    dst: PodInfo
+    log: str  # where the iperf3 servers write
+
+    def rounds(self, count: int, seconds: int,
+               cpus: tuple[int, int] | None = None) -> tuple[list[float], list[float]]:
+        """Interleaved node->node and pod->pod runs: their bits per second."""
+        underlay, pod_path = [], []
+        for _ in range(count):
+            underlay.append(iperf(self.n1.netns, self.n2.netns, self.n2.ip, seconds, self.log, cpus))
+            pod_path.append(iperf(self.src.netns, self.dst.netns, self.dst.ips[0], seconds, self.log, cpus))
+        return underlay, pod_path
+
+
+@contextmanager
+def pod_pair_lab(name: str, mode: str, fast_path: bool) -> Iterator[PodPair]:
+    """Up for the block, then down (also when it fails)."""
     lab = Lab(name)
     cluster.down(name, progress=lambda _m: None)
     cluster.up(name, nodes=2, network=mode, proxy="none", progress=lambda _m: None, fast_path=fast_path)
@@ -61,18 +83,18 @@ def measure(mode: str, seconds: int, rounds: int, fast_path: bool,
         pods.create(lab, "src", "n1", {})
         pods.create(lab, "dst", "n2", {})
         state = lab.load()
-        n1, n2 = state.nodes["n1"], state.nodes["n2"]
-        src, dst = state.pods["src"], state.pods["dst"]
-        log = os.path.join(lab.dir, "iperf.log")
         if fast_path:  # attached within the agents' poll interval of the pods' creation
             time.sleep(3)
-        underlay, pod_path = [], []
-        for _ in range(rounds):
-            underlay.append(iperf(n1.netns, n2.netns, n2.ip, seconds, log, cpus))
-            pod_path.append(iperf(src.netns, dst.netns, dst.ips[0], seconds, log, cpus))
-        return underlay, pod_path
+        yield PodPair(state.nodes["n1"], state.nodes["n2"], state.pods["src"], state.pods["dst"],
+                      os.path.join(lab.dir, "iperf.log"))
     finally:
         cluster.down(name, progress=lambda _m: None)
+
+
+def measure(mode: str, seconds: int, rounds: int, fast_path: bool,
+            cpus: tuple[int, int] | None = None) -> tuple[list[float], list[float]]:
+    with pod_pair_lab(f"bip{mode[:2]}", mode, fast_path) as pair:
+        return pair.rounds(rounds, seconds, cpus)
 
 
 def main() -> None:

@@ -13,13 +13,9 @@ peer, so every packet reaching it is segmented on the underlay bridge first.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
 
-from iperf_overlay import iperf
-from netns_lab import cluster, pods
-from netns_lab.state import Lab
+from iperf_overlay import pod_pair_lab
 
 from netagent import netns
 
@@ -32,38 +28,23 @@ def main() -> None:
     args = parser.parse_args()
     from bcc import BPF  # Debian's python3-bpfcc, exposed to the venv by bootstrap
 
-    name = "bxdp"
-    lab = Lab(name)
-    cluster.down(name, progress=lambda _m: None)
-    cluster.up(name, nodes=2, network="vxlan", proxy="none", progress=lambda _m: None, fast_path=True)
-    try:
-        pods.create(lab, "src", "n1", {})
-        pods.create(lab, "dst", "n2", {})
-        state = lab.load()
-        n1, n2, src, dst = state.nodes["n1"], state.nodes["n2"], state.pods["src"], state.pods["dst"]
-        log = os.path.join(lab.dir, "iperf.log")
-        time.sleep(3)  # the fast path attaches within the agents' poll interval
+    with pod_pair_lab("bxdp", "vxlan", fast_path=True) as pair:
 
         def medians() -> tuple[float, float]:
-            underlay, pod_path = [], []
-            for _ in range(args.rounds):
-                underlay.append(iperf(n1.netns, n2.netns, n2.ip, args.seconds, log))
-                pod_path.append(iperf(src.netns, dst.netns, dst.ips[0], args.seconds, log))
+            underlay, pod_path = pair.rounds(args.rounds, args.seconds)
             return statistics.median(underlay), statistics.median(pod_path)
 
         before = medians()
         bpf = BPF(text="int pass(struct xdp_md *ctx) { return XDP_PASS; }")
         program = bpf.load_func(b"pass", BPF.XDP)
-        with netns.entered(netns.path(n2.netns)):
+        with netns.entered(netns.path(pair.n2.netns)):
             BPF.attach_xdp(b"eth0", program, BPF.XDP_FLAGS_DRV_MODE)
         after = medians()
-        print(f"{'XDP on n2 eth0':<16} {'node->node Gbit/s':>18} {'pod->pod Gbit/s':>16} {'ratio':>6}")
-        for label, (underlay, pod_path) in (("none", before), ("no-op XDP_PASS", after)):
-            print(f"{label:<16} {underlay / 1e9:>18.2f} {pod_path / 1e9:>16.2f} {pod_path / underlay:>6.2f}")
-        print(f"node->node with XDP / without: {after[0] / before[0]:.2f}   "
-              f"(medians of {args.rounds} x {args.seconds}s, vxlan, fast path)")
-    finally:
-        cluster.down(name, progress=lambda _m: None)
+    print(f"{'XDP on n2 eth0':<16} {'node->node Gbit/s':>18} {'pod->pod Gbit/s':>16} {'ratio':>6}")
+    for label, (underlay, pod_path) in (("none", before), ("no-op XDP_PASS", after)):
+        print(f"{label:<16} {underlay / 1e9:>18.2f} {pod_path / 1e9:>16.2f} {pod_path / underlay:>6.2f}")
+    print(f"node->node with XDP / without: {after[0] / before[0]:.2f}   "
+          f"(medians of {args.rounds} x {args.seconds}s, vxlan, fast path)")
 
 
 if __name__ == "__main__":
