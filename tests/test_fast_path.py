@@ -13,6 +13,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from netns_lab import cluster, probe
@@ -139,12 +141,7 @@ def test_a_connection_that_meets_an_unresolved_neighbour_keeps_the_fast_path(lab
     which resolves it. Only neighbour resolution happens there, no NAT, so the connection must not be
     recorded as one the stack owns: recorded, it would take the slow path for as long as it lives,
     and a long-lived connection is often the first one to a new pod."""
-    lab_cmd(lab_name, "up", "--nodes", "2", "--network", network, "--proxy", "none", "--fast-path")
-    lab_cmd(lab_name, "pod", "near", "--node", "n1")
-    lab_cmd(lab_name, "pod", "far", "--node", "n2")
-    state = Lab(lab_name).load()
-    near, far, n1, n2 = state.pods["near"], state.pods["far"], state.nodes["n1"], state.nodes["n2"]
-    wait_for_fast_path(network, n1.netns, n2.netns)
+    near, far, n1, n2 = lab_with_a_pod_per_node(lab_name, network)
     uplink = VXLAN_DEVICE if network == "vxlan" else "eth0"
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # the programs learn the pods
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
@@ -163,15 +160,22 @@ def test_a_connection_that_meets_an_unresolved_neighbour_keeps_the_fast_path(lab
     assert residue(lab_name) == []
 
 
+@contextmanager
+def running_map(node_ns: str, device: str, name: str) -> Iterator[fastpath.RunningMap]:
+    """A map of the programs attached at `device`'s ingress on a lab node (bpftool finds them through
+    the node's devices, so it runs in the node's netns)."""
+    with netns.entered(netns.path(node_ns)):
+        yield fastpath.RunningMap(device, name)
+
+
 def stack_flows(node_ns: str, uplink: str) -> list[bytes]:
     """The node's `stack_flows` keys: flows the programs leave to the stack."""
-    with netns.entered(netns.path(node_ns)):
-        return list(fastpath.RunningMap(uplink, "stack_flows").entries())
+    with running_map(node_ns, uplink, "stack_flows") as flows:
+        return list(flows.entries())
 
 
 def clear_stack_flows(node_ns: str, uplink: str) -> None:
-    with netns.entered(netns.path(node_ns)):
-        flows = fastpath.RunningMap(uplink, "stack_flows")
+    with running_map(node_ns, uplink, "stack_flows") as flows:
         for key in flows.entries():
             flows.delete(key)
 
@@ -185,7 +189,7 @@ def test_the_fast_path_writes_the_vxlan_devices_packets_and_reads_those_of_a_nod
     the device would send (outer node addresses, the VXLAN port and VNI, the pod addresses inside). A
     node whose agent runs without the fast path must therefore understand them, and its device's
     packets must be understood."""
-    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
+    near, far, n1, n2 = lab_with_a_pod_per_node(lab_name)
     assert fast_path_filters(n1.netns)["eth0"] == ["receive_vxlan"]
     # hooks: the VXLAN device's ingress and egress, the bridge's egress, the pod veth's and eth0's ingress
     wait_for(lambda: fast_path_metrics(n1) == {"hooks": 5, "remote_vteps": 1, "failing": 0},
@@ -229,7 +233,7 @@ def test_vxlan_packets_not_from_a_known_node_are_left_to_the_device_and_the_node
     """receive_vxlan() skips the node's INPUT chain, so it takes only what a known node's VTEP sent
     from that node's address. The same forged frame, sent from the underlay's gateway instead of n1's
     address, reaches n2's VXLAN device through the stack, where an INPUT rule can drop it."""
-    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
+    near, far, n1, n2 = lab_with_a_pod_per_node(lab_name)
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"  # n2 learns where `far` is
     underlay = Lab(lab_name).underlay_netns
 
@@ -272,7 +276,7 @@ def test_ecn_crosses_the_vxlan_fast_path_as_rfc_6040_says(lab_name):  # noqa: F8
     does. On arrival a congestion mark (CE) on the outer header must reach the pod; the programs leave
     such packets to the device, which marks the inner header, or drops the packet when the inner one
     is not ECN-capable."""
-    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
+    near, far, n1, n2 = lab_with_a_pod_per_node(lab_name)
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # neighbours, local_pods
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
     underlay = Lab(lab_name).underlay_netns
@@ -330,7 +334,7 @@ def test_gso_packets_take_the_vxlan_device_exactly_when_the_kernel_cannot_reset_
     strips them itself only where bpf_skb_adjust_room() can also reset their tunnel GSO state (what
     `netagent doctor` probes); elsewhere the VXLAN device does. Either way every byte arrives intact."""
     reset_in_bpf = doctor.run_checks((gso_reset_check(),))[0].ok
-    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
+    near, far, n1, n2 = lab_with_a_pod_per_node(lab_name)
     assert probe.tcp_name(near.netns, far.ips[0], DEFAULT_PORT) == "far"  # neighbours, local_pods
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"
 
@@ -339,8 +343,8 @@ def test_gso_packets_take_the_vxlan_device_exactly_when_the_kernel_cannot_reset_
     assert transfer(near.netns, far.netns, far.ips[0], payload) == hashlib.sha256(payload).digest()
     after = vxlan_device_stats(n2.netns)["rx"]
     packets, octets = after["packets"] - before["packets"], after["bytes"] - before["bytes"]
-    with netns.entered(netns.path(n2.netns)):  # receive_vxlan's map, at the underlay interface
-        refused = fastpath.RunningMap("eth0", "decap_refused").entries()
+    with running_map(n2.netns, "eth0", "decap_refused") as decap_refused:  # receive_vxlan's, at eth0
+        refused = decap_refused.entries()
     assert refused == {bytes(4): int(not reset_in_bpf).to_bytes(4, sys.byteorder)}  # the programs agree
     if reset_in_bpf:
         assert packets == 0
@@ -355,7 +359,7 @@ def test_a_deleted_pod_is_forgotten_by_the_receiving_programs(lab_name):  # noqa
     """receive_vxlan() finds a local pod's veth in `local_pods`, learned from the pod's packets. Once
     the pod is deleted the agent removes its entry, so its address no longer leads to a veth that is
     gone."""
-    near, far, n1, n2 = vxlan_lab_with_a_pod_per_node(lab_name)
+    near, far, n1, n2 = lab_with_a_pod_per_node(lab_name)
     assert probe.tcp_name(far.netns, near.ips[0], DEFAULT_PORT) == "near"  # n2 learns where `far` is
     assert far.ips[0] in local_pod_addresses(n2.netns)
 
@@ -368,9 +372,8 @@ def test_a_deleted_pod_is_forgotten_by_the_receiving_programs(lab_name):  # noqa
 
 def local_pod_addresses(node_ns: str) -> set[str]:
     """The pod addresses in the node's running `local_pods` map."""
-    with netns.entered(netns.path(node_ns)):  # bpftool finds the programs through the node's devices
-        entries = fastpath.RunningMap(VXLAN_DEVICE, "local_pods").entries()
-    return {socket.inet_ntoa(address) for address in entries}
+    with running_map(node_ns, VXLAN_DEVICE, "local_pods") as local_pods:
+        return {socket.inet_ntoa(address) for address in local_pods.entries()}
 
 
 def gso_reset_check() -> doctor.Check:
@@ -437,14 +440,14 @@ def link_mac(node_ns: str, device: str) -> str:
     return json.loads(netns.run(node_ns, ["ip", "-j", "link", "show", device]).stdout)[0]["address"]
 
 
-def vxlan_lab_with_a_pod_per_node(lab: str) -> tuple[PodInfo, PodInfo, NodeInfo, NodeInfo]:
-    """A 2-node vxlan lab with the fast path attached on both nodes: pod `near` on n1, `far` on n2."""
-    lab_cmd(lab, "up", "--nodes", "2", "--network", "vxlan", "--proxy", "none", "--fast-path")
+def lab_with_a_pod_per_node(lab: str, network: str = "vxlan") -> tuple[PodInfo, PodInfo, NodeInfo, NodeInfo]:
+    """A 2-node lab with the fast path attached on both nodes: pod `near` on n1, `far` on n2."""
+    lab_cmd(lab, "up", "--nodes", "2", "--network", network, "--proxy", "none", "--fast-path")
     lab_cmd(lab, "pod", "near", "--node", "n1")
     lab_cmd(lab, "pod", "far", "--node", "n2")
     state = Lab(lab).load()
     n1, n2 = state.nodes["n1"], state.nodes["n2"]
-    wait_for_fast_path("vxlan", n1.netns, n2.netns)
+    wait_for_fast_path(network, n1.netns, n2.netns)
     return state.pods["near"], state.pods["far"], n1, n2
 
 
