@@ -336,7 +336,6 @@ class VxlanMaps:
         self._vteps = RunningMap(uplink, "vteps")
         self._local_pods = RunningMap(uplink, "local_pods")
         self._written: dict[bytes, bytes] | None = None  # what `vteps` holds; None: read it first
-        self.remote_vteps = 0  # entries in `vteps` after the last complete sync
         self._pruned_for: tuple[int, ...] | None = None  # the pod veths `local_pods` was pruned for
 
     def forget(self) -> None:
@@ -348,7 +347,6 @@ class VxlanMaps:
     def sync(self, vteps: dict[str, str], pod_veths: tuple[int, ...]) -> None:
         try:
             self._sync_vteps({_vtep_key(mac): socket.inet_aton(address) for mac, address in vteps.items()})
-            self.remote_vteps = len(vteps)
             if pod_veths != self._pruned_for:
                 for key, value in self._local_pods.entries().items():
                     if int.from_bytes(value[:4], sys.byteorder) not in pod_veths:
@@ -357,6 +355,11 @@ class VxlanMaps:
         except FastPathError:
             self.forget()  # what the maps hold is read again next time
             raise
+
+    @property
+    def remote_vteps(self) -> int:
+        """Entries known to be in `vteps` (0 until a sync has read or written them)."""
+        return len(self._written or {})
 
     def _sync_vteps(self, desired: dict[bytes, bytes]) -> None:
         if desired == self._written:
