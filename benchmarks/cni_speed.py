@@ -29,7 +29,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from netagent import netns  # noqa: E402
+from nodekit import netns  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
 REFERENCE_DIR = "/usr/lib/cni"

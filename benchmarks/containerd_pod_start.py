@@ -34,7 +34,7 @@ from netns_lab import oci_image  # noqa: E402
 from netns_lab.containerd_networks import install_netagent, install_reference, standalone_agent  # noqa: E402
 from netns_lab.containerd_node import ContainerdError, ContainerdNode  # noqa: E402
 
-from netagent import netns, nodestate  # noqa: E402
+from nodekit import netns, nodestate  # noqa: E402
 
 POD_CIDR = "10.89.1.0/24"
 CLUSTER_CIDR = "10.89.0.0/16"

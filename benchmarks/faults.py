@@ -37,7 +37,7 @@ from test_faults import AgentFaultFigures, FaultFigures, agent_kill_rounds, plug
 from test_gc import API_ADDRESS, Node  # noqa: E402
 from test_node_network import build_cluster  # noqa: E402
 
-from netagent import netns  # noqa: E402
+from nodekit import netns  # noqa: E402
 
 
 class Scratch:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from netns_lab import cluster, pods, processes
 from netns_lab.state import Lab, NodeInfo, PodInfo
 
-from netagent import netns
+from nodekit import netns
 
 TARGETS = {"vxlan": 0.85, "routes": 0.95}
 IPERF_PORT = 5201

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 
 from pyroute2 import IPRoute
 
-from netagent import netns
 from netagent.node_network import PeerNode, RoutedNetwork, VxlanNetwork, find_underlay, vtep_mac_for
+from nodekit import netns
 
 UNDERLAY_MTU = 1500
 VXLAN_POD_MTU = UNDERLAY_MTU - 50

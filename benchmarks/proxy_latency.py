@@ -24,10 +24,10 @@ import subprocess
 import sys
 import time
 
-from netagent import netns
 from netagent.proxy.backend import NodeContext
 from netagent.proxy.model import SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from nodekit import netns
 
 NODE = "node-a"
 GATEWAY, CLIENT_IP, SERVER_IP = "10.244.0.1", "10.244.0.10", "10.244.0.20"

@@ -26,10 +26,10 @@ import time
 
 from kubernetes import client
 
-from netagent import netns
 from netagent.proxy.backend import NodeContext
 from netagent.proxy.model import SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from nodekit import netns
 
 NODE = "node-a"
 

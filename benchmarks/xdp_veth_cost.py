@@ -17,7 +17,7 @@ import statistics
 
 from iperf_overlay import pod_pair_lab
 
-from netagent import netns
+from nodekit import netns
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from cni import errors
 from cni.errors import CniError
+from nodekit import nodestate
 
 SUPPORTED_VERSIONS = ("1.0.0", "1.1.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
@@ -24,7 +25,6 @@ COMMANDS_WITHOUT_CONTAINER = ("GC", "STATUS", "VERSION")
 PLUGIN_TYPE = "netagent"
 DEFAULT_BRIDGE = "na0"
 DEFAULT_MTU = 1500
-DEFAULT_NODE_STATE_FILE = "/run/netagent/node.json"
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 RANGE_KEYS = ("subnet", "rangeStart", "rangeEnd", "gateway")
@@ -165,7 +165,7 @@ def parse_netconf(raw: Mapping[str, Any]) -> NetConf:
         ip_masq=_typed(raw, "ipMasq", bool, False),
         cluster_cidrs=_cluster_cidrs(raw.get("clusterCIDR")),
         ranges=_ranges(ipam),
-        node_state_file=_typed(raw, "nodeStateFile", str, DEFAULT_NODE_STATE_FILE),
+        node_state_file=_typed(raw, "nodeStateFile", str, nodestate.DEFAULT_PATH),
         data_dir=_typed(ipam, "dataDir", str, DEFAULT_DATA_DIR, where="ipam."),
         prev_result=prev_result,
         valid_attachments=_valid_attachments(raw),
@@ -190,8 +190,6 @@ def resolve_network(conf: NetConf) -> Network:
 
 
 def _read_node_state(path: str):
-    from netagent import nodestate
-
     try:
         return nodestate.read(path)
     except FileNotFoundError:

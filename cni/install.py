@@ -19,7 +19,8 @@ import tempfile
 import click
 
 from cni.config import valid_ifname
-from netagent.files import atomic_write
+from nodekit import nodestate
+from nodekit.files import atomic_write
 
 PLUGIN_NAME = "netagent"
 CONFLIST_NAME = "10-netagent.conflist"
@@ -40,7 +41,7 @@ def conflist(
         "hairpinMode": True,
         "ipMasq": True,
         "clusterCIDR": cluster_cidr,
-        "nodeStateFile": os.path.join(state_dir, "node.json"),
+        "nodeStateFile": nodestate.path_in(state_dir),
         "ipam": {"dataDir": data_dir},
     }
     if mtu is not None:
@@ -103,7 +104,7 @@ def _c_string(text: str) -> str:
 @click.option("--conf-dir", default="/etc/cni/net.d", show_default=True, help="Where runtimes read configs.")
 @click.option(
     "--state-dir",
-    default="/run/netagent",
+    default=nodestate.DEFAULT_STATE_DIR,
     show_default=True,
     help="Agent state: node.json is read from here and the agent's socket is STATE/cni.sock.",
 )

@@ -26,7 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cni import errors
 from cni.config import IPAddress, IPNetwork
 from cni.errors import CniError
-from netagent.netns import entered
+from nodekit.netns import entered
 
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02  # pod and gateway addresses are unique by IPAM: skip IPv6 duplicate detection delay

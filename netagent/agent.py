@@ -22,12 +22,12 @@ from typing import Any
 import click
 
 from cni.config import DEFAULT_DATA_DIR
-from netagent import nodestate
-from netagent.files import atomic_write
 from netagent.gc import DEFAULT_GRACE as DEFAULT_GC_GRACE
 from netagent.gc import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
 from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.lock import AgentLock, LockHeldError
+from nodekit import nodestate
+from nodekit.files import atomic_write
 
 log = logging.getLogger("netagent.agent")
 
@@ -69,7 +69,7 @@ class AgentConfig:
 
     @property
     def node_state_path(self) -> str:
-        return os.path.join(self.state_dir, "node.json")
+        return nodestate.path_in(self.state_dir)
 
     @property
     def cni_socket_path(self) -> str:

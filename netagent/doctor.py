@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from netagent import netns
+from nodekit import netns
 
 
 @dataclass(frozen=True)

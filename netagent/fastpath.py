@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from nodekit import conntrack
+from nodekit.tools import ToolError
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +170,12 @@ class FastPath:
         """Record the flows the stack has DNATed so far (connections opened before the fast path, or
         with a map that could not be adopted): their replies must keep going through the stack."""
         try:
-            listing = subprocess.run(["conntrack", "-L", "--dst-nat", "-f", "ipv4"], capture_output=True,
-                                     text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError) as err:
+            replies = list(conntrack.dnat_replies(family=4))
+        except ToolError as err:
             log.warning("fast path: cannot read conntrack's NATed flows: %s", err)
             return
         table, seeded = self._bpf["stack_flows"], 0
-        for reply in _nat_replies(listing):
+        for reply in replies:
             if all(ipaddress.ip_address(address) in self.cluster for address in reply[:2]):
                 table[table.Key(*_flow_key(*reply))] = table.Leaf(1)
                 seeded += 1
@@ -396,24 +398,6 @@ def remove(state_dir: str) -> None:
         _detach_all_except(ipr, keep=set())
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pin_path(state_dir))
-
-
-def _nat_replies(listing: str) -> Iterator[tuple[str, str, int, int, int]]:
-    """(src, dst, sport, dport, protocol) of each DNATed TCP/UDP entry's reply direction, from
-    `conntrack -L` output (the second src=/dst=/sport=/dport= group of a line)."""
-    for line in listing.splitlines():
-        words = line.split()
-        if len(words) < 2 or words[0] not in ("tcp", "udp"):
-            continue
-        fields: dict[str, list[str]] = {}
-        for word in words:
-            key, _, value = word.partition("=")
-            fields.setdefault(key, []).append(value)
-        try:
-            yield (fields["src"][1], fields["dst"][1], int(fields["sport"][1]), int(fields["dport"][1]),
-                   int(words[1]))
-        except (KeyError, IndexError, ValueError):
-            continue
 
 
 def _flow_key(src: str, dst: str, sport: int, dport: int, protocol: int) -> tuple[int, ...]:

@@ -41,8 +41,8 @@ import click
 from cni import gc as cni_gc
 from cni.config import DEFAULT_DATA_DIR, IPNetwork
 from cni.install import PLUGIN_NAME
-from netagent import nodestate
-from netagent.files import atomic_write
+from nodekit import conntrack, nodestate
+from nodekit.files import atomic_write
 
 log = logging.getLogger("netagent.gc")
 
@@ -162,7 +162,7 @@ class Collector:
             log.info("%s %s %s (attachment %s): %s", "would release" if dry_run else "released",
                      release.kind, release.name, owner, release.reason)
         if not dry_run:
-            _forget_flows([release.name for release in report.releases if release.kind == "allocation"])
+            conntrack.forget_addresses(r.name for r in report.releases if r.kind == "allocation")
         if judge.held_orphans:
             log.warning("kept %d veths without allocation: live pods %s have none, one may be theirs",
                         judge.held_orphans, ", ".join(sorted(judge.unallocated_pod_ips())))
@@ -227,36 +227,10 @@ class _PassJudge:
         return ORPHAN_VETH
 
 
-def _forget_flows(addresses: list[str]) -> None:
-    """Delete the node's conntrack entries from, to, or DNATed to released addresses, so a pod that
-    gets an address next does not inherit a dead pod's flows. One listing first: most released
-    addresses have no entries, and three deletions each would cost a pass seconds. Best effort:
-    entries also time out."""
-    if not addresses:
-        return
-    listed = _conntrack("-L", "-f", "ipv4") + _conntrack("-L", "-f", "ipv6")
-    for address in addresses:
-        if f"={address} " in listed:
-            for selector in ("--orig-src", "--orig-dst", "--reply-src"):
-                _conntrack("-D", selector, address)
-
-
-def _conntrack(*args: str) -> str:
-    """Run the conntrack tool; its output, or "" (logged) when it failed."""
-    try:
-        done = subprocess.run(["conntrack", *args], capture_output=True, text=True, check=False, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("conntrack %s: %s", " ".join(args), exc)
-        return ""
-    if done.returncode != 0 and "0 flow entries" not in done.stderr:  # exit 1 = nothing matched
-        log.warning("conntrack %s failed: %s", " ".join(args), done.stderr.strip())
-    return done.stdout
-
-
 def _node_pod_cidrs(state_dir: str) -> tuple[IPNetwork, ...] | None:
     """This node's pod CIDRs from the agent's node state; None when it has not been written."""
     try:
-        state = nodestate.read(os.path.join(state_dir, "node.json"))
+        state = nodestate.read(nodestate.path_in(state_dir))
     except FileNotFoundError:
         return None
     return tuple(ipaddress.ip_network(cidr) for cidr in state.pod_cidrs)
@@ -363,7 +337,7 @@ def _listed_evidence(kubeconfig: str | None, node_name: str, containerd_socket: 
 def _default_node_name(state_dir: str) -> str:
     """The node the agent wrote node.json for, else $NODE_NAME, else the hostname (as `netagent run`)."""
     try:
-        return nodestate.read(os.path.join(state_dir, "node.json")).node_name
+        return nodestate.read(nodestate.path_in(state_dir)).node_name
     except (OSError, ValueError, KeyError, TypeError):
         return os.environ.get("NODE_NAME") or socket.gethostname()
 

@@ -20,7 +20,6 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge
 from pyroute2 import IPRoute
 
-from netagent import nodestate
 from netagent.health import SyncTracker
 from netagent.kube import Informer, SyncLoop
 from netagent.node_network import (
@@ -33,6 +32,7 @@ from netagent.node_network import (
     VxlanNetwork,
     find_underlay,
 )
+from nodekit import nodestate
 
 log = logging.getLogger("netagent.node_controller")
 

@@ -80,8 +80,8 @@ from netns_lab.resources import BY_PATH
 from netns_lab.store import ApiError, Store
 from netns_lab.tables import as_table
 
-from netagent import netns
-from netagent.files import atomic_write
+from nodekit import netns
+from nodekit.files import atomic_write
 
 log = logging.getLogger("netns_lab.apiserver")
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from netagent import netns
+from nodekit import netns
 
 READY = "capturing"
 ECN_MASK = 3  # the low two bits of the IPv4 TOS byte

@@ -24,7 +24,7 @@ from netns_lab import processes, topology
 from netns_lab.processes import ProcRef
 from netns_lab.state import Lab, LabError, LabState, NodeInfo
 
-from netagent import netns
+from nodekit import netns
 
 CLUSTER_CIDR = ipaddress.ip_network("10.244.0.0/16")
 SERVICE_CIDR = "10.96.0.0/16"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from netns_lab.state import LabError, NodeInfo
 
-from netagent import netns
+from nodekit import netns
 
 SYSTEM_PLUGIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins (portmap, bandwidth, ...)
 PLUGIN_TIMEOUT = 60.0

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from netns_lab.containerd_node import ContainerdError, ContainerdNode, wait_until
 
-from netagent import netns
+from nodekit import netns
 
 REFERENCE_PLUGINS = "/usr/lib/cni"  # Debian's containernetworking-plugins
 REFERENCE_NETWORK = "reference"

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from subprocess import CompletedProcess
 
-from netagent import netns
+from nodekit import netns
 
 CNI_CONF_PATH = "/etc/cni/net.d"  # where ctr 1.6 reads CNI network configs (fixed)
 CNI_BIN_PATH = "/opt/cni/bin"  # where ctr 1.6 looks for plugin executables (fixed)

@@ -19,7 +19,7 @@ from netns_lab.cni_exec import Attachment
 from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
 from netns_lab.state import Lab, LabError, LabState, PodInfo, check_pod_name
 
-from netagent import netns
+from nodekit import netns
 
 READY_TIMEOUT = 20.0
 

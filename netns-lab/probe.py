@@ -10,7 +10,7 @@ import socket
 
 from netns_lab.responder import parse_name
 
-from netagent import netns
+from nodekit import netns
 
 DEFAULT_TIMEOUT = 3.0
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from netns_lab.processes import ProcRef
 
-from netagent.files import atomic_write
+from nodekit.files import atomic_write
 
 LAB_ROOT = "/run/netagent-lab"
 DEFAULT_NAME = "netagent"

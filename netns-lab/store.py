@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from netagent.files import atomic_write
+from nodekit.files import atomic_write
 
 Key = tuple[str, str, str]  # (resource, namespace or "", name)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from netns_lab.state import LabError
 
-from netagent import netns
+from nodekit import netns
 
 UNDERLAY = ipaddress.ip_network("172.18.0.0/24")
 UNDERLAY_GATEWAY = str(UNDERLAY.network_address + 1)  # the bridge; the API server listens here

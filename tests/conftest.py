@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from netagent import netns
+from nodekit import netns
 
 TEST_PREFIX = "nt"  # every test netns starts with this; a leftover one fails the session
 # prefixes handed out in THIS session: other sessions may run concurrently on the same machine,

@@ -28,9 +28,9 @@ from test_node_network import (
     udp_exchange,
 )
 
-from netagent import netns, nodestate
 from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.kube import Informer, SyncLoop, load_api_client
+from nodekit import netns, nodestate
 
 apiserver = pytest.importorskip("netns_lab.apiserver")
 

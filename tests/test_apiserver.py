@@ -18,7 +18,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from netns_lab.apiserver import LabApiServer, write_kubeconfig
 
-from netagent import netns
+from nodekit import netns
 
 T = TypeVar("T")
 TIMEOUT = 20.0  # generous: the machine is shared with other test runs

@@ -8,7 +8,7 @@ import os
 
 from test_cni_support import REFERENCE_PLUGINS, make_node, tcp_reaches
 
-from netagent import netns
+from nodekit import netns
 
 # the reference plugins (containernetworking-plugins 1.1.1) speak up to CNI 1.0.0
 VERSION = "1.0.0"

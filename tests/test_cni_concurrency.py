@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from test_cni_support import REFERENCE_PLUGINS, compile_shim, make_node, running_service
 
-from netagent import netns
+from nodekit import netns
 
 SUBNET = "10.75.0.0/22"  # room for a few hundred pods
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from test_cni_support import CniNode, ping, tcp_reaches, wait_for
 
 from cni.install import install_cni_cmd
-from netagent import netns
+from nodekit import netns
 
 NETAGENT = os.path.join(os.path.dirname(sys.executable), "netagent")
 

@@ -20,7 +20,7 @@ from test_cni_support import (
     tcp_reaches,
 )
 
-from netagent import netns, nodestate
+from nodekit import netns, nodestate
 
 V4 = "10.77.1.0/24"
 V6 = "fd77:1::/64"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cni.install import build_shim
-from netagent import netns
+from nodekit import netns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FALLBACK_PLUGIN = os.path.join(os.path.dirname(sys.executable), "netagent-cni")

@@ -28,7 +28,7 @@ from netns_lab.containerd_networks import (
 )
 from netns_lab.containerd_node import ContainerdError, ContainerdNode, Pod, wait_until
 
-from netagent import nodestate
+from nodekit import nodestate
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("containerd") and shutil.which("ctr") and shutil.which("runc")),

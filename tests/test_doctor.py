@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from netagent import doctor, fastpath, netns
+from netagent import doctor, fastpath
+from nodekit import netns
 
 
 def test_doctor_reports_every_feature_and_succeeds_when_required_ones_exist() -> None:

@@ -28,7 +28,8 @@ from scapy.layers.vxlan import VXLAN
 from test_agent import http_get, wait_for
 from test_lab import lab_cmd, lab_name, residue  # noqa: F401  (lab_name is a fixture)
 
-from netagent import doctor, fastpath, netns
+from netagent import doctor, fastpath
+from nodekit import netns
 
 CLUSTER_IP = "10.96.77.7"
 HOST_SERVICE_IP = "10.96.77.8"

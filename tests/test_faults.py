@@ -45,8 +45,8 @@ from test_agent import (
 from test_gc import ECHO_PORT, Node, Pod, wait_for
 from test_node_network import NetlinkMonitor, build_cluster, kernel_dump, ns_run
 
-from netagent import netns
 from netagent.kube import load_api_client
+from nodekit import netns
 
 apiserver = pytest.importorskip("netns_lab.apiserver")
 

@@ -27,8 +27,8 @@ from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
 from netns_lab.state import Lab
 
 from cni.links import host_veth_name
-from netagent import netns, nodestate
 from netagent.kube import load_api_client
+from nodekit import netns, nodestate
 
 apiserver = pytest.importorskip("netns_lab.apiserver")
 

@@ -19,7 +19,7 @@ from netns_lab.processes import ProcRef
 from netns_lab.responder import DEFAULT_PORT
 from netns_lab.state import Lab, LabError, LabState, NodeInfo, PodInfo
 
-from netagent import netns
+from nodekit import netns
 
 NETAGENT = [sys.executable, "-m", "netagent.cli"]
 

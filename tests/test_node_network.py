@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from netagent import netns
 from netagent.node_network import (
     ROUTE_PROTOCOL,
     PeerNode,
@@ -23,6 +22,7 @@ from netagent.node_network import (
     VxlanNetwork,
     find_underlay,
 )
+from nodekit import netns
 
 
 @dataclass

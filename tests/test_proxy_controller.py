@@ -24,9 +24,9 @@ from test_proxy_dataplane import (  # noqa: F401 (node_fixture provides the `nod
     tcp_ask,
 )
 
-from netagent import netns
 from netagent.proxy.cli import proxy_group
 from netagent.proxy.controller import ProxyController
+from nodekit import netns
 
 
 class Api:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from netagent import netns
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.model import build_snapshot
 from netagent.proxy.proxier import Proxier, compare
+from nodekit import netns
 
 NODE = "node-a"
 CLUSTER_CIDR = "10.244.0.0/16"

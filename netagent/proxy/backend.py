@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from netagent import netns as netns_mod
 from netagent.proxy.model import ServicePort, gc_paused
 from netagent.proxy.ruleset import Keys, RuleSet, RuleSetDiff, diff
+from nodekit.tools import ToolError, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +256,7 @@ class Backend(ABC):
 
     def run(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
         """Run a kernel tool here or in self.netns; a failure becomes SyncError with its stderr."""
-        full = netns_mod.exec_argv(self.netns, argv) if self.netns else list(argv)
         try:
-            proc = subprocess.run(full, input=stdin, capture_output=True, text=True)
-        except OSError as err:  # e.g. the tool is not installed
-            raise SyncError(f"cannot run {argv[0]}: {err}") from None
-        if check and proc.returncode != 0:
-            raise SyncError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
-        return proc.stdout
+            return run_tool(argv, netns_name=self.netns, stdin=stdin, check=check)
+        except ToolError as err:
+            raise SyncError(str(err)) from None

@@ -12,11 +12,11 @@ import sys
 
 import click
 
-from netagent.nodestate import DEFAULT_STATE_DIR
 from netagent.proxy.backend import NodeContext, SyncError, destination, nodeport_destination
 from netagent.proxy.controller import desired_path
 from netagent.proxy.model import Snapshot
 from netagent.proxy.proxier import Comparison, compare, make_backends
+from nodekit.nodestate import DEFAULT_STATE_DIR
 
 
 class CannotTellError(click.ClickException):

@@ -29,14 +29,14 @@ from typing import Any
 
 from kubernetes import client
 
-from netagent import netns as netns_mod
-from netagent.files import atomic_write
 from netagent.kube import Informer, SyncLoop
-from netagent.nodestate import DEFAULT_STATE_DIR
 from netagent.proxy.backend import NodeContext
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.model import Snapshot, SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from nodekit import netns as netns_mod
+from nodekit.files import atomic_write
+from nodekit.nodestate import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler
 
-from netagent import netns as netns_mod
 from netagent.http_endpoint import EndpointServer
 from netagent.proxy.model import ServicePort
+from nodekit import netns as netns_mod
 
 log = logging.getLogger(__name__)
 

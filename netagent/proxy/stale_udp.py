@@ -4,15 +4,11 @@ deletes those entries when an endpoint goes away; so do we, right after the rule
 
 from __future__ import annotations
 
-import logging
-import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from netagent import netns as netns_mod
 from netagent.proxy.model import ServicePort
-
-log = logging.getLogger(__name__)
+from nodekit import conntrack
 
 
 @dataclass(frozen=True, order=True)
@@ -43,24 +39,6 @@ def removed_udp_endpoints(old: Iterable[ServicePort], new: Iterable[ServicePort]
 
 
 def delete_udp_flows(endpoints: Sequence[StaleEndpoint], netns: str | None = None) -> None:
-    """Delete DNATed UDP flows towards each endpoint. Best effort: a failure is logged, not raised,
-    because the rules are already right and the entries expire on their own eventually."""
+    """Delete DNATed UDP flows towards each endpoint (best effort: the rules are already right)."""
     for ep in endpoints:
-        argv = [
-            "conntrack",
-            "-D",
-            "-f",
-            f"ipv{ep.family}",
-            "-p",
-            "udp",
-            "--reply-src",
-            ep.ip,
-            "--reply-port-src",
-            str(ep.port),
-            "--dst-nat",
-        ]
-        full = netns_mod.exec_argv(netns, argv) if netns else argv
-        proc = subprocess.run(full, capture_output=True, text=True)
-        # conntrack exits 1 when nothing matched; only other failures are worth a warning
-        if proc.returncode != 0 and "0 flow entries" not in proc.stderr:
-            log.warning("conntrack cleanup for %s:%s failed: %s", ep.ip, ep.port, proc.stderr.strip())
+        conntrack.delete_dnat_udp_flows_to(ep.family, ep.ip, ep.port, netns)

@@ -11,10 +11,18 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from netagent.files import atomic_write
+from nodekit.files import atomic_write
 
 DEFAULT_STATE_DIR = "/run/netagent"
-DEFAULT_PATH = os.path.join(DEFAULT_STATE_DIR, "node.json")
+FILE_NAME = "node.json"
+
+
+def path_in(state_dir: str) -> str:
+    """Where the agent with this state directory writes the node state (the one definition)."""
+    return os.path.join(state_dir, FILE_NAME)
+
+
+DEFAULT_PATH = path_in(DEFAULT_STATE_DIR)
 
 
 @dataclass(frozen=True)
