@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 
@@ -148,7 +147,7 @@ def probe_bcc(ns: str) -> str:
     return f"bcc importable, headers at {os.path.realpath(build)}"
 
 
-DECAP_PROBE = Path(__file__).resolve().parents[1] / "ebpf" / "decap_probe.c"
+DECAP_PROBE = "decap_probe.c"
 
 
 def probe_tunnel_gso_reset(ns: str) -> str:
@@ -162,35 +161,27 @@ def probe_tunnel_gso_reset(ns: str) -> str:
     from scapy.layers.l2 import Ether
     from scapy.layers.vxlan import VXLAN
 
-    from netagent.fastpath import (
-        ADJ_ROOM_DECAP_L4_UDP_CFLAG,
-        BPF_PROG_TYPE_SCHED_CLS,
-        INGRESS,
-        attach_filter,
-        release_bpf,
-    )
+    from netagent.fastpath import ADJ_ROOM_DECAP_L4_UDP_CFLAG
+    from nodekit import bpf
 
-    try:
-        from bcc import BPF
-    except ImportError as exc:
-        raise Missing(f"python module bcc not importable: {exc}") from exc
     _ip(ns, "link", "add", "dr-gso", "type", "veth", "peer", "name", "dr-gso2")
     _ip(ns, "link", "set", "dr-gso", "up")
     _ip(ns, "link", "set", "dr-gso2", "up")
-    bpf = None
+    module = None
     try:
         try:
-            bpf = BPF(src_file=str(DECAP_PROBE).encode(),
-                      cflags=[ADJ_ROOM_DECAP_L4_UDP_CFLAG, f"-DPROBE_PORT={VXLAN_PORT}"])
-            fd = bpf.load_func(b"probe", BPF_PROG_TYPE_SCHED_CLS).fd
-        except Exception as exc:  # bcc raises plain Exception for compile and load errors
-            raise Missing(f"cannot load {DECAP_PROBE.name}: {exc}") from exc
+            cflags = [ADJ_ROOM_DECAP_L4_UDP_CFLAG, f"-DPROBE_PORT={VXLAN_PORT}"]
+            module = bpf.compile_program(DECAP_PROBE, cflags)
+            fd = bpf.load_function(module, "probe", bpf.PROG_TYPE_SCHED_CLS)
+        except bpf.BpfError as exc:
+            raise Missing(str(exc)) from exc
         some_mac = "02:00:00:00:00:01"
         frame = (Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.1") / UDP(dport=VXLAN_PORT)
                  / VXLAN(vni=1) / Ether(src=some_mac, dst=some_mac) / IP(dst="192.0.2.2") / UDP() / b"probe")
         try:
             with netns.entered(netns.path(ns)), IPRoute() as ipr:
-                attach_filter(ipr, ipr.link_lookup(ifname="dr-gso2")[0], INGRESS, fd, "netagent-doctor-probe")
+                bpf.attach_tc_filter(ipr, ipr.link_lookup(ifname="dr-gso2")[0], bpf.TC_INGRESS, fd,
+                                     "netagent-doctor-probe", "netagent-doctor-")
                 with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
                     raw.bind(("dr-gso", 0))
                     raw.send(bytes(frame))
@@ -198,12 +189,12 @@ def probe_tunnel_gso_reset(ns: str) -> str:
             raise Missing(f"cannot run the probe: {exc}") from exc
         with_flag = without_flag = 0
         for _ in range(100):
-            with_flag, without_flag = (bpf[b"outcome"][i].value for i in (0, 1))
+            with_flag, without_flag = (module[b"outcome"][i].value for i in (0, 1))
             if with_flag:
                 break
             time.sleep(0.01)
     finally:
-        release_bpf(bpf)
+        bpf.release(module)
     if with_flag == 1:
         return "the fast path strips VXLAN from GSO packets too"
     if not with_flag:

@@ -29,38 +29,31 @@ mount are private to the agent) the running programs' map, found through bpftool
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nodekit import conntrack
+from nodekit import bpf, conntrack
 from nodekit.tools import ToolError
 
 log = logging.getLogger(__name__)
 
-PROGRAM = Path(__file__).resolve().parents[1] / "ebpf" / "fastpath.c"
-PIN_ROOT = "/sys/fs/bpf/netagent"
+PROGRAM = "fastpath.c"
 FAST_MARK = 0x20000  # skb->mark bit: "forward() took this packet" (kube-proxy uses 0x4000 and 0x8000)
 FILTER_PREFIX = "netagent-fp-"
-INGRESS, EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # clsact parents
-BPF_PROG_TYPE_SCHED_CLS = 3
 # bpf_skb_adjust_room() flag BPF_F_ADJ_ROOM_DECAP_L4_UDP (bpf-next, 2026): strip a UDP tunnel and reset
 # the packet's tunnel GSO state. Kernels before it (6.18 included) refuse it with -EINVAL.
 ADJ_ROOM_DECAP_L4_UDP = 1 << 10
@@ -77,7 +70,7 @@ def pin_path(state_dir: str) -> str:
     """Where this node's `stack_flows` map is pinned; one per agent state dir, so the nodes of a netns
     lab (one host, one bpffs) do not share it."""
     digest = hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
-    return f"{PIN_ROOT}/fastpath-{digest}"
+    return f"{bpf.PIN_ROOT}/fastpath-{digest}"
 
 
 @dataclass(frozen=True)
@@ -100,11 +93,11 @@ class Devices:
     def hooks(self) -> list[tuple[int, int, str]]:
         """(ifindex, clsact parent, function) for every attachment."""
         return [
-            (self.uplink, INGRESS, "forward"),
-            (self.uplink, EGRESS, "note_stack_flow"),
-            (self.bridge, EGRESS, "note_stack_flow"),
-            *((veth, INGRESS, "forward") for veth in self.pod_veths),
-            *([(self.vxlan.underlay, INGRESS, "receive_vxlan")] if self.vxlan else []),
+            (self.uplink, bpf.TC_INGRESS, "forward"),
+            (self.uplink, bpf.TC_EGRESS, "note_stack_flow"),
+            (self.bridge, bpf.TC_EGRESS, "note_stack_flow"),
+            *((veth, bpf.TC_INGRESS, "forward") for veth in self.pod_veths),
+            *([(self.vxlan.underlay, bpf.TC_INGRESS, "receive_vxlan")] if self.vxlan else []),
         ]
 
 
@@ -122,7 +115,6 @@ class FastPath:
         self.uplink = uplink
         self.local_pod_cidrs = local_pod_cidrs
         self.pin_path = pin_path(state_dir)
-        self._source = PROGRAM.read_bytes()  # hashed into the filter name at every poll
         self._bpf: Any = None  # the loaded bcc module: its program fds attach later pods' veths too
         self._functions: dict[str, int] = {}  # function -> program fd
         self._loaded = ""  # the filter name (program version) self._functions belong to
@@ -152,13 +144,18 @@ class FastPath:
     def _attach(self, ipr: IPRoute, devices: Devices, name: str, missing: list[tuple[int, int, str]]) -> None:
         reloaded = self._loaded != name
         if reloaded:  # a fresh load: every hook must share its flow map
-            _mount_bpffs()
+            try:
+                bpf.ensure_bpffs()
+            except bpf.BpfError as err:
+                raise FastPathError(str(err)) from None
             self._adopt_running_flow_map()
             self._load(devices, name)
             self._vxlan_maps.forget()
             missing = devices.hooks()
+        # Between replacing a hook's filter and the new one, packets take the stack; a flow the stack
+        # NATs meanwhile is not noted by the egress hook, hence the conntrack seeding below.
         for index, parent, function in missing:
-            attach_filter(ipr, index, parent, self._functions[function], name)
+            bpf.attach_tc_filter(ipr, index, parent, self._functions[function], name, FILTER_PREFIX)
         _detach_all_except(ipr, {(index, parent) for index, parent, _function in devices.hooks()})
         if reloaded:  # after attaching: a flow NATed while the filters were replaced is in conntrack
             self._seed_from_conntrack()
@@ -190,10 +187,9 @@ class FastPath:
         try:
             map_id = _running_maps(self.uplink).get("stack_flows")
             if map_id is not None:
-                os.makedirs(PIN_ROOT, exist_ok=True)
-                _bpftool("map", "pin", "id", str(map_id), self.pin_path)
+                bpf.bpftool("map", "pin", "id", str(map_id), self.pin_path)
                 log.info("fast path: kept the running programs' flow map (id %d)", map_id)
-        except (OSError, subprocess.CalledProcessError, ValueError) as err:
+        except (OSError, bpf.BpfError, ValueError) as err:
             log.warning("fast path: cannot adopt the running flow map, starting an empty one: %s", err)
 
     def _devices(self, ipr: IPRoute) -> Devices | None:
@@ -223,8 +219,7 @@ class FastPath:
 
     def _filter_name(self, devices: Devices) -> str:
         """Names the program text and parameters, so a restart can tell its own filters apart."""
-        version = hashlib.sha256(self._source + " ".join(self._cflags(devices)).encode())
-        return FILTER_PREFIX + version.hexdigest()[:12]
+        return FILTER_PREFIX + bpf.program_version(PROGRAM, *self._cflags(devices))
 
     def _load(self, devices: Devices, name: str) -> None:
         """Compile and load; the previous load's objects are released (the attached programs, and
@@ -233,22 +228,17 @@ class FastPath:
         failed_name, failed_at = self._failed
         if failed_name == name and time.monotonic() - failed_at < RETRY_FAILED_LOAD:
             raise FastPathError(f"loading {PROGRAM} failed recently; retrying later")
+        module = None
         try:
-            from bcc import BPF  # Debian's python3-bpfcc, exposed to the venv by bootstrap
-        except ImportError as err:
-            raise FastPathError(f"bcc is not importable: {err}") from None
-        os.makedirs(PIN_ROOT, exist_ok=True)
-        bpf = None
-        try:
-            bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self._cflags(devices))
-            functions = {f: bpf.load_func(f.encode(), BPF_PROG_TYPE_SCHED_CLS).fd
+            module = bpf.compile_program(PROGRAM, self._cflags(devices))
+            functions = {f: bpf.load_function(module, f, bpf.PROG_TYPE_SCHED_CLS)
                          for f in {function for _index, _parent, function in devices.hooks()}}
-        except Exception as err:  # bcc raises plain Exception for compile and load errors
-            release_bpf(bpf)
+        except bpf.BpfError as err:
+            bpf.release(module)
             self._failed = (name, time.monotonic())
-            raise FastPathError(f"cannot load {PROGRAM}: {err}") from None
-        release_bpf(self._bpf)
-        self._bpf, self._functions, self._loaded = bpf, functions, name
+            raise FastPathError(str(err)) from None
+        bpf.release(self._bpf)
+        self._bpf, self._functions, self._loaded = module, functions, name
 
 
 def _kind(link) -> str | None:
@@ -322,8 +312,8 @@ class RunningMap:
         try:
             if self._id is None:
                 self._id = _running_maps(self.uplink)[self.name]
-            return _bpftool("map", command, "id", str(self._id), *args)
-        except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as err:
+            return bpf.bpftool("map", command, "id", str(self._id), *args)
+        except (bpf.BpfError, ValueError, KeyError) as err:
             self.forget()
             raise FastPathError(f"the running programs' {self.name} map: {err}") from None
 
@@ -384,11 +374,11 @@ def _vtep_key(mac: str) -> bytes:
 
 def _running_maps(device: str) -> dict[str, int]:
     """Map name -> id of the maps our programs attached at the device's ingress use."""
-    attached = _bpftool("net", "show", "dev", device)  # pyroute2 does not parse the ids
+    attached = bpf.bpftool("net", "show", "dev", device)  # pyroute2 does not parse the ids
     running = [tc["id"] for entry in attached for tc in entry.get("tc", [])
                if tc.get("name", "").startswith(FILTER_PREFIX) and tc.get("kind") == "clsact/ingress"]
-    map_ids = _bpftool("prog", "show", "id", str(running[0])).get("map_ids", []) if running else []
-    return {_bpftool("map", "show", "id", str(map_id))["name"]: map_id for map_id in map_ids}
+    map_ids = bpf.bpftool("prog", "show", "id", str(running[0])).get("map_ids", []) if running else []
+    return {bpf.bpftool("map", "show", "id", str(map_id))["name"]: map_id for map_id in map_ids}
 
 
 def remove(state_dir: str) -> None:
@@ -411,70 +401,16 @@ def _native(raw: bytes) -> int:
     return int.from_bytes(raw, sys.byteorder)
 
 
-def release_bpf(bpf: Any) -> None:
-    """Free a bcc module now (bcc otherwise keeps it until exit through atexit)."""
-    if bpf is not None:
-        atexit.unregister(bpf.cleanup)
-        bpf.cleanup()
-
-
-def _mount_bpffs() -> None:
-    from netagent.proxy.backend import SyncError
-    from netagent.proxy.ebpf import ensure_bpffs
-
-    try:
-        ensure_bpffs()
-    except SyncError as err:
-        raise FastPathError(str(err)) from None
-
-
-def _bpftool(*args: str) -> Any:
-    """bpftool's JSON answer ({} for commands that print none)."""
-    output = subprocess.run(["bpftool", "--json", *args], capture_output=True, text=True, check=True).stdout
-    return (json.loads(output) if output.strip() else None) or {}
-
-
-def _our_filters(ipr: IPRoute, index: int, parent: int) -> list[tuple[int, str]]:
-    """(tc info, name) of netagent's filters at one hook."""
-    try:
-        filters = ipr.get_filters(index=index, parent=parent)
-    except NetlinkError:  # no clsact qdisc there
-        return []
-    found = []
-    for tc_filter in filters:
-        options = tc_filter.get_attr("TCA_OPTIONS")
-        name = options.get_attr("TCA_BPF_NAME") if options else None
-        if name and name.startswith(FILTER_PREFIX):
-            found.append((tc_filter["info"], name))
-    return found
-
-
 def _filter_name(ipr: IPRoute, index: int, parent: int) -> str | None:
-    return next((name for _info, name in _our_filters(ipr, index, parent)), None)
-
-
-def attach_filter(ipr: IPRoute, index: int, parent: int, fd: int, name: str) -> None:
-    """Replace whatever filter we had at this hook (other filters there are left alone). Between the
-    delete and the add packets take the stack; a flow the stack NATs meanwhile is not noted by the
-    egress hook, which is why ensure() seeds the map from conntrack after attaching."""
-    with contextlib.suppress(NetlinkError):  # EEXIST: the clsact qdisc is already there
-        ipr.tc("add", "clsact", index)
-    _detach(ipr, index, parent)
-    ipr.tc("add-filter", "bpf", index, ":1", fd=fd, name=name, parent=parent, classid=1, direct_action=True)
+    return next((name for _info, name in bpf.tc_filters(ipr, index, parent, FILTER_PREFIX)), None)
 
 
 def _detach_all_except(ipr: IPRoute, keep: set[tuple[int, int]]) -> None:
     """Our filters at every hook not in `keep` (an older program's layout, a bridge that went away)."""
     for link in ipr.get_links():
-        for parent in (INGRESS, EGRESS):
+        for parent in (bpf.TC_INGRESS, bpf.TC_EGRESS):
             if (link["index"], parent) not in keep:
-                _detach(ipr, link["index"], parent)
-
-
-def _detach(ipr: IPRoute, index: int, parent: int) -> None:
-    for info, _name in _our_filters(ipr, index, parent):
-        with contextlib.suppress(NetlinkError):  # gone meanwhile (its device was deleted)
-            ipr.tc("del-filter", index=index, parent=parent, info=info)
+                bpf.detach_tc_filters(ipr, link["index"], parent, FILTER_PREFIX)
 
 
 class FastPathAttacher:

@@ -24,10 +24,11 @@ import pytest
 from test_proxy_dataplane import PODS, SERVER, endpoint, endpoint_slice, eventually, service, tcp_ask
 
 from netagent.proxy.backend import NodeContext, SyncError
-from netagent.proxy.ebpf import MAPS, EbpfBackend, cgroup_id, link_info, program_version
+from netagent.proxy.ebpf import MAPS, EbpfBackend, cgroup_id, program_version
 from netagent.proxy.model import Snapshot, build_snapshot
 from netagent.proxy.proxier import compare
 from nodekit import netns
+from nodekit.bpf import link_info
 
 VIP, GATEWAY, CLIENT_IP = "10.96.0.10", "10.244.0.1", "10.244.0.20"
 TCP_PORT, UDP_PORT = 8080, 5353  # service port == the pods' port, so the node's own server answers too

@@ -45,26 +45,23 @@ import logging
 import os
 import re
 import socket
-import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from netagent.proxy.backend import ChainFacts, KernelView, NodeContext, SyncError, destination
-from netagent.proxy.model import ServicePort, short_hash
+from netagent.proxy.model import ServicePort
+from nodekit import bpf
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-PROGRAM = Path(__file__).resolve().parents[2] / "ebpf" / "sock_lb.c"
-BPFFS = "/sys/fs/bpf"
-PIN_ROOT = os.path.join(BPFFS, "netagent")
+PROGRAM = "sock_lb.c"
 DEFAULT_CGROUP = "/sys/fs/cgroup/unified"
 PROTOCOLS = {"TCP": 6, "UDP": 17}  # IPPROTO_*
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 MAPS = ("services", "backends", "reverse")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,252}$")
-_BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 
 @dataclass(frozen=True)
@@ -235,92 +232,8 @@ def plan(
     return MapState(services, slots)
 
 
-# -- libbpf through ctypes (pinning, links and map access are not in bcc's Python API) --------------
-class _LinkInfo(ctypes.Structure):
-    """struct bpf_link_info up to its cgroup member."""
-
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("prog_id", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64), ("attach_type", ctypes.c_uint32),
-                ("pad2", ctypes.c_uint32)]
-
-
-@functools.cache
-def _libbpf() -> ctypes.CDLL:
-    try:
-        return ctypes.CDLL("libbpf.so.1", use_errno=True)
-    except OSError as err:
-        raise SyncError(f"libbpf.so.1 is needed by the ebpf proxy: {err}") from None
-
-
-def _call(what: str, function: str, *args: object) -> int:
-    """Call a libbpf function, which returns -errno on failure."""
-    rc = getattr(_libbpf(), function)(*args)
-    if rc < 0:
-        raise SyncError(f"{what}: {os.strerror(-rc)}")
-    return rc
-
-
-def _obj_get(path: str) -> int:
-    return _call(f"open pinned {path}", "bpf_obj_get", path.encode())
-
-
-def link_info(path: str) -> _LinkInfo:
-    """The pinned link's program id and cgroup id (0 once its cgroup was removed)."""
-    fd = _obj_get(path)
-    try:
-        info, size = _LinkInfo(), ctypes.c_uint32(ctypes.sizeof(_LinkInfo))
-        _call(f"read link {path}", "bpf_obj_get_info_by_fd", fd, ctypes.byref(info), ctypes.byref(size))
-        return info
-    finally:
-        os.close(fd)
-
-
-class PinnedMap:
-    """One pinned BPF hash map; keys and values are tuples in the C structure's field order (no pads)."""
-
-    def __init__(self, path: str, key_type: type[ctypes.Structure], value_type: type[ctypes.Structure]):
-        self.path, self.key_type, self.value_type = path, key_type, value_type
-        self.fd = _obj_get(path)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def update(self, key: tuple, value: tuple) -> None:
-        k, v = self.key_type(*key), self.value_type(*value)
-        _call(f"update {self.path}", "bpf_map_update_elem", self.fd, ctypes.byref(k), ctypes.byref(v), 0)
-
-    def delete(self, key: tuple) -> None:
-        k = self.key_type(*key)
-        rc = _libbpf().bpf_map_delete_elem(self.fd, ctypes.byref(k))
-        if rc < 0 and -rc != 2:  # ENOENT: already gone is what we wanted
-            raise SyncError(f"delete from {self.path}: {os.strerror(-rc)}")
-
-    def items(self) -> Iterator[tuple[tuple, tuple]]:
-        key, next_key, value = self.key_type(), self.key_type(), self.value_type()
-        previous = None
-        while _libbpf().bpf_map_get_next_key(self.fd, previous, ctypes.byref(next_key)) == 0:
-            ctypes.memmove(ctypes.byref(key), ctypes.byref(next_key), ctypes.sizeof(key))
-            previous = ctypes.byref(key)
-            if _libbpf().bpf_map_lookup_elem(self.fd, previous, ctypes.byref(value)) == 0:
-                yield _fields(key), _fields(value)
-
-
-def _fields(struct: ctypes.Structure) -> tuple:
-    return tuple(getattr(struct, name) for name, *_ in struct._fields_ if not name.startswith("pad"))
-
-
-def detach_link(path: str) -> None:
-    """Detach a pinned link now, then unpin it (unpinning alone detaches only after an RCU grace period)."""
-    fd = _obj_get(path)
-    try:
-        _call(f"detach {path}", "bpf_link_detach", fd)
-    finally:
-        os.close(fd)
-    os.unlink(path)
-
-
 def program_version() -> str:
-    return short_hash(PROGRAM.read_text())[:12].lower()
+    return bpf.program_version(PROGRAM)
 
 
 def cgroup_id(path: str) -> int:
@@ -334,13 +247,17 @@ def _in_init_netns() -> bool:
     return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
 
 
-def ensure_bpffs() -> None:
-    """Pinning needs bpffs at /sys/fs/bpf (a filesystem mount, no network change)."""
-    if not os.path.ismount(BPFFS):
-        os.makedirs(BPFFS, exist_ok=True)
-        proc = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SyncError(f"cannot mount bpffs at {BPFFS}: {proc.stderr.strip()}")
+def _as_sync_error(method: Callable[..., T]) -> Callable[..., T]:
+    """The proxy's callers handle SyncError; a BPF failure is one."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except bpf.BpfError as err:
+            raise SyncError(str(err)) from None
+
+    return wrapper
 
 
 # -- the backend ------------------------------------------------------------------------------------
@@ -367,13 +284,14 @@ class EbpfBackend:
         self.family = family
         self.netns = netns
         self.cgroup = cgroup
-        self.pin_dir = pin_dir or os.path.join(PIN_ROOT, node.node_name)
-        self._maps: dict[str, PinnedMap] = {}
+        self.pin_dir = pin_dir or os.path.join(bpf.PIN_ROOT, node.node_name)
+        self._maps: dict[str, bpf.PinnedMap] = {}
         self._applied: MapState | None = None  # None: unknown, read the maps before the next sync
         self._applied_wanted: dict[ServiceAddr, frozenset[Addr]] = {}  # what _applied was planned from
         self._memo: dict[ServicePort, tuple[ServiceAddr, frozenset[Addr]] | None] = {}  # per unchanged port
         self._warned: set[str] = set()
 
+    @_as_sync_error
     def sync(self, ports: Sequence[ServicePort]) -> MapChanges:
         """Make the maps hold exactly the ClusterIPs of `ports`; returns what was written.
 
@@ -435,8 +353,8 @@ class EbpfBackend:
 
     def _open_maps(self) -> None:
         self._maps = {
-            "services": PinnedMap(os.path.join(self.pin_dir, "services"), _ServiceKey, _ServiceValue),
-            "backends": PinnedMap(os.path.join(self.pin_dir, "backends"), _BackendKey, _BackendValue),
+            "services": bpf.PinnedMap(os.path.join(self.pin_dir, "services"), _ServiceKey, _ServiceValue),
+            "backends": bpf.PinnedMap(os.path.join(self.pin_dir, "backends"), _BackendKey, _BackendValue),
         }
 
     # -- attaching ----------------------------------------------------------------------------------
@@ -455,12 +373,12 @@ class EbpfBackend:
                 f"refusing to attach to the root cgroup {self.cgroup} for a node that is a netns (lab, "
                 "tests): it would balance every process on the host; give this node its own cgroup"
             )
-        ensure_bpffs()
+        bpf.ensure_bpffs()
         os.makedirs(self.pin_dir, exist_ok=True)
         version = program_version()
         links = self.pinned_links()
         maps_pinned = all(os.path.exists(os.path.join(self.pin_dir, name)) for name in MAPS)
-        same_cgroup = {hook for hook, path in links.items() if link_info(path).cgroup_id == target}
+        same_cgroup = {hook for hook, path in links.items() if bpf.link_info(path).cgroup_id == target}
         if maps_pinned and all(
             hook.name in same_cgroup and links[hook.name].endswith(f"-{version}") for hook in HOOKS
         ):
@@ -468,14 +386,14 @@ class EbpfBackend:
         log.info("attaching socket-LB programs (version %s) to cgroup %s", version, self.cgroup)
         for hook, path in links.items():
             if hook not in same_cgroup:  # configured for another cgroup, or its cgroup is gone
-                detach_link(path)
-        bpf = self._compile()
+                bpf.detach_link(path)
+        module = bpf.compile_program(PROGRAM, [f'-DPIN_DIR="{self.pin_dir}"'])
         try:
             cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 for hook in HOOKS:
-                    prog_fd = bpf.load_func(hook.function.encode(), _BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                                            attach_type=hook.attach_type).fd
+                    prog_fd = bpf.load_function(module, hook.function, bpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+                                                hook.attach_type)
                     old = links.get(hook.name) if hook.name in same_cgroup else None
                     self._link(hook, prog_fd, cgroup_fd, old, version)
                     if old and old != self._link_path(hook, version):
@@ -483,7 +401,7 @@ class EbpfBackend:
             finally:
                 os.close(cgroup_fd)
         finally:
-            bpf.cleanup()
+            bpf.release(module)
 
     def _link_path(self, hook: Hook, version: str) -> str:
         return os.path.join(self.pin_dir, f"{hook.name}-{version}")
@@ -493,32 +411,22 @@ class EbpfBackend:
         new one (links attach in multi mode, so other users' programs on the cgroup keep running)."""
         new_path = self._link_path(hook, version)
         if replace:
-            fd = _obj_get(replace)
-            try:
-                _call(f"update {replace}", "bpf_link_update", fd, prog_fd, None)
-                if replace != new_path:
-                    _call(f"pin {new_path}", "bpf_obj_pin", fd, new_path.encode())
-            finally:
-                os.close(fd)
+            bpf.update_link(replace, prog_fd)
+            if replace != new_path:
+                fd = bpf.open_pinned(replace)
+                try:
+                    bpf.pin(fd, new_path)
+                finally:
+                    os.close(fd)
             return
-        fd = _call(f"attach {hook.name} to {self.cgroup}", "bpf_link_create", prog_fd, cgroup_fd,
-                   hook.attach_type, None)
+        fd = bpf.create_link(prog_fd, cgroup_fd, hook.attach_type, f"{hook.name} to {self.cgroup}")
         try:
-            _call(f"pin {new_path}", "bpf_obj_pin", fd, new_path.encode())
+            bpf.pin(fd, new_path)
         finally:
             os.close(fd)
 
-    def _compile(self) -> Any:  # a bcc.BPF; imported only here: reading and writing maps needs no clang
-        try:
-            from bcc import BPF
-        except ImportError as err:
-            raise SyncError(f"the ebpf proxy needs bcc (Debian's python3-bpfcc): {err}") from None
-        try:  # the maps are created and pinned here, or the pinned ones are reused
-            return BPF(src_file=str(PROGRAM).encode(), cflags=[f'-DPIN_DIR="{self.pin_dir}"'])
-        except Exception as err:  # bcc raises plain Exception for compile and load errors
-            raise SyncError(f"cannot load {PROGRAM}: {err}") from None
-
     # -- inspection and cleanup ---------------------------------------------------------------------
+    @_as_sync_error
     def kernel_view(self) -> KernelView:
         """Each ClusterIP with the backends the maps hold; empty unless every program is attached."""
         if self.family != 4 or set(self.pinned_links()) != {hook.name for hook in HOOKS}:
@@ -539,6 +447,7 @@ class EbpfBackend:
             pinned.close()
         self._maps, self._applied = {}, None
 
+    @_as_sync_error
     def cleanup(self) -> None:
         """Detach the programs and drop the maps."""
         self.close()
@@ -546,7 +455,7 @@ class EbpfBackend:
             return
         try:
             for path in self.pinned_links().values():
-                detach_link(path)
+                bpf.detach_link(path)
             for name in os.listdir(self.pin_dir):  # the maps: unpinned, freed with their last user
                 os.unlink(os.path.join(self.pin_dir, name))
             os.rmdir(self.pin_dir)  # PIN_ROOT stays: other nodes' agents may be creating theirs in it
