@@ -2,8 +2,13 @@
 
 /healthz follows kube-proxy's contract so the same probes and dashboards work: 200 while every
 controller has synced and has no change waiting longer than the timeout, 503 otherwise, with a JSON
-body carrying lastUpdated/currentTime. /metrics is Prometheus text from a registry of our own (not
-the process-global one) so several agents can live in one test process.
+body carrying lastUpdated/currentTime. A watched informer whose list/watch the API server keeps
+refusing for this agent (a 4xx, an undecodable list) for longer than the timeout also makes it 503:
+no change can reach the kernel. An API server that is down or answering 5xx does not: every node
+would turn unhealthy at once and a load balancer would drain them all, while the rules they hold are
+still the last known truth; the informer-failing metric shows that case.
+/metrics is Prometheus text from a registry of our own (not the process-global one) so several
+agents can live in one test process.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,6 +45,15 @@ class SyncTracker:
         self._last_synced: dict[str, float] = {}
         self._pending_since: dict[str, float] = {}
         self._expected: set[str] = set()
+        self._informers: list[Any] = []
+        self._informer_failing = Gauge(
+            "netagent_informer_failing", "1 while an informer's list/watch fails (outage or refusal)",
+            ["kind"], registry=registry,
+        )
+        self._informer_invalid = Gauge(
+            "netagent_informer_invalid_objects", "Objects left out because they cannot be decoded",
+            ["kind"], registry=registry,
+        )
         self.sync_total = Counter(
             "netagent_sync_total", "Syncs run, by controller and result", ["controller", "result"],
             registry=registry,
@@ -57,6 +72,13 @@ class SyncTracker:
         with self._lock:
             self._expected.add(controller)
             self._pending_since.setdefault(controller, time.time())
+
+    def watch_informer(self, informer: Any) -> None:
+        """Count a netagent.kube.Informer's failures and skipped objects in /metrics and /healthz."""
+        with self._lock:
+            self._informers.append(informer)
+        self._informer_failing.labels(informer.kind).set_function(lambda: informer.failing_since is not None)
+        self._informer_invalid.labels(informer.kind).set_function(lambda: len(informer.invalid))
 
     def changes_pending(self, controller: str) -> None:
         with self._lock:
@@ -79,18 +101,25 @@ class SyncTracker:
         with self._lock:
             return all(name in self._last_synced for name in self._expected)
 
-    def healthz(self) -> tuple[bool, dict[str, str]]:
+    def healthz(self) -> tuple[bool, dict[str, Any]]:
         now = time.time()
         with self._lock:
             stuck = any(now - since > self.timeout for since in self._pending_since.values())
             never = any(name not in self._last_synced for name in self._expected)
             last = max(self._last_synced.values(), default=0.0)
-        body = {
+            refused = [
+                f"{informer.kind}: {informer.last_error}"
+                for informer in self._informers
+                if informer.failure_is_ours and now - (informer.failing_since or now) > self.timeout
+            ]
+        body: dict[str, Any] = {
             "lastUpdated": _iso(last) if last else "",
             "currentTime": _iso(now),
             "nodeEligible": True,
         }
-        return not (stuck or never), body
+        if refused:
+            body["watchesRefused"] = refused
+        return not (stuck or never or refused), body
 
 
 def _iso(ts: float) -> str:
