@@ -1,5 +1,5 @@
 """Garbage collection of one network's attachments: the one implementation behind the CNI 1.1 GC verb
-and the agent's periodic collector (netagent/gc.py).
+and the agent's periodic collector (netagent/gc/).
 
 Everything this network owns is findable without the pods: allocations live under the network's
 IPAM directory (owner and write time in each file) and every host veth carries the network's alias.

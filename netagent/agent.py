@@ -22,8 +22,8 @@ import click
 
 from cni.config import DEFAULT_DATA_DIR
 from netagent.config import NETWORK_MODES, PROXY_BACKENDS, UNAVAILABLE_PROXIES, AgentConfig
-from netagent.gc import DEFAULT_GRACE as DEFAULT_GC_GRACE
-from netagent.gc import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.controller import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.rules import DEFAULT_GRACE as DEFAULT_GC_GRACE
 from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.lock import AgentLock, LockHeldError
 from nodekit import nodestate
@@ -90,13 +90,10 @@ class Agent:
 
     def _start_gc(self, api_client: Any) -> None:
         """Release CNI state leaked by pods gone from this node: at start, then every --gc-interval."""
-        from netagent.gc import start_collector
+        from netagent.gc.controller import start_collector
 
-        cfg = self.config
-        if cfg.gc_interval > 0:
-            self._stoppables.append(start_collector(api_client, cfg.node_name,
-                                                    cfg.cni_data_dir, cfg.state_dir, cfg.gc_interval,
-                                                    cfg.gc_grace, cfg.containerd_socket))
+        if self.config.gc_interval > 0:
+            self._stoppables.append(start_collector(api_client, self.config))
 
     def _write_standalone_node_state(self) -> None:
         """No API server: pod CIDRs come from flags, no other nodes to reach, MTU = underlay MTU."""

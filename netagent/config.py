@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 
 from cni.config import DEFAULT_DATA_DIR
-from netagent.gc import DEFAULT_GRACE as DEFAULT_GC_GRACE
-from netagent.gc import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.controller import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.rules import DEFAULT_GRACE as DEFAULT_GC_GRACE
 from nodekit import nodestate
 
 NETWORK_MODES = ("vxlan", "routes", "none")
