@@ -164,7 +164,7 @@ def _spawn_apiserver(lab: Lab, state: LabState) -> None:
 
 def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
     """Until its ready file appears; then write the kubeconfigs for the host and for each node."""
-    from netns_lab.apiserver import write_kubeconfig
+    from netns_lab.apiserver.server import write_kubeconfig
 
     assert state.apiserver is not None
     deadline = time.monotonic() + timeout

@@ -15,9 +15,9 @@ import ipaddress
 import logging
 import threading
 
-from netns_lab.store import Event, Store
+from netns_lab.apiserver.store import Event, Store
 
-log = logging.getLogger("netns_lab.endpoints_controller")
+log = logging.getLogger("netns_lab.apiserver.endpoints_controller")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
