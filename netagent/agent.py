@@ -255,7 +255,6 @@ def _default_node_name() -> str:
 @click.option("--vxlan-port", type=click.IntRange(1, 65535), default=4789, show_default=True)
 @click.option("--cluster-cidr", "cluster_cidrs", multiple=True, callback=_parse_cidrs,
               default=("10.244.0.0/16",), show_default=True, help="Pod network of the cluster (repeatable).")
-@click.option("--service-cidr", default="10.96.0.0/16", show_default=True)
 @click.option("--proxy", type=click.Choice(PROXY_BACKENDS), default="none", show_default=True,
               help="kube-proxy replacement backend.")
 @click.option("--fast-path/--no-fast-path", default=False, show_default=True,
@@ -279,7 +278,7 @@ def _default_node_name() -> str:
               show_default=True)
 def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs: tuple[str, ...],
             state_dir: str, network: str, underlay_iface: str | None, vxlan_vni: int, vxlan_port: int,
-            cluster_cidrs: tuple[str, ...], service_cidr: str, proxy: str, fast_path: bool, healthz_bind: str,
+            cluster_cidrs: tuple[str, ...], proxy: str, fast_path: bool, healthz_bind: str,
             metrics_bind: str, min_sync_period: float, gc_interval: float, gc_grace: float,
             cni_data_dir: str, containerd_socket: str | None, log_level: str) -> None:
     """Run the node agent: node networking, CNI service and (optionally) the service proxy."""
@@ -288,11 +287,10 @@ def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs:
         raise click.UsageError("--standalone needs at least one --pod-cidr")
     if not standalone and pod_cidrs:
         raise click.UsageError("--pod-cidr is only used with --standalone (otherwise the Node's podCIDRs)")
-    _parse_cidr(service_cidr, click.Option(["--service-cidr"]))
     config = AgentConfig(
         node_name=node_name, state_dir=state_dir, kubeconfig=kubeconfig, standalone=standalone,
         pod_cidrs=pod_cidrs, network=network, underlay_iface=underlay_iface, vxlan_vni=vxlan_vni,
-        vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, service_cidr=service_cidr, proxy=proxy,
+        vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, proxy=proxy,
         fast_path=fast_path, healthz_bind=healthz_bind, metrics_bind=metrics_bind,
         min_sync_period=min_sync_period, gc_interval=gc_interval, gc_grace=gc_grace,
         cni_data_dir=cni_data_dir, containerd_socket=containerd_socket,

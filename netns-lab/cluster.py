@@ -231,7 +231,7 @@ def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
     argv = _python_module(
         "netagent.cli", "run", "--node-name", node.name, "--kubeconfig", node.kubeconfig,
         "--state-dir", node.state_dir, "--network", state.network, "--underlay-iface", topology.NODE_IFACE,
-        "--cluster-cidr", str(CLUSTER_CIDR), "--service-cidr", SERVICE_CIDR, "--proxy", state.proxy,
+        "--cluster-cidr", str(CLUSTER_CIDR), "--proxy", state.proxy,
         "--healthz-bind", f"{node.ip}:{HEALTHZ_PORT}", "--metrics-bind", f"{node.ip}:{METRICS_PORT}",
         "--cni-data-dir", node.ipam_dir, *(["--fast-path"] if state.fast_path else []),
     )
