@@ -114,12 +114,7 @@ class Agent:
         from netagent.node_controller import NodeController
 
         cfg = self.config
-        nodes = NodeController(
-            api_client, cfg.node_name, network=cfg.network, node_state_path=cfg.node_state_path,
-            tracker=self.tracker, registry=self._registry, cluster_cidrs=cfg.cluster_cidrs,
-            underlay_iface=cfg.underlay_iface, vxlan_vni=cfg.vxlan_vni, vxlan_port=cfg.vxlan_port,
-            min_sync_period=cfg.min_sync_period,
-        )
+        nodes = NodeController(api_client, cfg, tracker=self.tracker, registry=self._registry)
         nodes.start()
         self._stoppables.append(nodes)
         log.info("node controller started (network %s)", cfg.network)
@@ -276,27 +271,16 @@ def _default_node_name() -> str:
               help="GC also keeps every attachment whose container containerd still has.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs: tuple[str, ...],
-            state_dir: str, network: str, underlay_iface: str | None, vxlan_vni: int, vxlan_port: int,
-            cluster_cidrs: tuple[str, ...], proxy: str, fast_path: bool, healthz_bind: str,
-            metrics_bind: str, min_sync_period: float, gc_interval: float, gc_grace: float,
-            cni_data_dir: str, containerd_socket: str | None, log_level: str) -> None:
+def run_cmd(log_level: str, **options: Any) -> None:
     """Run the node agent: node networking, CNI service and (optionally) the service proxy."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if standalone and not pod_cidrs:
+    config = AgentConfig(**options)  # every other option is named as the AgentConfig field it sets
+    if config.standalone and not config.pod_cidrs:
         raise click.UsageError("--standalone needs at least one --pod-cidr")
-    if not standalone and pod_cidrs:
+    if not config.standalone and config.pod_cidrs:
         raise click.UsageError("--pod-cidr is only used with --standalone (otherwise the Node's podCIDRs)")
-    config = AgentConfig(
-        node_name=node_name, state_dir=state_dir, kubeconfig=kubeconfig, standalone=standalone,
-        pod_cidrs=pod_cidrs, network=network, underlay_iface=underlay_iface, vxlan_vni=vxlan_vni,
-        vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, proxy=proxy,
-        fast_path=fast_path, healthz_bind=healthz_bind, metrics_bind=metrics_bind,
-        min_sync_period=min_sync_period, gc_interval=gc_interval, gc_grace=gc_grace,
-        cni_data_dir=cni_data_dir, containerd_socket=containerd_socket,
-    )
-    if proxy in UNAVAILABLE_PROXIES:
-        raise click.ClickException(f"--proxy {proxy}: {UNAVAILABLE_PROXIES[proxy]}")
+    if config.proxy in UNAVAILABLE_PROXIES:
+        raise click.ClickException(f"--proxy {config.proxy}: {UNAVAILABLE_PROXIES[config.proxy]}")
     agent = Agent(config)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.stop())
