@@ -68,7 +68,7 @@ class WatchClosedEarlyError(RuntimeError):
     (relist after backoff) instead of re-watching in a tight loop."""
 
 
-class Store:
+class InformerCache:
     """Thread-safe cache of the informer's objects keyed by object_key()."""
 
     def __init__(self) -> None:
@@ -141,7 +141,7 @@ class Informer:
     def __init__(self, kind: str, list_func: Callable[..., Any], *, resync_period: float = 300.0,
                  watch_timeout: int = 240, backoff: Backoff | None = None, **list_kwargs: Any) -> None:
         self.kind = kind
-        self.store = Store()
+        self.store = InformerCache()
         self.resync_period = resync_period
         self.watch_timeout = watch_timeout
         self.relists = 0

@@ -86,7 +86,7 @@ class NodeController:
         self._core = client.CoreV1Api(api_client)
         self.informer = Informer("nodes", self._core.list_node)
         self.informer.add_handler(self._on_node_event)
-        self._loop = SyncLoop(CONTROLLER, self.sync, min_interval=config.min_sync_period)
+        self._loop = SyncLoop(CONTROLLER, self.reconcile, min_interval=config.min_sync_period)
         self._ipr: IPRoute | None = None
         self._network: VxlanNetwork | RoutedNetwork | None = None
         self._last_errors: dict[str, str] = {}
@@ -116,7 +116,7 @@ class NodeController:
         self.tracker.changes_pending(CONTROLLER)
         self._loop.request()
 
-    def sync(self) -> None:
+    def reconcile(self) -> None:
         """One level-triggered pass; raises (and is retried) when this node cannot be set up yet."""
         if not self.informer.wait_for_sync(timeout=30):
             raise NodeNotReadyError("Node list not received from the API server yet")
@@ -189,7 +189,7 @@ class NodeController:
                 log.debug("node %s has no node IP or pod CIDR yet; skipped", node.metadata.name)
             else:
                 peers.append(peer)
-        report = self._network.sync(peers)
+        report = self._network.program_peers(peers)
         self._log_report(report, len(peers))
 
     def _log_report(self, report: SyncReport, peer_count: int) -> None:

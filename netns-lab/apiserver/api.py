@@ -17,7 +17,7 @@ from netns_lab.apiserver.api_errors import bad_request, invalid, status_object
 from netns_lab.apiserver.object_selectors import object_filter
 from netns_lab.apiserver.patches import PATCHERS
 from netns_lab.apiserver.resources import Resource
-from netns_lab.apiserver.store import ApiError, Event, Store, not_found
+from netns_lab.apiserver.store import ApiError, Event, ObjectStore, not_found
 from netns_lab.apiserver.validation import validate_metadata
 
 DEFAULT_WATCH_TIMEOUT = 1800.0
@@ -42,7 +42,7 @@ class Target:
 class Api:
     """The API's behaviour independent of HTTP: reads, writes with admission, watches."""
 
-    def __init__(self, store: Store, allocator: ServiceAllocator, bookmark_interval: float) -> None:
+    def __init__(self, store: ObjectStore, allocator: ServiceAllocator, bookmark_interval: float) -> None:
         self.store = store
         self.allocator = allocator
         self.bookmark_interval = bookmark_interval

@@ -20,7 +20,7 @@ from netns_lab.apiserver.api_errors import bad_request, status_object
 from netns_lab.apiserver.discovery import DISCOVERY
 from netns_lab.apiserver.endpoints_controller import EndpointsController
 from netns_lab.apiserver.resources import BY_PATH
-from netns_lab.apiserver.store import ApiError, Store
+from netns_lab.apiserver.store import ApiError, ObjectStore
 from netns_lab.apiserver.tables import as_table
 
 from nodekit import netns
@@ -251,7 +251,7 @@ class LabApiServer:
         self.bookmark_interval = bookmark_interval
         self._servers: list[LabHTTPServer] = []
         self._serving: list[LabHTTPServer] = []
-        self.store: Store | None = None
+        self.store: ObjectStore | None = None
         self.api: Api | None = None
         self.controller: EndpointsController | None = None
 
@@ -261,7 +261,7 @@ class LabApiServer:
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def start(self) -> LabApiServer:
-        self.store = Store(self.data_path, self.history_size)
+        self.store = ObjectStore(self.data_path, self.history_size)
         try:
             allocator = ServiceAllocator(self.service_cidrs)
             self.api = Api(self.store, allocator, self.bookmark_interval)
