@@ -18,7 +18,7 @@ import time
 import urllib.parse
 
 from kubernetes import client, config
-from netns_lab.apiserver import LabApiServer, write_kubeconfig
+from netns_lab.apiserver.server import LabApiServer, write_kubeconfig
 
 
 def per_call(fn, count: int) -> float:

@@ -30,9 +30,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from netns_lab import oci_image  # noqa: E402
-from netns_lab.containerd_networks import install_netagent, install_reference, standalone_agent  # noqa: E402
-from netns_lab.containerd_node import ContainerdError, ContainerdNode  # noqa: E402
+from netns_lab.containerd import oci_image  # noqa: E402
+from netns_lab.containerd.networks import install_netagent, install_reference, standalone_agent  # noqa: E402
+from netns_lab.containerd.node import ContainerdError, ContainerdNode  # noqa: E402
 
 from nodekit import netns, nodestate  # noqa: E402
 

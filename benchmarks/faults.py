@@ -31,7 +31,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from netns_lab.apiserver import LabApiServer  # noqa: E402
+from netns_lab.apiserver.server import LabApiServer  # noqa: E402
 from test_agent import NODE_IPS, AgentProcess, Cluster  # noqa: E402
 from test_faults import AgentFaultFigures, FaultFigures, agent_kill_rounds, plugin_kill_rounds  # noqa: E402
 from test_gc import API_ADDRESS, Node  # noqa: E402

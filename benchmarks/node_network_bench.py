@@ -109,7 +109,7 @@ def program(bed: Testbed, mode: str) -> None:
             else:
                 network = RoutedNetwork(ipr, underlay)
                 network.setup()
-            report = network.sync(peers)
+            report = network.program_peers(peers)
         if report.errors:
             raise RuntimeError(f"{mode}: {report.errors}")
     bed.set_pod_mtu(VXLAN_POD_MTU if mode == "vxlan" else UNDERLAY_MTU)
@@ -162,15 +162,15 @@ def control_plane(bed: Testbed, peers: int) -> dict[str, float]:
         network = VxlanNetwork(ipr, find_underlay(ipr, "eth0"))
         network.setup([node["cidr"]])
         started = time.perf_counter()
-        cold = network.sync(everyone)
+        cold = network.program_peers(everyone)
         cold_s = time.perf_counter() - started
         started = time.perf_counter()
-        noop = network.sync(everyone)
+        noop = network.program_peers(everyone)
         noop_s = time.perf_counter() - started
         moved = [*everyone[:-1], PeerNode(everyone[-1].name, "172.20.255.1", everyone[-1].pod_cidrs,
                                           everyone[-1].vtep_mac)]
         started = time.perf_counter()
-        change = network.sync(moved)
+        change = network.program_peers(moved)
         change_s = time.perf_counter() - started
     assert cold.added == 3 * peers and not noop.added + noop.changed + noop.removed and change.changed == 1
     return {"peers": peers, "cold_s": cold_s, "noop_resync_s": noop_s, "one_change_s": change_s,

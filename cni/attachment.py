@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def add(request: Request, network: Network) -> dict[str, Any]:
     conf = network.conf
-    store = ipam.Store(conf.data_dir, conf.name)
+    store = ipam.AllocationStore(conf.data_dir, conf.name)
     host_name = links.host_veth_name(request.container_id, request.ifname)
     undo: list[Callable[[], object]] = []
     with links.open_pod(request.netns) as pod_ns, links.node_iproute() as node_ipr:
@@ -58,7 +58,7 @@ def add(request: Request, network: Network) -> dict[str, Any]:
 def delete(request: Request, conf: NetConf) -> None:
     with links.node_iproute() as node_ipr:
         links.delete(node_ipr, links.host_veth_name(request.container_id, request.ifname))
-    ipam.Store(conf.data_dir, conf.name).release(request.owner)
+    ipam.AllocationStore(conf.data_dir, conf.name).release(request.owner)
 
 
 def check(request: Request, conf: NetConf) -> None:
@@ -92,7 +92,7 @@ def check(request: Request, conf: NetConf) -> None:
             _drift(f"host veth {host_name} or bridge {conf.bridge} is missing")
         if node_ipr.get_links(host.index)[0].get_attr("IFLA_MASTER") != bridge.index:
             _drift(f"host veth {host_name} is not attached to {conf.bridge}")
-    store = ipam.Store(conf.data_dir, conf.name)
+    store = ipam.AllocationStore(conf.data_dir, conf.name)
     with store.locked():
         held = {str(a) for a, owner in store.allocations().items() if owner == request.owner}
     for address in expected_ips:

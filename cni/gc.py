@@ -1,5 +1,5 @@
 """Garbage collection of one network's attachments: the one implementation behind the CNI 1.1 GC verb
-and the agent's periodic collector (netagent/gc.py).
+and the agent's periodic collector (netagent/gc/).
 
 Everything this network owns is findable without the pods: allocations live under the network's
 IPAM directory (owner and write time in each file) and every host veth carries the network's alias.
@@ -101,7 +101,7 @@ def sweep(
     Every attachment is judged before any orphan veth. Host veths are looked up in the calling
     thread's netns, which must be the node's.
     """
-    store = ipam.Store(data_dir, network_name)
+    store = ipam.AllocationStore(data_dir, network_name)
     releases: list[Release] = []
     with links.node_iproute() as ipr:
         with store.locked():
@@ -124,7 +124,7 @@ def sweep(
     return GcReport(tuple(releases))
 
 
-def _attachments(store: ipam.Store) -> list[Attachment]:
+def _attachments(store: ipam.AllocationStore) -> list[Attachment]:
     """Allocations grouped by owner (caller holds the lock); a dual-stack pod owns two addresses."""
     now = time.time()
     grouped: dict[Owner, list[tuple[IPAddress, float]]] = {}

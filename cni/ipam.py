@@ -41,7 +41,7 @@ class _Scan:
     indexed: dict[str, list[str]]  # owner key -> addresses whose index entry is current
 
 
-class Store:
+class AllocationStore:
     """The allocations of one network."""
 
     def __init__(self, data_dir: str, network_name: str) -> None:

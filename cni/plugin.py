@@ -87,7 +87,7 @@ def _status(conf: NetConf) -> None:
         network = resolve_network(conf)
     except CniError as e:
         raise CniError(errors.PLUGIN_NOT_AVAILABLE, e.msg, e.details) from None
-    full = ipam.Store(conf.data_dir, conf.name).exhausted(network.ranges)
+    full = ipam.AllocationStore(conf.data_dir, conf.name).exhausted(network.ranges)
     if full:
         raise CniError(
             errors.PLUGIN_NOT_AVAILABLE,

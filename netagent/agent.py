@@ -22,8 +22,8 @@ import click
 
 from cni.config import DEFAULT_DATA_DIR
 from netagent.config import NETWORK_MODES, PROXY_BACKENDS, UNAVAILABLE_PROXIES, AgentConfig
-from netagent.gc import DEFAULT_GRACE as DEFAULT_GC_GRACE
-from netagent.gc import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.controller import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.rules import DEFAULT_GRACE as DEFAULT_GC_GRACE
 from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.lock import AgentLock, LockHeldError
 from nodekit import nodestate
@@ -90,13 +90,10 @@ class Agent:
 
     def _start_gc(self, api_client: Any) -> None:
         """Release CNI state leaked by pods gone from this node: at start, then every --gc-interval."""
-        from netagent.gc import start_collector
+        from netagent.gc.controller import start_collector
 
-        cfg = self.config
-        if cfg.gc_interval > 0:
-            self._stoppables.append(start_collector(api_client, cfg.node_name,
-                                                    cfg.cni_data_dir, cfg.state_dir, cfg.gc_interval,
-                                                    cfg.gc_grace, cfg.containerd_socket))
+        if self.config.gc_interval > 0:
+            self._stoppables.append(start_collector(api_client, self.config))
 
     def _write_standalone_node_state(self) -> None:
         """No API server: pod CIDRs come from flags, no other nodes to reach, MTU = underlay MTU."""
@@ -117,12 +114,7 @@ class Agent:
         from netagent.node_controller import NodeController
 
         cfg = self.config
-        nodes = NodeController(
-            api_client, cfg.node_name, network=cfg.network, node_state_path=cfg.node_state_path,
-            tracker=self.tracker, registry=self._registry, cluster_cidrs=cfg.cluster_cidrs,
-            underlay_iface=cfg.underlay_iface, vxlan_vni=cfg.vxlan_vni, vxlan_port=cfg.vxlan_port,
-            min_sync_period=cfg.min_sync_period,
-        )
+        nodes = NodeController(api_client, cfg, tracker=self.tracker, registry=self._registry)
         nodes.start()
         self._stoppables.append(nodes)
         log.info("node controller started (network %s)", cfg.network)
@@ -258,7 +250,6 @@ def _default_node_name() -> str:
 @click.option("--vxlan-port", type=click.IntRange(1, 65535), default=4789, show_default=True)
 @click.option("--cluster-cidr", "cluster_cidrs", multiple=True, callback=_parse_cidrs,
               default=("10.244.0.0/16",), show_default=True, help="Pod network of the cluster (repeatable).")
-@click.option("--service-cidr", default="10.96.0.0/16", show_default=True)
 @click.option("--proxy", type=click.Choice(PROXY_BACKENDS), default="none", show_default=True,
               help="kube-proxy replacement backend.")
 @click.option("--fast-path/--no-fast-path", default=False, show_default=True,
@@ -280,28 +271,16 @@ def _default_node_name() -> str:
               help="GC also keeps every attachment whose container containerd still has.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def run_cmd(node_name: str, kubeconfig: str | None, standalone: bool, pod_cidrs: tuple[str, ...],
-            state_dir: str, network: str, underlay_iface: str | None, vxlan_vni: int, vxlan_port: int,
-            cluster_cidrs: tuple[str, ...], service_cidr: str, proxy: str, fast_path: bool, healthz_bind: str,
-            metrics_bind: str, min_sync_period: float, gc_interval: float, gc_grace: float,
-            cni_data_dir: str, containerd_socket: str | None, log_level: str) -> None:
+def run_cmd(log_level: str, **options: Any) -> None:
     """Run the node agent: node networking, CNI service and (optionally) the service proxy."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if standalone and not pod_cidrs:
+    config = AgentConfig(**options)  # every other option is named as the AgentConfig field it sets
+    if config.standalone and not config.pod_cidrs:
         raise click.UsageError("--standalone needs at least one --pod-cidr")
-    if not standalone and pod_cidrs:
+    if not config.standalone and config.pod_cidrs:
         raise click.UsageError("--pod-cidr is only used with --standalone (otherwise the Node's podCIDRs)")
-    _parse_cidr(service_cidr, click.Option(["--service-cidr"]))
-    config = AgentConfig(
-        node_name=node_name, state_dir=state_dir, kubeconfig=kubeconfig, standalone=standalone,
-        pod_cidrs=pod_cidrs, network=network, underlay_iface=underlay_iface, vxlan_vni=vxlan_vni,
-        vxlan_port=vxlan_port, cluster_cidrs=cluster_cidrs, service_cidr=service_cidr, proxy=proxy,
-        fast_path=fast_path, healthz_bind=healthz_bind, metrics_bind=metrics_bind,
-        min_sync_period=min_sync_period, gc_interval=gc_interval, gc_grace=gc_grace,
-        cni_data_dir=cni_data_dir, containerd_socket=containerd_socket,
-    )
-    if proxy in UNAVAILABLE_PROXIES:
-        raise click.ClickException(f"--proxy {proxy}: {UNAVAILABLE_PROXIES[proxy]}")
+    if config.proxy in UNAVAILABLE_PROXIES:
+        raise click.ClickException(f"--proxy {config.proxy}: {UNAVAILABLE_PROXIES[config.proxy]}")
     agent = Agent(config)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.stop())

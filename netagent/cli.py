@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("netagent.agent:run_cmd", "Run the node agent (DaemonSet entry point)."),
     "install-cni": ("cni.install:install_cni_cmd", "Install the CNI plugin and its conflist."),
     "doctor": ("netagent.doctor:doctor_cmd", "Check the kernel and userland features netagent needs."),
-    "gc": ("netagent.gc:gc_cmd", "Release CNI state leaked by pods that no longer exist."),
+    "gc": ("netagent.gc.cli:gc_cmd", "Release CNI state leaked by pods that no longer exist."),
     "proxy": ("netagent.proxy.cli:proxy_group", "Inspect the kube-proxy replacement."),
     "lab": ("netns_lab.cli:lab_group", "A whole cluster on this machine, in network namespaces."),
 }

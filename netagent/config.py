@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 
 from cni.config import DEFAULT_DATA_DIR
-from netagent.gc import DEFAULT_GRACE as DEFAULT_GC_GRACE
-from netagent.gc import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.controller import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
+from netagent.gc.rules import DEFAULT_GRACE as DEFAULT_GC_GRACE
 from nodekit import nodestate
 
 NETWORK_MODES = ("vxlan", "routes", "none")
@@ -33,7 +33,6 @@ class AgentConfig:
     vxlan_vni: int = 1
     vxlan_port: int = 4789
     cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",)
-    service_cidr: str = "10.96.0.0/16"
     proxy: str = "none"
     fast_path: bool = False
     healthz_bind: str = "0.0.0.0:10256"

@@ -133,7 +133,7 @@ class FastPath:
             if missing:
                 self._attach(ipr, devices, name, missing)
             if devices.vxlan:
-                self._vxlan_maps.sync(_vtep_addresses(ipr, devices.uplink), devices.pod_veths)
+                self._vxlan_maps.mirror(_vtep_addresses(ipr, devices.uplink), devices.pod_veths)
             return devices
 
     @property
@@ -336,7 +336,7 @@ class VxlanMaps:
         self._local_pods.forget()
         self._written = self._pruned_for = None
 
-    def sync(self, vteps: dict[str, str], pod_veths: tuple[int, ...]) -> None:
+    def mirror(self, vteps: dict[str, str], pod_veths: tuple[int, ...]) -> None:
         try:
             self._sync_vteps({_vtep_key(mac): socket.inet_aton(address) for mac, address in vteps.items()})
             if pod_veths != self._pruned_for:

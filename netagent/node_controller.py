@@ -20,6 +20,7 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge
 from pyroute2 import IPRoute
 
+from netagent.config import AgentConfig
 from netagent.health import SyncTracker
 from netagent.kube import Informer, SyncLoop
 from netagent.node_network import (
@@ -78,22 +79,14 @@ def networking_view(node: Any) -> tuple[Any, ...]:
 class NodeController:
     """Watches Nodes and runs node syncs in its own thread (see module docstring)."""
 
-    def __init__(self, api_client: client.ApiClient, node_name: str, *, network: str, node_state_path: str,
-                 tracker: SyncTracker, registry: CollectorRegistry, cluster_cidrs: tuple[str, ...] = (),
-                 underlay_iface: str | None = None, vxlan_vni: int = 1, vxlan_port: int = 4789,
-                 min_sync_period: float = 1.0) -> None:
-        self.node_name = node_name
-        self.network_mode = network
-        self.node_state_path = node_state_path
-        self.cluster_cidrs = cluster_cidrs
-        self.underlay_iface = underlay_iface
-        self.vxlan_vni = vxlan_vni
-        self.vxlan_port = vxlan_port
+    def __init__(self, api_client: client.ApiClient, config: AgentConfig, *, tracker: SyncTracker,
+                 registry: CollectorRegistry) -> None:
+        self.config = config
         self.tracker = tracker
         self._core = client.CoreV1Api(api_client)
         self.informer = Informer("nodes", self._core.list_node)
         self.informer.add_handler(self._on_node_event)
-        self._loop = SyncLoop(CONTROLLER, self.sync, min_interval=min_sync_period)
+        self._loop = SyncLoop(CONTROLLER, self.reconcile, min_interval=config.min_sync_period)
         self._ipr: IPRoute | None = None
         self._network: VxlanNetwork | RoutedNetwork | None = None
         self._last_errors: dict[str, str] = {}
@@ -123,18 +116,18 @@ class NodeController:
         self.tracker.changes_pending(CONTROLLER)
         self._loop.request()
 
-    def sync(self) -> None:
+    def reconcile(self) -> None:
         """One level-triggered pass; raises (and is retried) when this node cannot be set up yet."""
         if not self.informer.wait_for_sync(timeout=30):
             raise NodeNotReadyError("Node list not received from the API server yet")
         started = time.monotonic()
         try:
-            me = self.informer.store.get(self.node_name)
+            me = self.informer.store.get(self.config.node_name)
             if me is None:
-                raise NodeNotReadyError(f"Node {self.node_name!r} does not exist in the API server")
+                raise NodeNotReadyError(f"Node {self.config.node_name!r} does not exist in the API server")
             pod_cidrs = pod_cidrs_of(me)
             if not pod_cidrs:
-                raise NodeNotReadyError(f"Node {self.node_name!r} has no spec.podCIDRs assigned yet")
+                raise NodeNotReadyError(f"Node {self.config.node_name!r} has no spec.podCIDRs assigned yet")
             mtu = self._setup_local(internal_ip_of(me), pod_cidrs)
             self._publish_annotations(me)
             self._write_node_state(pod_cidrs, mtu)
@@ -147,14 +140,15 @@ class NodeController:
 
     def _setup_local(self, node_ip: str | None, pod_cidrs: tuple[str, ...]) -> int:
         """Create/verify this node's own device and addresses; returns the MTU pods must use."""
+        cfg = self.config
         if self._ipr is None:
             self._ipr = IPRoute()
-        underlay = find_underlay(self._ipr, self.underlay_iface, node_ip)
-        if self.network_mode == "none":
+        underlay = find_underlay(self._ipr, cfg.underlay_iface, node_ip)
+        if cfg.network == "none":
             return underlay.mtu
         if self._network is None or self._network.underlay != underlay:
-            if self.network_mode == "vxlan":
-                self._network = VxlanNetwork(self._ipr, underlay, self.vxlan_vni, self.vxlan_port)
+            if cfg.network == "vxlan":
+                self._network = VxlanNetwork(self._ipr, underlay, cfg.vxlan_vni, cfg.vxlan_port)
             else:
                 self._network = RoutedNetwork(self._ipr, underlay)
         if isinstance(self._network, VxlanNetwork):
@@ -172,30 +166,30 @@ class NodeController:
         current = me.metadata.annotations or {}
         changed = {key: value for key, value in wanted.items() if current.get(key) != value}
         if changed:
-            self._core.patch_node(self.node_name, {"metadata": {"annotations": changed}})
-            log.info("published %s on Node %s", changed, self.node_name)
+            self._core.patch_node(self.config.node_name, {"metadata": {"annotations": changed}})
+            log.info("published %s on Node %s", changed, self.config.node_name)
 
     def _write_node_state(self, pod_cidrs: tuple[str, ...], mtu: int) -> None:
-        state = nodestate.NodeState(self.node_name, pod_cidrs, mtu, self.cluster_cidrs)
+        state = nodestate.NodeState(self.config.node_name, pod_cidrs, mtu, self.config.cluster_cidrs)
         try:
-            if nodestate.read(self.node_state_path) == state:
+            if nodestate.read(self.config.node_state_path) == state:
                 return
         except (OSError, ValueError, KeyError):
             pass  # missing or unreadable: (re)write it
-        nodestate.write(state, self.node_state_path)
-        log.info("wrote %s (pod CIDRs %s, MTU %d)", self.node_state_path, ",".join(pod_cidrs), mtu)
+        nodestate.write(state, self.config.node_state_path)
+        log.info("wrote %s (pod CIDRs %s, MTU %d)", self.config.node_state_path, ",".join(pod_cidrs), mtu)
 
     def _program_peers(self) -> None:
         peers = []
         for node in self.informer.store.list():
-            if node.metadata.name == self.node_name:
+            if node.metadata.name == self.config.node_name:
                 continue
             peer = peer_from_node(node)
             if peer is None:
                 log.debug("node %s has no node IP or pod CIDR yet; skipped", node.metadata.name)
             else:
                 peers.append(peer)
-        report = self._network.sync(peers)
+        report = self._network.program_peers(peers)
         self._log_report(report, len(peers))
 
     def _log_report(self, report: SyncReport, peer_count: int) -> None:

@@ -257,7 +257,7 @@ class RoutedNetwork:
         enable_forwarding()
         remove_stale_overlays(self.ipr)
 
-    def sync(self, peers: Iterable[PeerNode]) -> SyncReport:
+    def program_peers(self, peers: Iterable[PeerNode]) -> SyncReport:
         report = SyncReport()
         desired = {}
         for peer in peers:
@@ -364,9 +364,9 @@ class VxlanNetwork:
             self.ipr.addr("add", index=self.index, address=address, prefixlen=prefixlen,
                           flags=IFA_F_NODAD if prefixlen == 128 else 0)
 
-    def sync(self, peers: Iterable[PeerNode]) -> SyncReport:
+    def program_peers(self, peers: Iterable[PeerNode]) -> SyncReport:
         if self.index is None:
-            raise NodeNetworkError("VxlanNetwork.sync() before setup()")
+            raise NodeNetworkError("VxlanNetwork.program_peers() before setup()")
         report = SyncReport()
         fdb, neighbours, routes = {}, {}, {}
         for peer in peers:

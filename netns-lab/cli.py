@@ -102,7 +102,7 @@ def status_cmd(name: str) -> None:
         agent = ("ready" if h.ready else "starting") if h.running else "NOT RUNNING"
         rows.append((node.name, node.netns, node.ip, node.pod_cidr, agent, h.healthz))
     click.echo(_table(rows))
-    from netagent.gc import read_state
+    from netagent.gc.state import read_state
 
     rows = [("NODE", "GC OF LEAKED CNI STATE")]
     rows += [(node.name, read_state(node.state_dir).summary()) for node in state.nodes.values()]

@@ -164,7 +164,7 @@ def _spawn_apiserver(lab: Lab, state: LabState) -> None:
 
 def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
     """Until its ready file appears; then write the kubeconfigs for the host and for each node."""
-    from netns_lab.apiserver import write_kubeconfig
+    from netns_lab.apiserver.server import write_kubeconfig
 
     assert state.apiserver is not None
     deadline = time.monotonic() + timeout
@@ -231,7 +231,7 @@ def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
     argv = _python_module(
         "netagent.cli", "run", "--node-name", node.name, "--kubeconfig", node.kubeconfig,
         "--state-dir", node.state_dir, "--network", state.network, "--underlay-iface", topology.NODE_IFACE,
-        "--cluster-cidr", str(CLUSTER_CIDR), "--service-cidr", SERVICE_CIDR, "--proxy", state.proxy,
+        "--cluster-cidr", str(CLUSTER_CIDR), "--proxy", state.proxy,
         "--healthz-bind", f"{node.ip}:{HEALTHZ_PORT}", "--metrics-bind", f"{node.ip}:{METRICS_PORT}",
         "--cni-data-dir", node.ipam_dir, *(["--fast-path"] if state.fast_path else []),
     )

@@ -32,7 +32,7 @@ from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.kube import Informer, SyncLoop, load_api_client
 from nodekit import netns, nodestate
 
-apiserver = pytest.importorskip("netns_lab.apiserver")
+apiserver = pytest.importorskip("netns_lab.apiserver.server")
 
 NODE_IPS = ["192.168.77.1/24", "192.168.77.2/24", "192.168.77.3/24"]
 API_ADDRESS = "127.0.0.1:6443"  # each node netns gets its own API listener on its own loopback

@@ -16,7 +16,7 @@ from typing import TypeVar
 import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
-from netns_lab.apiserver import LabApiServer, write_kubeconfig
+from netns_lab.apiserver.server import LabApiServer, write_kubeconfig
 
 from nodekit import netns
 

@@ -1,7 +1,7 @@
 """A real container runtime drives the CNI plugin: containerd 1.6's `ctr run --cni`.
 
 containerd, its shims and ctr run confined to a netns standing in for the node (see
-netns_lab.containerd_node); the image is busybox, built locally as an OCI tarball and imported.
+netns_lab.containerd.node); the image is busybox, built locally as an OCI tarball and imported.
 Each container runs busybox httpd, so reachability is proven with real TCP (an HTTP GET) and ICMP
 (ping) from inside another container.
 """
@@ -18,15 +18,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from netns_lab import oci_image
-from netns_lab.containerd_networks import (
+from netns_lab.containerd import oci_image
+from netns_lab.containerd.networks import (
     REFERENCE_NETWORK,
     REFERENCE_SUBNET,
     install_netagent,
     install_reference,
     standalone_agent,
 )
-from netns_lab.containerd_node import ContainerdError, ContainerdNode, Pod, wait_until
+from netns_lab.containerd.node import ContainerdError, ContainerdNode, Pod, wait_until
 
 from nodekit import nodestate
 

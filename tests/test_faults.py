@@ -48,7 +48,7 @@ from test_node_network import NetlinkMonitor, build_cluster, kernel_dump, ns_run
 from netagent.kube import load_api_client
 from nodekit import netns
 
-apiserver = pytest.importorskip("netns_lab.apiserver")
+apiserver = pytest.importorskip("netns_lab.apiserver.server")
 
 agents, cluster, node = test_agent.agents, test_agent.cluster, test_gc.node  # fixtures, shared as they are
 ITERATIONS = 30  # per verb; benchmarks/faults.py runs more

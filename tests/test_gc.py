@@ -21,8 +21,8 @@ import test_containerd
 import test_lab
 from kubernetes import client
 from netns_lab import probe
-from netns_lab.containerd_networks import install_netagent
-from netns_lab.containerd_node import ContainerdNode
+from netns_lab.containerd.networks import install_netagent
+from netns_lab.containerd.node import ContainerdNode
 from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
 from netns_lab.state import Lab
 
@@ -30,7 +30,7 @@ from cni.links import host_veth_name
 from netagent.kube import load_api_client
 from nodekit import netns, nodestate
 
-apiserver = pytest.importorskip("netns_lab.apiserver")
+apiserver = pytest.importorskip("netns_lab.apiserver.server")
 
 NODE_NAME = "n1"
 NETWORK = "netagent"

@@ -224,7 +224,7 @@ def test_vxlan_mode_carries_pod_to_pod_tcp_and_udp_across_nodes(make_netns, pref
     nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24", "192.168.77.3/24"])
     with vxlan_networks(nodes) as networks:
         for i, network in enumerate(networks):
-            report = network.sync(vxlan_peers(nodes, networks, i))
+            report = network.program_peers(vxlan_peers(nodes, networks, i))
             assert report.errors == {}
             assert report.added == 6  # 2 peers x (fdb + neighbour + route)
 
@@ -252,7 +252,7 @@ def test_vxlan_mode_carries_dual_stack_pod_traffic_over_one_ipv4_underlay(make_n
             networks.append(network)
         for i, network in enumerate(networks):
             other = nodes[1 - i]
-            report = network.sync([other.peer(networks[1 - i].vtep_mac, dual_stack=True)])
+            report = network.program_peers([other.peer(networks[1 - i].vtep_mac, dual_stack=True)])
             assert (report.added, report.errors) == (5, {})  # fdb + 2 neighbours + 2 routes
 
         assert tcp_exchange(nodes[0].pod_ns, nodes[1].pod_ns, nodes[1].pod_ip6) == b"HELLO OVER TCP"
@@ -267,10 +267,10 @@ def test_vxlan_node_removal_removes_exactly_its_entries(make_netns, prefix):
     nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24", "192.168.77.3/24"])
     with vxlan_networks(nodes) as networks:
         for i, network in enumerate(networks):
-            network.sync(vxlan_peers(nodes, networks, i))
+            network.program_peers(vxlan_peers(nodes, networks, i))
         before = ns_run(nodes[0].ns, "ip", "route", "show", "proto", str(ROUTE_PROTOCOL))
 
-        report = networks[0].sync([nodes[1].peer(networks[1].vtep_mac)])  # node3 left the cluster
+        report = networks[0].program_peers([nodes[1].peer(networks[1].vtep_mac)])  # node3 left the cluster
 
         assert (report.removed, report.added, report.changed) == (3, 0, 0)
         after = ns_run(nodes[0].ns, "ip", "route", "show", "proto", str(ROUTE_PROTOCOL))
@@ -286,11 +286,11 @@ def test_vxlan_restart_reconcile_on_correct_state_changes_nothing(make_netns, pr
     nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24"])
     with vxlan_networks(nodes) as networks:
         for i, network in enumerate(networks):
-            network.sync(vxlan_peers(nodes, networks, i))
+            network.program_peers(vxlan_peers(nodes, networks, i))
     before = kernel_dump(nodes[0].ns)
 
     with NetlinkMonitor(nodes[0].ns) as monitor, vxlan_networks(nodes) as restarted:  # a new agent
-        report = restarted[0].sync(vxlan_peers(nodes, restarted, 0))
+        report = restarted[0].program_peers(vxlan_peers(nodes, restarted, 0))
 
     assert monitor.lines == []
     assert (report.added, report.changed, report.removed, report.errors) == (0, 0, 0, {})
@@ -302,11 +302,11 @@ def test_vxlan_changed_node_ip_changes_only_that_nodes_fdb_entry(make_netns, pre
     nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24", "192.168.77.3/24"])
     with vxlan_networks(nodes) as networks:
         for i, network in enumerate(networks):
-            network.sync(vxlan_peers(nodes, networks, i))
+            network.program_peers(vxlan_peers(nodes, networks, i))
         moved = PeerNode("node3", "192.168.77.33", ("10.244.3.0/24",), networks[2].vtep_mac)
 
         with NetlinkMonitor(nodes[0].ns) as monitor:
-            report = networks[0].sync([nodes[1].peer(networks[1].vtep_mac), moved])
+            report = networks[0].program_peers([nodes[1].peer(networks[1].vtep_mac), moved])
 
         assert (report.added, report.changed, report.removed) == (0, 1, 0)
         assert len(monitor.lines) == 1 and "192.168.77.33" in monitor.lines[0]
@@ -321,7 +321,7 @@ def test_routes_mode_carries_pod_to_pod_tcp_and_udp_across_nodes(make_netns, pre
             with netns.entered(netns.path(node.ns)):
                 network = RoutedNetwork(ipr, find_underlay(ipr, "eth0"))
                 network.setup()
-            report = network.sync([n.peer() for j, n in enumerate(nodes) if j != i])
+            report = network.program_peers([n.peer() for j, n in enumerate(nodes) if j != i])
             assert (report.added, report.errors) == (1, {})
         assert tcp_exchange(nodes[0].pod_ns, nodes[1].pod_ns, nodes[1].pod_ip) == b"HELLO OVER TCP"
         assert udp_exchange(nodes[1].pod_ns, nodes[0].pod_ns, nodes[0].pod_ip) == b"HELLO OVER UDP"
@@ -341,7 +341,7 @@ def test_routes_mode_reports_a_node_on_another_subnet_and_keeps_the_others_worki
             with netns.entered(netns.path(nodes[i].ns)):
                 network = RoutedNetwork(ipr, find_underlay(ipr, "eth0"))
                 network.setup()
-            reports.append(network.sync([n.peer() for j, n in enumerate(nodes) if j != i]))
+            reports.append(network.program_peers([n.peer() for j, n in enumerate(nodes) if j != i]))
 
         assert set(reports[0].errors) == {"node3"}
         assert "192.168.88.3" in reports[0].errors["node3"]
@@ -358,14 +358,14 @@ def test_restart_in_routes_mode_replaces_the_vxlan_routes(make_netns, prefix):
     nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24"])
     with vxlan_networks(nodes) as networks:
         for i, network in enumerate(networks):
-            network.sync(vxlan_peers(nodes, networks, i))
+            network.program_peers(vxlan_peers(nodes, networks, i))
     sockets = [open_iproute(n.ns) for n in nodes]
     try:
         for i, (node, ipr) in enumerate(zip(nodes, sockets, strict=True)):
             with netns.entered(netns.path(node.ns)):
                 network = RoutedNetwork(ipr, find_underlay(ipr, "eth0"))
                 network.setup()
-            report = network.sync([n.peer() for j, n in enumerate(nodes) if j != i])
+            report = network.program_peers([n.peer() for j, n in enumerate(nodes) if j != i])
             assert report.errors == {}
         assert "via 192.168.77.2 dev eth0" in ns_run(nodes[0].ns, "ip", "route", "show", "10.244.2.0/24")
         assert ns_run(nodes[0].ns, "ip", "link", "show", "type", "vxlan") == ""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 from kubernetes import client, config
-from netns_lab.apiserver import LabApiServer, write_kubeconfig
+from netns_lab.apiserver.server import LabApiServer, write_kubeconfig
 from test_proxy_dataplane import (  # noqa: F401 (node_fixture provides the `node` fixture)
     CLUSTER_CIDR,
     NODE,

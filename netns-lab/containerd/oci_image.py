@@ -7,7 +7,7 @@ spec (oci-layout, index.json, blobs/sha256/...) so `ctr images import` accepts i
 
 Output is deterministic (fixed mtimes and owners), so the same busybox always gives the same digest.
 
-    python -m netns_lab.oci_image OUT.tar [--ref NAME:TAG]
+    python -m netns_lab.containerd.oci_image OUT.tar [--ref NAME:TAG]
 """
 
 from __future__ import annotations

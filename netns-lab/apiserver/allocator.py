@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from netns_lab.api_errors import invalid
-from netns_lab.store import ApiError, Event
-from netns_lab.validation import validate_service_spec
+from netns_lab.apiserver.api_errors import invalid
+from netns_lab.apiserver.store import ApiError, Event
+from netns_lab.apiserver.validation import validate_service_spec
 
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 NODE_PORT_RANGE = range(30000, 32768)

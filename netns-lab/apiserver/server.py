@@ -1,68 +1,11 @@
-"""The lab's Kubernetes API server stand-in.
-
-No kube-apiserver binary exists on this machine, so the lab runs this: a small HTTP server speaking enough
-of the Kubernetes API (core/v1 Namespaces, Nodes, Pods, Services, Events; discovery.k8s.io/v1
-EndpointSlices) that the official `kubernetes` client and kubectl work against it unchanged, over plain
-http through a kubeconfig. The agent therefore runs the same code path as against a real cluster.
-
-What it does as the real control plane does:
-- list with resourceVersion, labelSelector and fieldSelector (any dotted field path); watch as a chunked
-  stream of ADDED/MODIFIED/DELETED (+ BOOKMARK with allowWatchBookmarks), resumable from a resourceVersion
-  inside a bounded history window; older -> an ERROR event with a 410 `Expired` Status; timeoutSeconds.
-- create/update/patch (merge, strategic-merge, JSON patch)/delete with Status objects, 404/409/422 codes,
-  uid/creationTimestamp/resourceVersion/generation filled in, optimistic locking on resourceVersion,
-  `/status` subresources (the main resource ignores status changes; create keeps the status given, a lab
-  convenience since no kubelet fills it in).
-- Services: ClusterIPs allocated from --service-cidr (comma-separated for dual-stack), nodePorts from
-  30000-32767 for NodePort/LoadBalancer, healthCheckNodePort for LoadBalancer with
-  externalTrafficPolicy Local (the real rule), kept across updates, released on delete.
-- Pods: deleted at once, unless DeleteOptions/query ask for gracePeriodSeconds > 0: then the pod is
-  terminating (deletionTimestamp set) for that long, then removed.
-- The endpoints controller (endpoints_controller.py) keeps EndpointSlices of selector Services.
-- State lives in the data file (store.py; JSON lines, appended and flushed before each write is
-  answered, so even a SIGKILL loses nothing acknowledged): a restart keeps every object and the
-  resourceVersion keeps increasing, so a watch resuming from before the restart gets 410 and relists.
-- For kubectl: discovery (/api, /apis, /version), Table output for `get` (also -o wide, --watch) and a
-  minimal OpenAPI v3 so `kubectl apply` validates server-side (the server accepts any fields).
-
-Not served (clear errors or ignored): limit/continue (lists come whole), dryRun (400, rather than a
-write the caller did not want), server-side apply (415), deletecollection (405), admission webhooks,
-authentication (plain http, no auth; the lab is local).
-
-This module is the HTTP layer (routing, responses, watch streams), LabApiServer and the CLI. The rest:
-resources.py (what is served) and discovery.py (its discovery/OpenAPI documents), api.py (the API's
-rules, independent of HTTP), object_selectors.py, patches.py, validation.py, allocator.py (ClusterIPs,
-nodePorts), tables.py (kubectl's Table output), api_errors.py (Status bodies).
-
-Usage, as a process (SIGTERM/SIGINT stop it cleanly):
-
-    python -m netns_lab.apiserver --data STATE.json --listen 127.0.0.1:0 \\
-        [--listen-netns NETNS=10.0.0.1:6443 ...] [--service-cidr 10.96.0.0/16[,fd00:96::/112]] \\
-        [--ready-file READY.json] [--kubeconfig KUBECONFIG]
-
-  The ready file is written once every listener is up: {"url": "http://127.0.0.1:PORT", "port": PORT,
-  "pid": PID}. Each --listen-netns socket is bound inside that named netns (agents in node namespaces
-  reach the server over the lab underlay; host-side tools use loopback).
-
-In-process (tests):
-
-    server = LabApiServer(data_path, listen="127.0.0.1:0", netns_listen={"NETNS": "10.0.0.1:6443"},
-                          service_cidrs=["10.96.0.0/16"], history_size=5000, bookmark_interval=30.0).start()
-    write_kubeconfig(path, server.url); ...; server.stop()   # or: with LabApiServer(...) as server:
-
-`server.stop()` then `server.start()` again restarts it from the same data file (as a process restart);
-with port 0 it gets a new port, so pass the old address as `listen` to keep the URL.
-"""
+"""The lab API server's HTTP layer: routing, responses and watch streams over the Api, LabApiServer
+(the server in this process) and write_kubeconfig; see the package docstring for what it serves."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import logging
-import os
 import select
-import signal
 import socket
 import sys
 import threading
@@ -71,14 +14,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
-from netns_lab.allocator import DEFAULT_SERVICE_CIDR, ServiceAllocator
-from netns_lab.api import Api, Target
-from netns_lab.api_errors import bad_request, status_object
-from netns_lab.discovery import DISCOVERY
-from netns_lab.endpoints_controller import EndpointsController
-from netns_lab.resources import BY_PATH
-from netns_lab.store import ApiError, Store
-from netns_lab.tables import as_table
+from netns_lab.apiserver.allocator import DEFAULT_SERVICE_CIDR, ServiceAllocator
+from netns_lab.apiserver.api import Api, Target
+from netns_lab.apiserver.api_errors import bad_request, status_object
+from netns_lab.apiserver.discovery import DISCOVERY
+from netns_lab.apiserver.endpoints_controller import EndpointsController
+from netns_lab.apiserver.resources import BY_PATH
+from netns_lab.apiserver.store import ApiError, ObjectStore
+from netns_lab.apiserver.tables import as_table
 
 from nodekit import netns
 from nodekit.files import atomic_write
@@ -308,7 +251,7 @@ class LabApiServer:
         self.bookmark_interval = bookmark_interval
         self._servers: list[LabHTTPServer] = []
         self._serving: list[LabHTTPServer] = []
-        self.store: Store | None = None
+        self.store: ObjectStore | None = None
         self.api: Api | None = None
         self.controller: EndpointsController | None = None
 
@@ -318,7 +261,7 @@ class LabApiServer:
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def start(self) -> LabApiServer:
-        self.store = Store(self.data_path, self.history_size)
+        self.store = ObjectStore(self.data_path, self.history_size)
         try:
             allocator = ServiceAllocator(self.service_cidrs)
             self.api = Api(self.store, allocator, self.bookmark_interval)
@@ -374,63 +317,3 @@ def write_kubeconfig(path: str, server_url: str, name: str = "netagent-lab") -> 
     }
     atomic_write(path, yaml.safe_dump(config, sort_keys=False), mode=0o600)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m netns_lab.apiserver`: serve until SIGTERM/SIGINT; 1 if a listener cannot start."""
-    parser = argparse.ArgumentParser(prog="python -m netns_lab.apiserver", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="state file (created if missing)")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="ADDR:PORT on the host side (port 0: any)")
-    parser.add_argument(
-        "--listen-netns",
-        action="append",
-        default=[],
-        metavar="NETNS=ADDR:PORT",
-        help="also listen inside named network namespace NETNS",
-    )
-    parser.add_argument("--service-cidr", default=DEFAULT_SERVICE_CIDR, help="CIDR[,CIDR] for ClusterIPs")
-    parser.add_argument("--ready-file", help="write {url, port, pid} here as JSON once listening")
-    parser.add_argument("--kubeconfig", help="write a kubeconfig for the host-side listener here")
-    parser.add_argument("--history", type=int, default=5000, help="watch history window, in events")
-    parser.add_argument("--bookmark-interval", type=float, default=30.0, help="seconds between BOOKMARKs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s apiserver %(levelname)s %(message)s",
-    )
-    try:
-        netns_listen = dict(item.split("=", 1) for item in args.listen_netns)
-    except ValueError:
-        parser.error("--listen-netns takes NETNS=ADDR:PORT")
-    server = LabApiServer(
-        args.data,
-        args.listen,
-        netns_listen,
-        args.service_cidr.split(","),
-        args.history,
-        args.bookmark_interval,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        server.start()
-    except (OSError, ValueError) as e:
-        print(f"lab apiserver: cannot start: {e}", file=sys.stderr)
-        return 1
-    try:
-        if args.kubeconfig:
-            write_kubeconfig(args.kubeconfig, server.url)
-        if args.ready_file:
-            port = int(server.url.rsplit(":", 1)[1])
-            atomic_write(args.ready_file, json.dumps({"url": server.url, "port": port, "pid": os.getpid()}))
-        log.info("serving on %s%s", server.url, "".join(f", {n}={a}" for n, a in netns_listen.items()))
-        stop.wait()
-    finally:
-        server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())

@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from netns_lab.allocator import ServiceAllocator
-from netns_lab.api_errors import bad_request, invalid, status_object
-from netns_lab.object_selectors import object_filter
-from netns_lab.patches import PATCHERS
-from netns_lab.resources import Resource
-from netns_lab.store import ApiError, Event, Store, not_found
-from netns_lab.validation import validate_metadata
+from netns_lab.apiserver.allocator import ServiceAllocator
+from netns_lab.apiserver.api_errors import bad_request, invalid, status_object
+from netns_lab.apiserver.object_selectors import object_filter
+from netns_lab.apiserver.patches import PATCHERS
+from netns_lab.apiserver.resources import Resource
+from netns_lab.apiserver.store import ApiError, Event, ObjectStore, not_found
+from netns_lab.apiserver.validation import validate_metadata
 
 DEFAULT_WATCH_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system")
@@ -42,7 +42,7 @@ class Target:
 class Api:
     """The API's behaviour independent of HTTP: reads, writes with admission, watches."""
 
-    def __init__(self, store: Store, allocator: ServiceAllocator, bookmark_interval: float) -> None:
+    def __init__(self, store: ObjectStore, allocator: ServiceAllocator, bookmark_interval: float) -> None:
         self.store = store
         self.allocator = allocator
         self.bookmark_interval = bookmark_interval

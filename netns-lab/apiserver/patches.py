@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-from netns_lab.api_errors import invalid
+from netns_lab.apiserver.api_errors import invalid
 
 
 def merge_patch(target: object, patch: object) -> object:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from netns_lab.api_errors import invalid
+from netns_lab.apiserver.api_errors import invalid
 
 
 def is_string_map(value: object) -> bool:

@@ -9,7 +9,7 @@ import calendar
 import time
 from collections.abc import Callable
 
-from netns_lab.resources import Resource
+from netns_lab.apiserver.resources import Resource
 
 
 def age(obj: dict) -> str:

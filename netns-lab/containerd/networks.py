@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from netns_lab.containerd_node import ContainerdError, ContainerdNode, wait_until
+from netns_lab.containerd.node import ContainerdError, ContainerdNode, wait_until
 
 from nodekit import netns
 

@@ -5,7 +5,7 @@ map from URL path to the JSON document served there."""
 
 from __future__ import annotations
 
-from netns_lab.resources import GROUP_VERSIONS, RESOURCES
+from netns_lab.apiserver.resources import GROUP_VERSIONS, RESOURCES
 
 SERVER_VERSION = {
     "major": "1",

@@ -4,8 +4,8 @@ For every Service with a selector, EndpointSlices (discovery.k8s.io/v1) list the
 an IP: per address family of the Service, ports resolved per pod (a named targetPort is looked up in the
 pod's container ports, so pods may resolve differently and then land in different slices), conditions
 from the pod's Ready condition and deletionTimestamp. Services without a selector are left alone: their
-slices are the user's. Store events mark Services dirty; one thread syncs them, so a burst of pod
-changes becomes few writes, and a slice is only written when its content changes.
+slices are the user's. Object store events mark Services dirty; one thread reconciles their slices,
+so a burst of pod changes becomes few writes, and a slice is only written when its content changes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import ipaddress
 import logging
 import threading
 
-from netns_lab.store import Event, Store
+from netns_lab.apiserver.store import Event, ObjectStore
 
-log = logging.getLogger("netns_lab.endpoints_controller")
+log = logging.getLogger("netns_lab.apiserver.endpoints_controller")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -148,7 +148,7 @@ def desired_slices(service: dict, pods: list[dict]) -> dict[str, dict]:
 class EndpointsController:
     """Keeps EndpointSlices in step with Services and Pods, in a thread of the API server process."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: ObjectStore):
         self.store = store
         self._dirty: set[ServiceKey] = set()
         self._managed: dict[ServiceKey, set[str]] = {}  # Service -> names of the slices we manage for it
@@ -222,11 +222,11 @@ class EndpointsController:
                 keys, self._dirty = self._dirty, set()
             for key in sorted(keys):
                 try:
-                    self.sync(*key)
+                    self.reconcile_slices(*key)
                 except Exception as e:  # an odd Pod or Service must not stop the controller for the others
                     log.error("endpointslices of service %s/%s: %s: %s", key[0], key[1], type(e).__name__, e)
 
-    def sync(self, namespace: str, name: str) -> None:
+    def reconcile_slices(self, namespace: str, name: str) -> None:
         """Make the Service's controller-managed EndpointSlices what they should be, writing only changes."""
         with self.store.lock:
             if self.store.closed:

@@ -5,7 +5,7 @@ Status body, as the real apiserver answers; these are the shared shorthands for 
 
 from __future__ import annotations
 
-from netns_lab.store import ApiError
+from netns_lab.apiserver.store import ApiError
 
 
 def status_object(code: int, reason: str, message: str, details: dict | None = None) -> dict:

@@ -129,7 +129,7 @@ class Journal:
             self._file = None
 
 
-class Store:
+class ObjectStore:
     """Objects of every resource, one resourceVersion counter, the watch history, change listeners."""
 
     def __init__(self, data_path: str, history_size: int = 1000):
