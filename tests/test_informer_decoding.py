@@ -17,7 +17,7 @@ from test_agent import node_body, wait_for
 from netagent.health import SyncTracker
 from netagent.kube import Informer, load_api_client
 
-apiserver = pytest.importorskip("netns_lab.apiserver")
+apiserver = pytest.importorskip("netns_lab.apiserver.server")
 
 # each is an object the client's models refuse, next to what a healthy one has
 UNDECODABLE_NODES = {
