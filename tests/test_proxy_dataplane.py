@@ -298,6 +298,22 @@ def test_external_traffic_policy_local_keeps_client_ip_and_refuses_without_local
     assert (status, body["localEndpoints"]) == (503, 0)
 
 
+def test_health_check_counts_only_ready_local_endpoints_as_kube_proxy_does(node: Node) -> None:
+    """Local endpoints that are all terminating still get the traffic that arrives (the fallback lets
+    them drain), but the load balancer is told to stop sending it: 503, as kube-proxy answers."""
+    svc = service(
+        svc_type="NodePort",
+        ports=(("http", 80, "TCP", 30080),),
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=32000,
+    )
+    leaving = endpoint("p0", ready=False, terminating=True)
+    node.program([svc], [endpoint_slice("web", [leaving, endpoint("p1", node="node-b")])])
+    assert tcp_ask(node.client, NODE_IP, 30080).pod == "p0"
+    status, body = _http_get(node.client, f"http://{NODE_IP}:32000/")
+    assert (status, body["localEndpoints"]) == (503, 0)
+
+
 def test_internal_traffic_policy_local_uses_only_this_nodes_endpoints(node: Node) -> None:
     svc = service(internalTrafficPolicy="Local")
     node.program([svc], [endpoint_slice("web", [endpoint("p0"), endpoint("p1", node="node-b")])])
