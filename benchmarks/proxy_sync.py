@@ -27,8 +27,8 @@ import time
 from kubernetes import client
 
 from netagent.proxy.backend import NodeContext
-from netagent.proxy.model import SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from netagent.proxy.snapshot_builder import SnapshotBuilder
 from nodekit import netns
 
 NODE = "node-a"

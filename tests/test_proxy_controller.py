@@ -130,7 +130,7 @@ def test_a_burst_of_changes_is_coalesced_into_few_syncs(
 def test_malformed_service_is_logged_and_skipped_while_others_sync(
     api: Api, node: Node, controller: ProxyController, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="netagent.proxy.model")
+    caplog.set_level(logging.WARNING, logger="netagent.proxy.snapshot_builder")
     api.core.create_namespaced_service(
         "default", service("bad", cluster_ip="10.96.0.20", externalIPs=["not-an-ip"])
     )

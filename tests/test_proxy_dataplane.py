@@ -24,8 +24,8 @@ import pytest
 
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.healthcheck import HealthCheckServers
-from netagent.proxy.model import build_snapshot
 from netagent.proxy.proxier import Proxier, compare
+from netagent.proxy.snapshot_builder import build_snapshot
 from nodekit import netns
 
 NODE = "node-a"

@@ -25,8 +25,9 @@ from test_proxy_dataplane import PODS, SERVER, endpoint, endpoint_slice, eventua
 
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.ebpf import MAPS, EbpfBackend, cgroup_id, link_info, program_version
-from netagent.proxy.model import Snapshot, build_snapshot
 from netagent.proxy.proxier import compare
+from netagent.proxy.service import Snapshot
+from netagent.proxy.snapshot_builder import build_snapshot
 from nodekit import netns
 
 VIP, GATEWAY, CLIENT_IP = "10.96.0.10", "10.244.0.1", "10.244.0.20"
@@ -242,7 +243,7 @@ RESYNC = """
 import json, sys
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.ebpf import EbpfBackend
-from netagent.proxy.model import Snapshot
+from netagent.proxy.service import Snapshot
 backend = EbpfBackend(NodeContext(sys.argv[1]), cgroup=sys.argv[2])
 print("changed:", bool(backend.sync(Snapshot.from_dict(json.loads(sys.argv[3])).ports)))
 """

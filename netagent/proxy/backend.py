@@ -13,8 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from netagent.proxy.model import ServicePort, gc_paused
+from netagent.proxy.gc_pause import gc_paused
 from netagent.proxy.ruleset import Keys, RuleSet, RuleSetDiff, diff
+from netagent.proxy.service import ServicePort
 from nodekit.tools import ToolError, run_tool
 
 log = logging.getLogger(__name__)

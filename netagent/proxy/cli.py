@@ -14,8 +14,8 @@ import click
 
 from netagent.proxy.backend import NodeContext, SyncError, destination, nodeport_destination
 from netagent.proxy.controller import desired_path
-from netagent.proxy.model import Snapshot
 from netagent.proxy.proxier import Comparison, compare, make_backends
+from netagent.proxy.service import Snapshot
 from nodekit.nodestate import DEFAULT_STATE_DIR
 
 

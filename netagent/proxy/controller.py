@@ -32,8 +32,9 @@ from kubernetes import client
 from netagent.kube import Informer, SyncLoop
 from netagent.proxy.backend import NodeContext
 from netagent.proxy.healthcheck import HealthCheckServers
-from netagent.proxy.model import Snapshot, SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from netagent.proxy.service import Snapshot
+from netagent.proxy.snapshot_builder import SnapshotBuilder
 from nodekit import netns as netns_mod
 from nodekit.files import atomic_write
 from nodekit.nodestate import DEFAULT_STATE_DIR

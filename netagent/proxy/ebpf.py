@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from netagent.proxy.backend import ChainFacts, KernelView, NodeContext, SyncError, destination
-from netagent.proxy.model import ServicePort, short_hash
+from netagent.proxy.service import ServicePort, short_hash
 
 log = logging.getLogger(__name__)
 

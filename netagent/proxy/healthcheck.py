@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler
 
 from netagent.http_endpoint import EndpointServer
-from netagent.proxy.model import ServicePort
+from netagent.proxy.service import ServicePort
 from nodekit import netns as netns_mod
 
 log = logging.getLogger(__name__)

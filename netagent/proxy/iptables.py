@@ -30,8 +30,8 @@ from netagent.proxy.backend import (
     destination,
     nodeport_destination,
 )
-from netagent.proxy.model import Endpoint, ServicePort
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff
+from netagent.proxy.service import Endpoint, ServicePort
 
 PREFIX = "NA-"
 SERVICES, NODEPORTS, POSTROUTING = "NA-SERVICES", "NA-NODEPORTS", "NA-POSTROUTING"

@@ -35,8 +35,8 @@ from netagent.proxy.backend import (
     destination,
     nodeport_destination,
 )
-from netagent.proxy.model import Endpoint, ServicePort, short_hash
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff
+from netagent.proxy.service import Endpoint, ServicePort, short_hash
 
 TABLE = "netagent"
 SERVICE_IPS, SERVICE_NODEPORTS = "service-ips", "service-nodeports"

@@ -11,8 +11,8 @@ from netagent.proxy.backend import Backend, NodeContext, SyncError, expected_bac
 from netagent.proxy.ebpf import EbpfBackend
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.iptables import IptablesBackend, IptablesLegacyBackend
-from netagent.proxy.model import Snapshot
 from netagent.proxy.nftables import NftablesBackend
+from netagent.proxy.service import Snapshot
 from netagent.proxy.stale_udp import delete_udp_flows, removed_udp_endpoints
 
 log = logging.getLogger(__name__)

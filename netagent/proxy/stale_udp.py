@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from netagent.proxy.model import ServicePort
+from netagent.proxy.service import ServicePort
 from nodekit import conntrack
 
 
