@@ -24,7 +24,8 @@ import pytest
 
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.healthcheck import HealthCheckServers
-from netagent.proxy.proxier import Proxier, compare
+from netagent.proxy.inspection import compare
+from netagent.proxy.proxier import Proxier
 from netagent.proxy.snapshot_builder import build_snapshot
 from nodekit import netns
 
@@ -171,7 +172,7 @@ class Node:
 
     def program(self, services: list[dict], slices: list[dict]) -> None:
         snapshot = build_snapshot(services, slices, NODE)
-        self.proxier.sync(snapshot)
+        self.proxier.apply(snapshot)
         self.snapshot = snapshot
 
     def pods_reached(self, ns: str, ip: str, port: int, tries: int = 60) -> set[str]:
@@ -405,7 +406,7 @@ def test_restart_resyncs_without_flushing_and_keeps_open_connections(node: Node,
                 families=(4,),
                 netns=node.ns,
             )
-            fresh.sync(build_snapshot(services, slices, NODE))
+            fresh.apply(build_snapshot(services, slices, NODE))
     finally:
         stop.set()
         prober.join()
@@ -468,7 +469,7 @@ def test_switching_backend_removes_the_previous_backends_rules(node: Node) -> No
     switched = Proxier(other, NodeContext(NODE, (CLUSTER_CIDR,)), families=(4,), netns=node.ns)
     switched.remove_other_backends()
     assert node.proxier.backends[0].kernel_view().entries == {}  # nothing of the old backend left
-    switched.sync(build_snapshot([service()], [endpoint_slice("web", [endpoint("p1")])], NODE))
+    switched.apply(build_snapshot([service()], [endpoint_slice("web", [endpoint("p1")])], NODE))
     assert node.pods_reached(node.client, VIP, 80, tries=10) == {"p1"}
 
 

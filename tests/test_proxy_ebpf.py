@@ -25,7 +25,7 @@ from test_proxy_dataplane import PODS, SERVER, endpoint, endpoint_slice, eventua
 
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.ebpf import MAPS, EbpfBackend, cgroup_id, link_info, program_version
-from netagent.proxy.proxier import compare
+from netagent.proxy.inspection import compare
 from netagent.proxy.service import Snapshot
 from netagent.proxy.snapshot_builder import build_snapshot
 from nodekit import netns

@@ -12,9 +12,10 @@ import sys
 
 import click
 
-from netagent.proxy.backend import NodeContext, SyncError, destination, nodeport_destination
+from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.controller import desired_path
-from netagent.proxy.proxier import Comparison, compare, make_backends
+from netagent.proxy.inspection import Comparison, compare, destination, nodeport_destination
+from netagent.proxy.proxier import make_backends
 from netagent.proxy.service import Snapshot
 from nodekit.nodestate import DEFAULT_STATE_DIR
 

@@ -143,7 +143,7 @@ class ProxyController:
             return
         snapshot = self._builder.snapshot()  # rebuilds only the services the events touched
         try:
-            changed = self.proxier.sync(snapshot)
+            changed = self.proxier.apply(snapshot)
         except Exception:
             if self.tracker:
                 self.tracker.failed(CONTROLLER)

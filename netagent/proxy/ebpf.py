@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from netagent.proxy.backend import ChainFacts, KernelView, NodeContext, SyncError, destination
+from netagent.proxy.backend import Backend, NodeContext, SyncError
+from netagent.proxy.inspection import ChainFacts, KernelView, destination
 from netagent.proxy.service import ServicePort, short_hash
 
 log = logging.getLogger(__name__)
@@ -344,9 +345,8 @@ def ensure_bpffs() -> None:
 
 
 # -- the backend ------------------------------------------------------------------------------------
-class EbpfBackend:
-    """Socket-LB for one node. Has Backend's public surface (kind, family, sync, kernel_view, cleanup)
-    but programs BPF maps instead of rendering rules, so it does not inherit Backend's rule machinery.
+class EbpfBackend(Backend):
+    """Socket-LB for one node: a Backend that programs BPF maps instead of rendering rules.
 
     Creating one is cheap and touches nothing (Proxier builds one just to clean up after a backend
     switch); the first sync mounts bpffs, attaches the programs if needed and opens the maps."""
@@ -363,9 +363,7 @@ class EbpfBackend:
     ) -> None:
         if not _NODE_NAME.match(node.node_name):
             raise ValueError(f"node name {node.node_name!r} cannot name a bpffs directory")
-        self.node = node
-        self.family = family
-        self.netns = netns
+        super().__init__(node, family, netns)
         self.cgroup = cgroup
         self.pin_dir = pin_dir or os.path.join(PIN_ROOT, node.node_name)
         self._maps: dict[str, PinnedMap] = {}

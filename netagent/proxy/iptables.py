@@ -21,15 +21,9 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from netagent.proxy.backend import (
-    MASQUERADE_MARK,
-    Backend,
-    ChainFacts,
-    Fragment,
-    KernelView,
-    destination,
-    nodeport_destination,
-)
+from netagent.proxy.inspection import ChainFacts, KernelView, destination, nodeport_destination
+from netagent.proxy.render_engine import Fragment
+from netagent.proxy.rule_backend import MASQUERADE_MARK, RuleBackend
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff
 from netagent.proxy.service import Endpoint, ServicePort
 
@@ -69,7 +63,7 @@ def _key(table: str, chain: str) -> str:
     return f"{table}:{chain}"
 
 
-class IptablesBackend(Backend):
+class IptablesBackend(RuleBackend):
     """Through the system's `iptables` (on Debian the nf_tables variant)."""
 
     kind = "iptables"
@@ -230,7 +224,7 @@ class IptablesBackend(Backend):
                 text += [f"*{table}", *declares[table], *rules[table], *deletes[table], "COMMIT"]
         return "\n".join(text) + "\n"
 
-    def apply(self, transaction: str) -> None:
+    def commit(self, transaction: str) -> None:
         self.run([self._restore, "-w", "--noflush"], stdin=transaction)
         self._missing_hooks = ()
 

@@ -25,16 +25,10 @@ import json
 import zlib
 from collections.abc import Iterator, Sequence
 
-from netagent.proxy.backend import (
-    MASQUERADE_MARK,
-    Backend,
-    ChainFacts,
-    Fragment,
-    KernelView,
-    SyncError,
-    destination,
-    nodeport_destination,
-)
+from netagent.proxy.backend import SyncError
+from netagent.proxy.inspection import ChainFacts, KernelView, destination, nodeport_destination
+from netagent.proxy.render_engine import Fragment
+from netagent.proxy.rule_backend import MASQUERADE_MARK, RuleBackend
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff
 from netagent.proxy.service import Endpoint, ServicePort, short_hash
 
@@ -79,7 +73,7 @@ def affinity_set(p: ServicePort, e: Endpoint) -> str:
     return f"aff-{short_hash(f'{p.endpoint_uid(e)}/{p.affinity_timeout}')}"
 
 
-class NftablesBackend(Backend):
+class NftablesBackend(RuleBackend):
     kind = "nftables"
 
     def __init__(self, *args, **kwargs) -> None:
@@ -308,7 +302,7 @@ class NftablesBackend(Backend):
         lines += [f"delete {current.objects[name].split()[0]} {t} {name}" for name in changes.objects.removed]
         return "\n".join(lines) + "\n"
 
-    def apply(self, transaction: str) -> None:
+    def commit(self, transaction: str) -> None:
         self.run(["nft", "-f", "-"], stdin=transaction)
 
     def kernel_view(self) -> KernelView:
