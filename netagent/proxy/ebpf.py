@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from netagent.proxy.backend import Backend, NodeContext, SyncError
-from netagent.proxy.inspection import ChainFacts, KernelView, destination
+from netagent.proxy.inspection import ChainFacts, KernelView
+from netagent.proxy.policy import Destination
 from netagent.proxy.service import ServicePort, short_hash
 
 log = logging.getLogger(__name__)
@@ -172,12 +173,14 @@ class MapChanges:
 
 # -- desired state ----------------------------------------------------------------------------------
 def wanted_service(p: ServicePort) -> tuple[ServiceAddr, frozenset[Addr]] | None:
-    """The ClusterIP with its usable endpoints (the snapshot already chose them: ready first,
-    terminating as a fallback, internalTrafficPolicy applied); None for a port this backend skips."""
+    """The ClusterIP with the endpoints its policy balances cluster traffic over (no endpoints: the
+    program refuses the connect); None for a port this backend skips."""
     if p.family != 4 or p.protocol not in PROTOCOLS:
         return None
-    key = ServiceAddr(_ip4(p.cluster_ip), p.port, PROTOCOLS[p.protocol])
-    return key, frozenset(Addr(_ip4(e.ip), e.port) for e in p.cluster_endpoints)
+    cluster = p.policy.cluster
+    (dest,) = cluster.destinations
+    key = ServiceAddr(_ip4(dest.ip), dest.port, PROTOCOLS[dest.protocol])
+    return key, frozenset(Addr(_ip4(e.ip), e.port) for e in cluster.endpoints)
 
 
 def _ip4(text: str) -> int:
@@ -191,9 +194,9 @@ def unsupported(ports: Sequence[ServicePort]) -> Iterator[str]:
             yield f"{p.display_name}: IPv6 is not covered by the ebpf proxy"
         elif p.protocol not in PROTOCOLS:
             yield f"{p.display_name}: {p.protocol} is not covered by the ebpf proxy"
-        elif p.has_external:
+        elif p.policy.external:
             yield f"{p.display_name}: only the ClusterIP is served (ebpf proxy: no NodePort/external IPs)"
-        elif p.affinity_timeout:
+        elif p.policy.affinity_timeout:
             yield f"{p.display_name}: sessionAffinity is not covered by the ebpf proxy"
 
 
@@ -527,7 +530,7 @@ class EbpfBackend(Backend):
             if entry.count:
                 name = f"service-{entry.id}"
                 ip = str(ipaddress.IPv4Address(key.ip))
-                entries[destination(PROTOCOL_NAMES[key.protocol], ip, key.port)] = name
+                entries[str(Destination(PROTOCOL_NAMES[key.protocol], key.port, ip))] = name
                 chains[name] = ChainFacts(dnat_to=tuple(str(a) for a in state.live_slots(entry) if a))
         return KernelView(entries=entries, chains=chains)
 

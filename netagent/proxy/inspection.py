@@ -25,7 +25,7 @@ class ChainFacts:
 class KernelView:
     """Service destinations ("TCP 10.96.0.1:443", "TCP nodeport 30080") -> entry chain, and chains."""
 
-    entries: Mapping[str, str] = field(default_factory=dict)
+    entries: Mapping[str, str] = field(default_factory=dict)  # keyed by str(policy.Destination)
     chains: Mapping[str, ChainFacts] = field(default_factory=dict)
 
     def endpoints(self) -> dict[str, frozenset[str]]:
@@ -43,32 +43,15 @@ class KernelView:
         return found
 
 
-def destination(protocol: str, ip: str, port: int) -> str:
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"{protocol} {host}:{port}"
-
-
-def nodeport_destination(protocol: str, port: int) -> str:
-    return f"{protocol} nodeport {port}"
-
-
 def expected_endpoints(ports: Iterable[ServicePort]) -> dict[str, frozenset[str]]:
-    """What KernelView.endpoints() must equal when the kernel matches the snapshot."""
+    """What KernelView.endpoints() must equal when the kernel matches the snapshot: each DNATed
+    destination (str(Destination)) with every endpoint some source reaches through it."""
     expected: dict[str, frozenset[str]] = {}
     for p in ports:
-        if p.cluster_endpoints:
-            expected[destination(p.protocol, p.cluster_ip, p.port)] = frozenset(
-                e.address for e in p.cluster_endpoints
-            )
-        external = {e.address for e in p.external_endpoints}
-        if p.external_local:  # pods and the node itself take the cluster path even under eTP Local
-            external |= {e.address for e in p.cluster_endpoints}
-        if not external:
-            continue
-        for ip in p.external_ips:
-            expected[destination(p.protocol, ip, p.port)] = frozenset(external)
-        if p.node_port:
-            expected[nodeport_destination(p.protocol, p.node_port)] = frozenset(external)
+        for traffic in p.policy.traffic:
+            if traffic.dnat:
+                addresses = frozenset(e.address for e in p.policy.reachable(traffic))
+                expected.update(dict.fromkeys(map(str, traffic.destinations), addresses))
     return expected
 
 

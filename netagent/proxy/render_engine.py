@@ -15,12 +15,13 @@ from netagent.proxy.service import ServicePort
 @dataclass(frozen=True)
 class Fragment:
     """What one ServicePort contributes: its own chains/objects/elements, and its lines in the
-    backend's shared chains (e.g. iptables' NA-SERVICES), which render() concatenates."""
+    backend's shared chains (e.g. iptables' NA-SERVICES), which render() concatenates. Filled while
+    its port is rendered, never changed afterwards."""
 
-    chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    objects: Mapping[str, str] = field(default_factory=dict)
-    elements: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    shared: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    objects: dict[str, str] = field(default_factory=dict)
+    elements: dict[tuple[str, str], str] = field(default_factory=dict)
+    shared: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _parts(fragment: Fragment) -> tuple[Mapping, Mapping, Mapping]:

@@ -1,16 +1,20 @@
 """What the rule backends (iptables, nftables) share: the sync loop render -> diff -> one kernel
-transaction, and running their kernel tools."""
+transaction, the walk that turns a port's policy into its rules (each backend supplies the syntax of
+the steps), and running their kernel tools."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 from netagent.proxy.backend import Backend, NodeContext, SyncError
+from netagent.proxy.chain_names import ChainNames
 from netagent.proxy.gc_pause import gc_paused
-from netagent.proxy.render_engine import IncrementalRenderer
+from netagent.proxy.policy import Destination
+from netagent.proxy.render_engine import Fragment, IncrementalRenderer
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff, diff
-from netagent.proxy.service import ServicePort
+from netagent.proxy.service import Endpoint, ServicePort
 from nodekit.tools import ToolError, run_tool
 
 MASQUERADE_MARK = 0x4000  # the bit kube-proxy also uses: "SNAT this packet on the way out"
@@ -18,6 +22,8 @@ MASQUERADE_MARK = 0x4000  # the bit kube-proxy also uses: "SNAT this packet on t
 
 class RuleBackend(Backend, IncrementalRenderer):
     """Renders ServicePorts of one family into kernel rules and keeps the kernel in step."""
+
+    names: ClassVar[ChainNames]
 
     def __init__(self, node: NodeContext, family: int = 4, netns: str | None = None) -> None:
         Backend.__init__(self, node, family, netns)
@@ -48,6 +54,56 @@ class RuleBackend(Backend, IncrementalRenderer):
                 raise
         self._applied = desired
         return changes
+
+    def render_port(self, p: ServicePort) -> Fragment:
+        """Everything one service port needs: its policy, step by step in this backend's syntax."""
+        plan, fragment = p.policy, Fragment()
+        for traffic in plan.traffic:
+            chain = self.names.for_traffic(p, traffic)
+            if traffic.dnat:
+                rules = self.cluster_path(p) if traffic.inside_takes_cluster_path else []
+                masquerade = self.names.masquerade_chain(traffic.masquerade)
+                rules += [self.jump(masquerade)] if masquerade else []
+                rules += self.balance(fragment, p, chain, traffic.endpoints)
+                fragment.chains[self.chain_key(chain)] = tuple(rules)
+            for dest in traffic.destinations:
+                if traffic.dnat:
+                    self.dispatch(fragment, p, dest, chain)
+                if traffic.rejected:
+                    self.reject(fragment, p, dest)
+        for e in plan.endpoints:
+            self.endpoint(fragment, p, e)
+        return fragment
+
+    def chain_key(self, chain: str) -> str:
+        """A service chain's key in the RuleSet."""
+        return chain
+
+    @abstractmethod
+    def jump(self, chain: str) -> str:
+        """The rule that runs `chain` and comes back."""
+
+    @abstractmethod
+    def cluster_path(self, p: ServicePort) -> list[str]:
+        """The rules sending pods and the node itself to p's cluster chain, the node masqueraded."""
+
+    @abstractmethod
+    def balance(
+        self, fragment: Fragment, p: ServicePort, chain: str, endpoints: Sequence[Endpoint]
+    ) -> list[str]:
+        """The rules of `chain` that DNAT to one of `endpoints` (ClientIP affinity: the client's last)."""
+
+    @abstractmethod
+    def dispatch(self, fragment: Fragment, p: ServicePort, dest: Destination, chain: str) -> None:
+        """Send new connections to `dest` into `chain`."""
+
+    @abstractmethod
+    def reject(self, fragment: Fragment, p: ServicePort, dest: Destination) -> None:
+        """Refuse new connections to `dest` that nothing DNATed (p.policy.reject_with)."""
+
+    @abstractmethod
+    def endpoint(self, fragment: Fragment, p: ServicePort, e: Endpoint) -> None:
+        """What one endpoint needs: hairpin masquerade, affinity bookkeeping, its DNAT if separate."""
 
     @abstractmethod
     def read_kernel(self) -> RuleSet:

@@ -1,6 +1,7 @@
 """The value types of the desired services of ONE node: Endpoint, ServicePort (one port of one Service
 in one IP family, its endpoints already chosen for this node) and the immutable Snapshot every backend
-renders from. Built by netagent.proxy.service_parser through the SnapshotBuilder."""
+renders from. Built by netagent.proxy.service_parser through the SnapshotBuilder; what the data plane
+does with each port is its `policy` (netagent.proxy.policy)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from netagent.proxy.policy import PortPolicy, port_policy
 
 
 class Endpoint(NamedTuple):
@@ -67,9 +70,10 @@ class ServicePort:
         """A short stable id for kernel object names (chains are length-limited)."""
         return short_hash(f"{self.namespace}/{self.name}/{self.port_name}/{self.protocol}/{self.family}")
 
-    @property
-    def has_external(self) -> bool:
-        return bool(self.node_port or self.external_ips)
+    @functools.cached_property
+    def policy(self) -> PortPolicy:
+        """What the data plane does with this port: decided here once, translated by every backend."""
+        return port_policy(self)
 
     def endpoint_uid(self, endpoint: Endpoint) -> str:
         return short_hash(f"{self.uid}/{endpoint.address}")

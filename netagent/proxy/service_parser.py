@@ -1,10 +1,7 @@
 """One Service and its EndpointSlices -> this node's ServicePorts, validated.
 
-kube-proxy's endpoint semantics are decided here, once, so backends only translate:
-- which endpoints take cluster traffic (internalTrafficPolicy) and which take external traffic
-  (externalTrafficPolicy), always preferring ready endpoints and falling back to serving+terminating
-  ones only when none is ready;
-- one ServicePort per (service, port, IP family), so dual-stack services become two entries.
+One ServicePort per (service, port, IP family), so dual-stack services become two entries, each with
+its endpoints categorized for this node (netagent.proxy.policy.categorize_endpoints).
 Anything that cannot be programmed raises InvalidService (or the ValueError/TypeError/KeyError/
 AttributeError a malformed object causes); the SnapshotBuilder logs and skips that one Service.
 """
@@ -15,10 +12,10 @@ import functools
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
 from typing import Any
 
 from netagent.proxy.fields import json_field, json_fields, json_path
+from netagent.proxy.policy import categorize_endpoints
 from netagent.proxy.service import Endpoint, ServicePort
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -77,11 +74,8 @@ def service_ports(svc: Any, slices: list[Any], node_name: str) -> list[ServicePo
         node_port = _int_in(node_port, 1, 65535, "nodePort") if node_port else 0
         for family, cluster_ip in sorted(families.items()):
             endpoints = _endpoints(slices, family, port_name, protocol)
-            usable_all = usable_endpoints(endpoints)
-            usable_local = (
-                usable_endpoints(e for e in endpoints if e.node_name == node_name)
-                if internal_local or external_local
-                else ()
+            cluster_endpoints, external_endpoints = categorize_endpoints(
+                endpoints, node_name, internal_local, external_local
             )
             result.append(
                 ServicePort(
@@ -98,18 +92,11 @@ def service_ports(svc: Any, slices: list[Any], node_name: str) -> list[ServicePo
                     external_local=external_local,
                     internal_local=internal_local,
                     health_check_node_port=health_port if external_local else 0,
-                    cluster_endpoints=usable_local if internal_local else usable_all,
-                    external_endpoints=usable_local if external_local else usable_all,
+                    cluster_endpoints=cluster_endpoints,
+                    external_endpoints=external_endpoints,
                 )
             )
     return result
-
-
-def usable_endpoints(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
-    """Ready endpoints; only when there are none, the serving ones that are terminating (kube-proxy)."""
-    endpoints = list(endpoints)
-    ready = [e for e in endpoints if e.ready]
-    return tuple(sorted(ready or [e for e in endpoints if e.serving and e.terminating]))
 
 
 def _endpoints(slices: list[Any], family: int, port_name: str, protocol: str) -> list[Endpoint]:
