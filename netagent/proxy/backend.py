@@ -18,7 +18,8 @@ from netagent.proxy.service import ServicePort
 
 
 class SyncError(RuntimeError):
-    """The kernel refused a change; what a backend applies atomically was left as it was."""
+    """The kernel could not be made to match (a refused transaction, a missing tool or kernel
+    feature). A rule backend's transaction is atomic: nothing of a refused one was applied."""
 
 
 @dataclass(frozen=True)

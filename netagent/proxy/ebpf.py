@@ -521,7 +521,7 @@ class EbpfBackend(Backend):
 
     # -- inspection and cleanup ---------------------------------------------------------------------
     def kernel_view(self) -> KernelView:
-        """Each ClusterIP with the backends the maps hold; empty unless every program is attached."""
+        """Each ClusterIP with the endpoints the maps hold; empty unless every program is attached."""
         if self.family != 4 or set(self.pinned_links()) != {hook.name for hook in HOOKS}:
             return KernelView()
         state = self.read_maps()
