@@ -28,8 +28,6 @@ class ChainNames:
 
     def masquerade_chain(self, masquerade: Masquerade) -> str | None:
         """The chain a connection jumps to for this masquerade decision; None: no jump."""
-        return {
-            Masquerade.NEVER: None,
-            Masquerade.OFF_CLUSTER: self.masquerade_off_cluster,
-            Masquerade.ALWAYS: self.mark_masquerade,
-        }[masquerade]
+        if masquerade is Masquerade.NEVER:
+            return None
+        return self.masquerade_off_cluster if masquerade is Masquerade.OFF_CLUSTER else self.mark_masquerade

@@ -111,14 +111,15 @@ class IptablesBackend(RuleBackend):
         ports = f'-p {proto} -m {proto} --dport {dest.port} -m comment --comment "{p.display_name}"'
         return f"-d {dest.ip}{self._host_len} {ports}" if dest.ip else ports
 
-    def endpoint(self, fragment: Fragment, p: ServicePort, e: Endpoint) -> None:
-        sep = self.names.endpoint_chain(p, e)
-        affinity = f"-m recent --name {sep} --set " if p.policy.affinity_timeout else ""
-        proto = p.protocol.lower()
-        fragment.chains[_key("nat", sep)] = (
-            f"-s {e.ip}{self._host_len} -j {MARK_MASQ}",  # hairpin: a pod reaching itself
-            f"-p {proto} -m {proto} {affinity}-j DNAT --to-destination {e.address}",
-        )
+    def endpoint_parts(self, fragment: Fragment, p: ServicePort) -> None:
+        affinity, proto = p.policy.affinity_timeout, p.protocol.lower()
+        for e in p.policy.endpoints:
+            sep = self.names.endpoint_chain(p, e)
+            remember = f"-m recent --name {sep} --set " if affinity else ""
+            fragment.chains[_key("nat", sep)] = (
+                f"-s {e.ip}{self._host_len} -j {MARK_MASQ}",  # hairpin: a pod reaching itself
+                f"-p {proto} -m {proto} {remember}-j DNAT --to-destination {e.address}",
+            )
 
     def fixed_chains(self, shared: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
         nat = {

@@ -146,19 +146,20 @@ class NftablesBackend(RuleBackend):
         sets hold every port, so the rules tell TCP (reset) from the rest (ICMP) by the protocol."""
         fragment.elements[(REJECT_IPS if dest.ip else REJECT_NODEPORTS, _element_key(dest))] = ""
 
-    def endpoint(self, fragment: Fragment, p: ServicePort, e: Endpoint) -> None:
-        """Its hairpin element; with ClientIP affinity also a chain that remembers which endpoint
-        this client got, in a timeout set."""
-        fragment.elements[(HAIRPIN, f"{e.ip} . {e.ip}")] = ""
+    def endpoint_parts(self, fragment: Fragment, p: ServicePort) -> None:
+        """Each endpoint's hairpin element; with ClientIP affinity also a chain that remembers which
+        endpoint this client got, in a timeout set."""
         timeout = p.policy.affinity_timeout
-        if timeout:
-            name = affinity_set(p, e)
-            fragment.chains[self.names.endpoint_chain(p, e)] = (
-                f"update @{name} {{ {self._nf_family} saddr }}",
-                f"meta l4proto {p.protocol.lower()} dnat to {e.address}",
-            )
-            flags = f"flags dynamic,timeout; timeout {timeout}s;"
-            fragment.objects[name] = f"set {name} {{ type {self._addr_type}; {flags} }}"
+        for e in p.policy.endpoints:
+            fragment.elements[(HAIRPIN, f"{e.ip} . {e.ip}")] = ""
+            if timeout:
+                name = affinity_set(p, e)
+                fragment.chains[self.names.endpoint_chain(p, e)] = (
+                    f"update @{name} {{ {self._nf_family} saddr }}",
+                    f"meta l4proto {p.protocol.lower()} dnat to {e.address}",
+                )
+                flags = f"flags dynamic,timeout; timeout {timeout}s;"
+                fragment.objects[name] = f"set {name} {{ type {self._addr_type}; {flags} }}"
 
     def fixed_objects(self) -> dict[str, str]:
         key, ip = f"{self._addr_type} . inet_proto . inet_service", self._nf_family

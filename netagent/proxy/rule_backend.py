@@ -11,7 +11,7 @@ from typing import ClassVar
 from netagent.proxy.backend import Backend, NodeContext, SyncError
 from netagent.proxy.chain_names import ChainNames
 from netagent.proxy.gc_pause import gc_paused
-from netagent.proxy.policy import Destination
+from netagent.proxy.policy import Destination, Masquerade
 from netagent.proxy.render_engine import Fragment, IncrementalRenderer
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff, diff
 from netagent.proxy.service import Endpoint, ServicePort
@@ -29,6 +29,9 @@ class RuleBackend(Backend, IncrementalRenderer):
         Backend.__init__(self, node, family, netns)
         IncrementalRenderer.__init__(self)
         self._applied: RuleSet | None = None  # None: unknown, read the kernel before the next sync
+        self._masquerade_rules = {  # the rules of each masquerade decision, in this backend's syntax
+            m: [self.jump(chain)] if (chain := self.names.masquerade_chain(m)) else [] for m in Masquerade
+        }
 
     def sync(self, ports: Sequence[ServicePort]) -> RuleSetDiff:
         """Make the kernel match `ports` in one transaction; returns what changed.
@@ -62,8 +65,7 @@ class RuleBackend(Backend, IncrementalRenderer):
             chain = self.names.for_traffic(p, traffic)
             if traffic.dnat:
                 rules = self.cluster_path(p) if traffic.inside_takes_cluster_path else []
-                masquerade = self.names.masquerade_chain(traffic.masquerade)
-                rules += [self.jump(masquerade)] if masquerade else []
+                rules += self._masquerade_rules[traffic.masquerade]
                 rules += self.balance(fragment, p, chain, traffic.endpoints)
                 fragment.chains[self.chain_key(chain)] = tuple(rules)
             for dest in traffic.destinations:
@@ -71,8 +73,7 @@ class RuleBackend(Backend, IncrementalRenderer):
                     self.dispatch(fragment, p, dest, chain)
                 if traffic.rejected:
                     self.reject(fragment, p, dest)
-        for e in plan.endpoints:
-            self.endpoint(fragment, p, e)
+        self.endpoint_parts(fragment, p)
         return fragment
 
     def chain_key(self, chain: str) -> str:
@@ -102,8 +103,9 @@ class RuleBackend(Backend, IncrementalRenderer):
         """Refuse new connections to `dest` that nothing DNATed (p.policy.reject_with)."""
 
     @abstractmethod
-    def endpoint(self, fragment: Fragment, p: ServicePort, e: Endpoint) -> None:
-        """What one endpoint needs: hairpin masquerade, affinity bookkeeping, its DNAT if separate."""
+    def endpoint_parts(self, fragment: Fragment, p: ServicePort) -> None:
+        """What each of p.policy.endpoints needs: hairpin masquerade, affinity bookkeeping, its DNAT
+        if separate (one call per port, not per endpoint: a cold sync has 100,000 endpoints)."""
 
     @abstractmethod
     def read_kernel(self) -> RuleSet:
