@@ -25,8 +25,8 @@ import sys
 import time
 
 from netagent.proxy.backend import NodeContext
-from netagent.proxy.model import SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from netagent.proxy.snapshot_builder import SnapshotBuilder
 from nodekit import netns
 
 NODE = "node-a"
@@ -136,7 +136,7 @@ def main() -> None:
             proxier = Proxier(kind, NodeContext(NODE, ("10.244.0.0/16",)), families=(4,), netns=node)
             builder = SnapshotBuilder(NODE)
             for count in counts:
-                proxier.sync(builder.build(*objects(count)))
+                proxier.apply(builder.build(*objects(count)))
                 connect_times(client, TARGET_VIP, 80, 20)  # warm up (ARP, caches)
                 reference, direct, via_vip = [], [], []
                 for _ in range(args.connects // 10):  # interleaved, so machine noise hits all alike

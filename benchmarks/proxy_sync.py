@@ -6,7 +6,7 @@ and the memory of a process holding 10,000 services. Ratios are computed within 
 
 The objects are official-client models (V1Service / V1EndpointSlice with resourceVersions), i.e. what
 the controller's informer caches hold, and each sync runs the controller's own path: informer events
-into the SnapshotBuilder, then snapshot() -> Proxier.sync (render, diff, one kernel transaction,
+into the SnapshotBuilder, then snapshot() -> Proxier.apply (render, diff, one kernel transaction,
 conntrack cleanup). Each backend programs a fresh netns named nb<hex>-<backend>, removed at the end.
 Wall time on this shared 2-core machine is noisy, so the CPU time of the kernel tool
 (nft / iptables-restore, user+sys) is printed next to it.
@@ -27,8 +27,8 @@ import time
 from kubernetes import client
 
 from netagent.proxy.backend import NodeContext
-from netagent.proxy.model import SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from netagent.proxy.snapshot_builder import SnapshotBuilder
 from nodekit import netns
 
 NODE = "node-a"
@@ -97,14 +97,14 @@ def bench_backend(kind: str, services: list, slices: list, endpoints: int, chang
         for svc, es in zip(services, slices, strict=True):  # the informers' initial ADDED events
             builder.service_changed(svc)
             builder.slice_changed(es)
-        cold = timed(lambda: proxier.sync(builder.snapshot()))
-        noop = timed(lambda: proxier.sync(builder.snapshot()))
+        cold = timed(lambda: proxier.apply(builder.snapshot()))
+        noop = timed(lambda: proxier.apply(builder.snapshot()))
         change_times = []
         fresh_ip = len(services) * endpoints + 1000
         for n in range(changes):
             i = (n * 7919) % len(services)  # spread over the table
             builder.slice_changed(make_slice(i, endpoints, version=2 + n, first=fresh_ip))  # a MODIFIED event
-            change_times.append(timed(lambda: proxier.sync(builder.snapshot())))
+            change_times.append(timed(lambda: proxier.apply(builder.snapshot())))
             fresh_ip += endpoints
         try:  # the last change is in the kernel
             live = "yes" if endpoint_ip(fresh_ip - endpoints) in rule_text(kind, ns) else "NO"
@@ -125,7 +125,7 @@ def rss_child(kind: str, count: int, endpoints: int) -> None:
     netns.create(ns)
     try:
         proxier = Proxier(kind, NodeContext(NODE, ("10.244.0.0/16",)), families=(4,), netns=ns)
-        proxier.sync(SnapshotBuilder(NODE).build(services, slices))
+        proxier.apply(SnapshotBuilder(NODE).build(services, slices))
         print(json.dumps({"baseline_kib": baseline, "objects_kib": with_objects, "loaded_kib": _rss_kib()}))
     finally:
         netns.delete(ns)

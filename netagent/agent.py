@@ -166,8 +166,7 @@ class Agent:
         from netagent.proxy.controller import ProxyController
 
         cfg = self.config
-        proxy = ProxyController(api_client, cfg.node_name, cfg.proxy, cfg.cluster_cidrs, cfg.min_sync_period,
-                                state_dir=cfg.state_dir, tracker=self.tracker)
+        proxy = ProxyController(api_client, cfg, tracker=self.tracker)
         proxy.start()
         self._stoppables.append(proxy)
         log.info("service proxy started (backend %s)", cfg.proxy)

@@ -24,6 +24,7 @@ from test_proxy_dataplane import (  # noqa: F401 (node_fixture provides the `nod
     tcp_ask,
 )
 
+from netagent.config import AgentConfig
 from netagent.proxy.cli import proxy_group
 from netagent.proxy.controller import ProxyController
 from nodekit import netns
@@ -58,16 +59,14 @@ def api(tmp_path) -> Iterator[Api]:
 
 @pytest.fixture
 def controller(api: Api, node: Node, tmp_path) -> Iterator[ProxyController]:
-    proxy = ProxyController(
-        api.client,
-        NODE,
-        node.proxier.backends[0].kind,
-        (CLUSTER_CIDR,),
-        0.2,
+    config = AgentConfig(
+        node_name=NODE,
+        proxy=node.proxier.kind,
+        cluster_cidrs=(CLUSTER_CIDR,),
+        min_sync_period=0.2,
         state_dir=str(tmp_path),
-        families=(4,),
-        netns=node.ns,
     )
+    proxy = ProxyController(api.client, config, families=(4,), netns=node.ns)
     proxy.start()
     yield proxy
     proxy.stop()
@@ -130,7 +129,7 @@ def test_a_burst_of_changes_is_coalesced_into_few_syncs(
 def test_malformed_service_is_logged_and_skipped_while_others_sync(
     api: Api, node: Node, controller: ProxyController, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="netagent.proxy.model")
+    caplog.set_level(logging.WARNING, logger="netagent.proxy.snapshot_builder")
     api.core.create_namespaced_service(
         "default", service("bad", cluster_ip="10.96.0.20", externalIPs=["not-an-ip"])
     )
@@ -141,23 +140,14 @@ def test_malformed_service_is_logged_and_skipped_while_others_sync(
 
 
 def test_a_restarted_controller_that_cannot_list_keeps_the_rules(
-    api: Api, node: Node, controller: ProxyController, tmp_path
+    api: Api, node: Node, controller: ProxyController
 ) -> None:
     api.core.create_namespaced_service("default", service())
     api.put_slice(endpoint_slice("web", [endpoint("p0")]))
     eventually(lambda: reached(node, tries=3) == {"p0"})
     controller.stop()
     api.server.stop()  # the agent comes back while the API server is unreachable
-    again = ProxyController(
-        api.client,
-        NODE,
-        controller.backend,
-        (CLUSTER_CIDR,),
-        0.2,
-        state_dir=str(tmp_path),
-        families=(4,),
-        netns=node.ns,
-    )
+    again = ProxyController(api.client, controller.config, families=(4,), netns=node.ns)
     again.start()
     try:
         for _ in range(10):

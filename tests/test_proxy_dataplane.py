@@ -24,8 +24,9 @@ import pytest
 
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.healthcheck import HealthCheckServers
-from netagent.proxy.model import build_snapshot
-from netagent.proxy.proxier import Proxier, compare
+from netagent.proxy.inspection import compare
+from netagent.proxy.proxier import Proxier
+from netagent.proxy.snapshot_builder import build_snapshot
 from nodekit import netns
 
 NODE = "node-a"
@@ -171,7 +172,7 @@ class Node:
 
     def program(self, services: list[dict], slices: list[dict]) -> None:
         snapshot = build_snapshot(services, slices, NODE)
-        self.proxier.sync(snapshot)
+        self.proxier.apply(snapshot)
         self.snapshot = snapshot
 
     def pods_reached(self, ns: str, ip: str, port: int, tries: int = 60) -> set[str]:
@@ -298,6 +299,22 @@ def test_external_traffic_policy_local_keeps_client_ip_and_refuses_without_local
     assert (status, body["localEndpoints"]) == (503, 0)
 
 
+def test_health_check_counts_only_ready_local_endpoints_as_kube_proxy_does(node: Node) -> None:
+    """Local endpoints that are all terminating still get the traffic that arrives (the fallback lets
+    them drain), but the load balancer is told to stop sending it: 503, as kube-proxy answers."""
+    svc = service(
+        svc_type="NodePort",
+        ports=(("http", 80, "TCP", 30080),),
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=32000,
+    )
+    leaving = endpoint("p0", ready=False, terminating=True)
+    node.program([svc], [endpoint_slice("web", [leaving, endpoint("p1", node="node-b")])])
+    assert tcp_ask(node.client, NODE_IP, 30080).pod == "p0"
+    status, body = _http_get(node.client, f"http://{NODE_IP}:32000/")
+    assert (status, body["localEndpoints"]) == (503, 0)
+
+
 def test_internal_traffic_policy_local_uses_only_this_nodes_endpoints(node: Node) -> None:
     svc = service(internalTrafficPolicy="Local")
     node.program([svc], [endpoint_slice("web", [endpoint("p0"), endpoint("p1", node="node-b")])])
@@ -389,7 +406,7 @@ def test_restart_resyncs_without_flushing_and_keeps_open_connections(node: Node,
                 families=(4,),
                 netns=node.ns,
             )
-            fresh.sync(build_snapshot(services, slices, NODE))
+            fresh.apply(build_snapshot(services, slices, NODE))
     finally:
         stop.set()
         prober.join()
@@ -452,7 +469,7 @@ def test_switching_backend_removes_the_previous_backends_rules(node: Node) -> No
     switched = Proxier(other, NodeContext(NODE, (CLUSTER_CIDR,)), families=(4,), netns=node.ns)
     switched.remove_other_backends()
     assert node.proxier.backends[0].kernel_view().entries == {}  # nothing of the old backend left
-    switched.sync(build_snapshot([service()], [endpoint_slice("web", [endpoint("p1")])], NODE))
+    switched.apply(build_snapshot([service()], [endpoint_slice("web", [endpoint("p1")])], NODE))
     assert node.pods_reached(node.client, VIP, 80, tries=10) == {"p1"}
 
 

@@ -25,8 +25,9 @@ from test_proxy_dataplane import PODS, SERVER, endpoint, endpoint_slice, eventua
 
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.ebpf import MAPS, EbpfBackend, cgroup_id, program_version
-from netagent.proxy.model import Snapshot, build_snapshot
-from netagent.proxy.proxier import compare
+from netagent.proxy.inspection import compare
+from netagent.proxy.service import Snapshot
+from netagent.proxy.snapshot_builder import build_snapshot
 from nodekit import netns
 from nodekit.bpf import link_info
 
@@ -243,7 +244,7 @@ RESYNC = """
 import json, sys
 from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.ebpf import EbpfBackend
-from netagent.proxy.model import Snapshot
+from netagent.proxy.service import Snapshot
 backend = EbpfBackend(NodeContext(sys.argv[1]), cgroup=sys.argv[2])
 print("changed:", bool(backend.sync(Snapshot.from_dict(json.loads(sys.argv[3])).ports)))
 """

@@ -7,8 +7,9 @@ import logging
 import pytest
 from kubernetes import client
 
-from netagent.proxy.model import Endpoint, Snapshot, SnapshotBuilder, build_snapshot
 from netagent.proxy.ruleset import RuleSet, diff
+from netagent.proxy.service import Endpoint, Snapshot
+from netagent.proxy.snapshot_builder import SnapshotBuilder, build_snapshot
 
 NODE = "node-a"
 

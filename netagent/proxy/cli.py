@@ -12,10 +12,11 @@ import sys
 
 import click
 
-from netagent.proxy.backend import NodeContext, SyncError, destination, nodeport_destination
+from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.controller import desired_path
-from netagent.proxy.model import Snapshot
-from netagent.proxy.proxier import Comparison, compare, make_backends
+from netagent.proxy.inspection import Comparison, compare
+from netagent.proxy.proxier import make_backends
+from netagent.proxy.service import Snapshot
 from nodekit.nodestate import DEFAULT_STATE_DIR
 
 
@@ -68,9 +69,9 @@ def show_cmd(state_dir: str, netns_name: str | None) -> None:
     for row in rows:
         click.echo(_format(row, names.get(row.destination, "?")))
     for p in snapshot.ports:
-        if not p.cluster_endpoints:
-            dest = destination(p.protocol, p.cluster_ip, p.port)
-            click.echo(f"  {dest:<28} {p.display_name:<32} -> (no endpoints: connections are rejected)")
+        if p.policy.cluster.rejected:
+            for dest in map(str, p.policy.cluster.destinations):
+                click.echo(f"  {dest:<28} {p.display_name:<32} -> (no endpoints: connections are rejected)")
     differences = [row for row in rows if not row.in_sync]
     if differences:
         click.echo(f"{len(differences)} destination(s) differ from the desired state")
@@ -81,11 +82,8 @@ def show_cmd(state_dir: str, netns_name: str | None) -> None:
 def _names_by_destination(snapshot: Snapshot) -> dict[str, str]:
     names = {}
     for p in snapshot.ports:
-        names[destination(p.protocol, p.cluster_ip, p.port)] = p.display_name
-        for ip in p.external_ips:
-            names[destination(p.protocol, ip, p.port)] = p.display_name
-        if p.node_port:
-            names[nodeport_destination(p.protocol, p.node_port)] = p.display_name
+        for traffic in p.policy.traffic:
+            names.update(dict.fromkeys(map(str, traffic.destinations), p.display_name))
     return names
 
 

@@ -1,17 +1,17 @@
 """The service proxy inside `netagent run --proxy iptables|iptables-legacy|nftables`.
 
-    ProxyController(api_client, node_name, backend, cluster_cidrs=(), min_sync_period=1.0, *,
-                    state_dir="/run/netagent", tracker=None, resync_period=300.0,
-                    families=(4, 6), netns=None)
+    ProxyController(api_client, config, *, tracker=None, resync_period=300.0, families=(4, 6), netns=None)
     .start() / .stop(); .ready (threading.Event, set after the first successful sync)
 
-tracker is netagent.health.SyncTracker (readiness waits for our first sync); netns names a netns for
-the kernel tools and healthCheckNodePort servers (tests; the agent already runs inside its node netns).
+config is the agent's AgentConfig (node_name, proxy backend, cluster_cidrs, min_sync_period,
+state_dir); tracker is netagent.health.SyncTracker (readiness waits for our first sync). The keywords
+are for tests: netns names a netns for the kernel tools and healthCheckNodePort servers (the agent
+already runs inside its node netns), families limits the IP families programmed.
 
 Services and EndpointSlices are watched through netagent.kube.Informer; every change is handed to the
 SnapshotBuilder (which marks that one service for rebuilding) and requests a sync; SyncLoop coalesces
 bursts (at most one sync per min_sync_period, a failed sync retried with backoff, a periodic resync).
-A sync takes one Snapshot from the builder and hands it to the Proxier, which applies only the
+A sync takes one Snapshot from the builder and hands it to Proxier.apply, which changes only the
 difference. Nothing syncs before both caches are listed: an empty
 cache must never be mistaken for "no services" and wipe working rules after a restart.
 The last applied snapshot goes to STATE_DIR/proxy-desired.json for `netagent proxy show`. Before
@@ -25,18 +25,21 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
 
 from netagent.kube import Informer, SyncLoop
 from netagent.proxy.backend import NodeContext
 from netagent.proxy.healthcheck import HealthCheckServers
-from netagent.proxy.model import Snapshot, SnapshotBuilder
 from netagent.proxy.proxier import Proxier
+from netagent.proxy.service import Snapshot
+from netagent.proxy.snapshot_builder import SnapshotBuilder
 from nodekit import netns as netns_mod
 from nodekit.files import atomic_write
-from nodekit.nodestate import DEFAULT_STATE_DIR
+
+if TYPE_CHECKING:
+    from netagent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +55,19 @@ class ProxyController:
     def __init__(
         self,
         api_client: client.ApiClient,
-        node_name: str,
-        backend: str,
-        cluster_cidrs: tuple[str, ...] = (),
-        min_sync_period: float = 1.0,
+        config: AgentConfig,
         *,
-        state_dir: str = DEFAULT_STATE_DIR,
         tracker: Any = None,
         resync_period: float = 300.0,
         families: tuple[int, ...] = (4, 6),
         netns: str | None = None,
     ) -> None:
-        self.node = NodeContext(node_name, tuple(cluster_cidrs))
-        self.backend = backend
+        self.config = config
+        self.node = NodeContext(config.node_name, tuple(config.cluster_cidrs))
         self.tracker = tracker  # netagent.health.SyncTracker, optional
         self.ready = threading.Event()
         health = HealthCheckServers(netns_path=netns_mod.path(netns) if netns else None)
-        self.proxier = Proxier(backend, self.node, families, netns, health)
+        self.proxier = Proxier(config.proxy, self.node, families, netns, health)
         self.services = Informer(
             "services",
             client.CoreV1Api(api_client).list_service_for_all_namespaces,
@@ -79,15 +78,17 @@ class ProxyController:
             client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
             resync_period=resync_period,
         )
-        self._loop = SyncLoop(CONTROLLER, self.sync, min_interval=min_sync_period, max_interval=resync_period)
+        self._loop = SyncLoop(
+            CONTROLLER, self._apply_snapshot, min_interval=config.min_sync_period, max_interval=resync_period
+        )
         header = {
-            "backend": backend,
-            "node_name": node_name,
-            "cluster_cidrs": list(cluster_cidrs),
+            "backend": config.proxy,
+            "node_name": config.node_name,
+            "cluster_cidrs": list(config.cluster_cidrs),
             "families": list(families),
         }
-        self._writer = DesiredStateWriter(desired_path(state_dir), header)
-        self._builder = SnapshotBuilder(node_name)
+        self._writer = DesiredStateWriter(desired_path(config.state_dir), header)
+        self._builder = SnapshotBuilder(config.node_name)
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -135,14 +136,15 @@ class ProxyController:
             self.tracker.changes_pending(CONTROLLER)
         self._loop.request()
 
-    def sync(self) -> None:
+    def _apply_snapshot(self) -> None:
+        """One round of the SyncLoop: the builder's current snapshot, applied."""
         started = time.monotonic()
         if not (self.services.synced and self.slices.synced):
             log.debug("proxy sync deferred: caches not listed yet (_sync_once_listed requests it)")
             return
         snapshot = self._builder.snapshot()  # rebuilds only the services the events touched
         try:
-            changed = self.proxier.sync(snapshot)
+            changed = self.proxier.apply(snapshot)
         except Exception:
             if self.tracker:
                 self.tracker.failed(CONTROLLER)

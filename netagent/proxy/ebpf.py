@@ -49,8 +49,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar, cast
 
-from netagent.proxy.backend import ChainFacts, KernelView, NodeContext, SyncError, destination
-from netagent.proxy.model import ServicePort
+from netagent.proxy.backend import Backend, NodeContext, SyncError
+from netagent.proxy.inspection import ChainFacts, KernelView
+from netagent.proxy.policy import Destination
+from netagent.proxy.service import ServicePort
 from nodekit import bpf
 
 log = logging.getLogger(__name__)
@@ -168,12 +170,14 @@ class MapChanges:
 
 # -- desired state ----------------------------------------------------------------------------------
 def wanted_service(p: ServicePort) -> tuple[ServiceAddr, frozenset[Addr]] | None:
-    """The ClusterIP with its usable endpoints (the snapshot already chose them: ready first,
-    terminating as a fallback, internalTrafficPolicy applied); None for a port this backend skips."""
+    """The ClusterIP with the endpoints its policy balances cluster traffic over (no endpoints: the
+    program refuses the connect); None for a port this backend skips."""
     if p.family != 4 or p.protocol not in PROTOCOLS:
         return None
-    key = ServiceAddr(_ip4(p.cluster_ip), p.port, PROTOCOLS[p.protocol])
-    return key, frozenset(Addr(_ip4(e.ip), e.port) for e in p.cluster_endpoints)
+    cluster = p.policy.cluster
+    (dest,) = cluster.destinations
+    key = ServiceAddr(_ip4(dest.ip), dest.port, PROTOCOLS[dest.protocol])
+    return key, frozenset(Addr(_ip4(e.ip), e.port) for e in cluster.endpoints)
 
 
 def _ip4(text: str) -> int:
@@ -187,9 +191,9 @@ def unsupported(ports: Sequence[ServicePort]) -> Iterator[str]:
             yield f"{p.display_name}: IPv6 is not covered by the ebpf proxy"
         elif p.protocol not in PROTOCOLS:
             yield f"{p.display_name}: {p.protocol} is not covered by the ebpf proxy"
-        elif p.has_external:
+        elif p.policy.external:
             yield f"{p.display_name}: only the ClusterIP is served (ebpf proxy: no NodePort/external IPs)"
-        elif p.affinity_timeout:
+        elif p.policy.affinity_timeout:
             yield f"{p.display_name}: sessionAffinity is not covered by the ebpf proxy"
 
 
@@ -261,9 +265,8 @@ def _as_sync_error(method: Callable[..., T]) -> Callable[..., T]:
 
 
 # -- the backend ------------------------------------------------------------------------------------
-class EbpfBackend:
-    """Socket-LB for one node. Has Backend's public surface (kind, family, sync, kernel_view, cleanup)
-    but programs BPF maps instead of rendering rules, so it does not inherit Backend's rule machinery.
+class EbpfBackend(Backend):
+    """Socket-LB for one node: a Backend that programs BPF maps instead of rendering rules.
 
     Creating one is cheap and touches nothing (Proxier builds one just to clean up after a backend
     switch); the first sync mounts bpffs, attaches the programs if needed and opens the maps."""
@@ -280,9 +283,7 @@ class EbpfBackend:
     ) -> None:
         if not _NODE_NAME.match(node.node_name):
             raise ValueError(f"node name {node.node_name!r} cannot name a bpffs directory")
-        self.node = node
-        self.family = family
-        self.netns = netns
+        super().__init__(node, family, netns)
         self.cgroup = cgroup
         self.pin_dir = pin_dir or os.path.join(bpf.PIN_ROOT, node.node_name)
         self._maps: dict[str, bpf.PinnedMap] = {}
@@ -428,7 +429,7 @@ class EbpfBackend:
     # -- inspection and cleanup ---------------------------------------------------------------------
     @_as_sync_error
     def kernel_view(self) -> KernelView:
-        """Each ClusterIP with the backends the maps hold; empty unless every program is attached."""
+        """Each ClusterIP with the endpoints the maps hold; empty unless every program is attached."""
         if self.family != 4 or set(self.pinned_links()) != {hook.name for hook in HOOKS}:
             return KernelView()
         state = self.read_maps()
@@ -437,7 +438,7 @@ class EbpfBackend:
             if entry.count:
                 name = f"service-{entry.id}"
                 ip = str(ipaddress.IPv4Address(key.ip))
-                entries[destination(PROTOCOL_NAMES[key.protocol], ip, key.port)] = name
+                entries[str(Destination(PROTOCOL_NAMES[key.protocol], key.port, ip))] = name
                 chains[name] = ChainFacts(dnat_to=tuple(str(a) for a in state.live_slots(entry) if a))
         return KernelView(entries=entries, chains=chains)
 

@@ -1,8 +1,9 @@
 """healthCheckNodePort servers for externalTrafficPolicy: Local services.
 
 A cloud load balancer probes every node on the service's healthCheckNodePort and only sends traffic
-to nodes answering 200, i.e. nodes with a local endpoint (as kube-proxy does, the body says how many);
-503 otherwise. One small HTTP server per port, started and stopped as services come and go.
+to nodes answering 200 (policy.HealthCheck: nodes with a READY local endpoint, as kube-proxy; the body
+says how many); 503 otherwise. One small HTTP server per port, started and stopped as services come
+and go.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler
 
 from netagent.http_endpoint import EndpointServer
-from netagent.proxy.model import ServicePort
+from netagent.proxy.service import ServicePort
 from nodekit import netns as netns_mod
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,10 @@ class HealthCheckServers:
     def update(self, ports: Iterable[ServicePort]) -> None:
         wanted: dict[int, tuple[str, str, int]] = {}
         for p in ports:
-            if p.health_check_node_port:
-                _, _, count = wanted.get(p.health_check_node_port, ("", "", 0))
-                local = {e.address for e in p.external_endpoints}
-                wanted[p.health_check_node_port] = (p.namespace, p.name, max(count, len(local)))
+            check = p.policy.health_check
+            if check:  # the ports (and families) of one Service share it: the highest count answers
+                _, _, count = wanted.get(check.node_port, ("", "", 0))
+                wanted[check.node_port] = (p.namespace, p.name, max(count, check.local_ready))
         for port in set(self._servers) - set(wanted):
             self._stop(port)
         for port, status in wanted.items():

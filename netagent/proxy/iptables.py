@@ -1,4 +1,5 @@
 """iptables backend: kube-proxy's chain layout under our own names, one iptables-restore per sync.
+Each port's chains translate its policy (netagent.proxy.policy) through RuleBackend.render_port.
 
 nat table:
   PREROUTING, OUTPUT -> NA-SERVICES: one rule per cluster IP (-> NA-SVC-x) and external/LB IP
@@ -21,21 +22,18 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from netagent.proxy.backend import (
-    MASQUERADE_MARK,
-    Backend,
-    ChainFacts,
-    Fragment,
-    KernelView,
-    destination,
-    nodeport_destination,
-)
-from netagent.proxy.model import Endpoint, ServicePort
+from netagent.proxy.chain_names import ChainNames
+from netagent.proxy.inspection import ChainFacts, KernelView
+from netagent.proxy.policy import Destination, RejectWith
+from netagent.proxy.render_engine import Fragment
+from netagent.proxy.rule_backend import MASQUERADE_MARK, RuleBackend
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff
+from netagent.proxy.service import Endpoint, ServicePort
 
 PREFIX = "NA-"
-SERVICES, NODEPORTS, POSTROUTING = "NA-SERVICES", "NA-NODEPORTS", "NA-POSTROUTING"
-MARK_MASQ, MASQ_OFF_CLUSTER, REJECT = "NA-MARK-MASQ", "NA-MASQ-OFFCLUSTER", "NA-REJECT"
+NAMES = ChainNames("NA-SVC-", "NA-EXT-", "NA-SEP-", "NA-MARK-MASQ", "NA-MASQ-OFFCLUSTER")
+SERVICES, NODEPORTS, POSTROUTING, REJECT = "NA-SERVICES", "NA-NODEPORTS", "NA-POSTROUTING", "NA-REJECT"
+MARK_MASQ, MASQ_OFF_CLUSTER = NAMES.mark_masquerade, NAMES.masquerade_off_cluster
 _NEW = "-m conntrack --ctstate NEW"
 # (table, built-in chain, rule) jumps into our chains; iptables-save prints them exactly like this
 HOOKS = (
@@ -48,31 +46,21 @@ HOOKS = (
 )
 
 
-def _reject(protocol: str) -> str:
-    """TCP gets a reset: ICMP errors are rate limited per host (an ICMP redirect can use the token)."""
-    return "REJECT --reject-with tcp-reset" if protocol == "TCP" else "REJECT"
-
-
-def svc_chain(p: ServicePort) -> str:
-    return f"NA-SVC-{p.uid}"
-
-
-def ext_chain(p: ServicePort) -> str:
-    return f"NA-EXT-{p.uid}"
-
-
-def sep_chain(p: ServicePort, e: Endpoint) -> str:
-    return f"NA-SEP-{p.endpoint_uid(e)}"
+REJECT_TARGETS = {
+    RejectWith.TCP_RESET: "REJECT --reject-with tcp-reset",
+    RejectWith.ICMP_PORT_UNREACHABLE: "REJECT",  # ICMP port unreachable: "connection refused"
+}
 
 
 def _key(table: str, chain: str) -> str:
     return f"{table}:{chain}"
 
 
-class IptablesBackend(Backend):
+class IptablesBackend(RuleBackend):
     """Through the system's `iptables` (on Debian the nf_tables variant)."""
 
     kind = "iptables"
+    names = NAMES
     tools = {4: ("iptables-restore", "iptables-save"), 6: ("ip6tables-restore", "ip6tables-save")}
 
     def __init__(self, *args, **kwargs) -> None:
@@ -81,39 +69,57 @@ class IptablesBackend(Backend):
         self._restore, self._save = self.tools[self.family]
         self._host_len = "/128" if self.family == 6 else "/32"
 
-    # -- rendering ------------------------------------------------------------------------------
-    def render_port(self, p: ServicePort) -> Fragment:
-        services, nodeports, reject = [], [], []
-        chains: dict[str, tuple[str, ...]] = {}
-        match = f"-p {p.protocol.lower()} -m {p.protocol.lower()} --dport {p.port}"
-        comment = f'-m comment --comment "{p.display_name}"'
-        if p.cluster_endpoints:
-            services.append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {svc_chain(p)}")
-            chains[_key("nat", svc_chain(p))] = (
-                f"-j {MASQ_OFF_CLUSTER}",
-                *self._balance(p, p.cluster_endpoints),
+    # -- rendering: the steps of RuleBackend.render_port --------------------------------------------
+    def chain_key(self, chain: str) -> str:
+        return _key("nat", chain)
+
+    def jump(self, chain: str) -> str:
+        return f"-j {chain}"
+
+    def cluster_path(self, p: ServicePort) -> list[str]:
+        cluster = self.names.cluster_chain(p)
+        return [
+            *(f"-s {cidr} -j {cluster}" for cidr in self.node.cidrs(self.family)),
+            f"-m addrtype --src-type LOCAL -j {MARK_MASQ}",
+            f"-m addrtype --src-type LOCAL -j {cluster}",
+        ]
+
+    def balance(
+        self, fragment: Fragment, p: ServicePort, chain: str, endpoints: Sequence[Endpoint]
+    ) -> list[str]:
+        rules, timeout = [], p.policy.affinity_timeout
+        seps = [self.names.endpoint_chain(p, e) for e in endpoints]
+        if timeout:
+            rules += [f"-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}" for sep in seps]
+        for i, sep in enumerate(seps):  # rule i takes 1/(N-i) of what is left: uniform over N
+            remaining = len(seps) - i
+            pick = f"-m statistic --mode random --probability {1 / remaining:.11f} " if remaining > 1 else ""
+            rules.append(f"{pick}-j {sep}")
+        return rules
+
+    def dispatch(self, fragment: Fragment, p: ServicePort, dest: Destination, chain: str) -> None:
+        entry = SERVICES if dest.ip else NODEPORTS
+        fragment.shared.setdefault(entry, []).append(f"{self._match(p, dest)} -j {chain}")
+
+    def reject(self, fragment: Fragment, p: ServicePort, dest: Destination) -> None:
+        local = "" if dest.ip else "-m addrtype --dst-type LOCAL "
+        target = REJECT_TARGETS[p.policy.reject_with]
+        fragment.shared.setdefault(REJECT, []).append(f"{local}{self._match(p, dest)} -j {target}")
+
+    def _match(self, p: ServicePort, dest: Destination) -> str:
+        proto = dest.protocol.lower()
+        ports = f'-p {proto} -m {proto} --dport {dest.port} -m comment --comment "{p.display_name}"'
+        return f"-d {dest.ip}{self._host_len} {ports}" if dest.ip else ports
+
+    def endpoint_parts(self, fragment: Fragment, p: ServicePort) -> None:
+        affinity, proto = p.policy.affinity_timeout, p.protocol.lower()
+        for e in p.policy.endpoints:
+            sep = self.names.endpoint_chain(p, e)
+            remember = f"-m recent --name {sep} --set " if affinity else ""
+            fragment.chains[_key("nat", sep)] = (
+                f"-s {e.ip}{self._host_len} -j {MARK_MASQ}",  # hairpin: a pod reaching itself
+                f"-p {proto} -m {proto} {remember}-j DNAT --to-destination {e.address}",
             )
-        else:
-            reject.append(f"-d {p.cluster_ip}{self._host_len} {match} {comment} -j {_reject(p.protocol)}")
-        external_chain = self._external_chain(p)
-        for ip in p.external_ips:
-            rule = f"-d {ip}{self._host_len} {match} {comment}"
-            if external_chain:
-                services.append(f"{rule} -j {ext_chain(p)}")
-            if not p.external_endpoints:
-                reject.append(f"{rule} -j {_reject(p.protocol)}")
-        if p.node_port:
-            rule = f"-p {p.protocol.lower()} -m {p.protocol.lower()} --dport {p.node_port} {comment}"
-            if external_chain:
-                nodeports.append(f"{rule} -j {ext_chain(p)}")
-            if not p.external_endpoints:
-                reject.append(f"-m addrtype --dst-type LOCAL {rule} -j {_reject(p.protocol)}")
-        if external_chain:
-            chains[_key("nat", ext_chain(p))] = tuple(external_chain)
-        for e in {*p.cluster_endpoints, *p.external_endpoints}:
-            chains[_key("nat", sep_chain(p, e))] = tuple(self._endpoint_chain(p, e))
-        shared = {SERVICES: services, NODEPORTS: nodeports, REJECT: reject}
-        return Fragment(chains=chains, shared={name: tuple(lines) for name, lines in shared.items() if lines})
 
     def fixed_chains(self, shared: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
         nat = {
@@ -141,45 +147,6 @@ class IptablesBackend(Backend):
                 "-j MASQUERADE --random-fully",
             ],
         }
-
-    def _external_chain(self, p: ServicePort) -> list[str] | None:
-        """NA-EXT-x rules, or None when external traffic has nowhere to go (it is rejected)."""
-        if not p.has_external:
-            return None
-        if not p.external_local:
-            return (
-                [f"-j {MARK_MASQ}", *self._balance(p, p.external_endpoints)] if p.external_endpoints else None
-            )
-        rules = []
-        if p.cluster_endpoints:  # pods and the node take the cluster path; only outsiders need locality
-            rules += [f"-s {cidr} -j {svc_chain(p)}" for cidr in self.node.cidrs(self.family)]
-            rules += [
-                f"-m addrtype --src-type LOCAL -j {MARK_MASQ}",
-                f"-m addrtype --src-type LOCAL -j {svc_chain(p)}",
-            ]
-        rules += self._balance(p, p.external_endpoints)
-        return rules if p.external_endpoints or p.cluster_endpoints else None
-
-    def _balance(self, p: ServicePort, endpoints: Sequence[Endpoint]) -> list[str]:
-        rules = []
-        if p.affinity_timeout:
-            rules += [
-                f"-m recent --name {sep_chain(p, e)} --rcheck --seconds {p.affinity_timeout} --reap "
-                f"-j {sep_chain(p, e)}"
-                for e in endpoints
-            ]
-        for i, e in enumerate(endpoints):  # rule i takes 1/(N-i) of what is left: uniform over N
-            remaining = len(endpoints) - i
-            pick = f"-m statistic --mode random --probability {1 / remaining:.11f} " if remaining > 1 else ""
-            rules.append(f"{pick}-j {sep_chain(p, e)}")
-        return rules
-
-    def _endpoint_chain(self, p: ServicePort, e: Endpoint) -> list[str]:
-        rules = [f"-s {e.ip}{self._host_len} -j {MARK_MASQ}"]  # hairpin: a pod reaching itself
-        affinity = f"-m recent --name {sep_chain(p, e)} --set " if p.affinity_timeout else ""
-        proto = p.protocol.lower()
-        rules.append(f"-p {proto} -m {proto} {affinity}-j DNAT --to-destination {e.address}")
-        return rules
 
     # -- kernel side ----------------------------------------------------------------------------
     def _saved(self) -> dict[str, dict[str, list[list[str]]]]:
@@ -230,7 +197,7 @@ class IptablesBackend(Backend):
                 text += [f"*{table}", *declares[table], *rules[table], *deletes[table], "COMMIT"]
         return "\n".join(text) + "\n"
 
-    def apply(self, transaction: str) -> None:
+    def commit(self, transaction: str) -> None:
         self.run([self._restore, "-w", "--noflush"], stdin=transaction)
         self._missing_hooks = ()
 
@@ -241,12 +208,10 @@ class IptablesBackend(Backend):
             for words in nat.get(chain_name, []):
                 opts = _options(words)
                 target, proto, port = opts.get("-j", ""), opts.get("-p", "").upper(), opts.get("--dport")
-                if not target.startswith(("NA-SVC-", "NA-EXT-")) or not port:
+                if not target.startswith((NAMES.cluster, NAMES.external)) or not port:
                     continue
-                if chain_name == SERVICES:
-                    entries[destination(proto, opts["-d"].split("/")[0], int(port))] = target
-                else:
-                    entries[nodeport_destination(proto, int(port))] = target
+                ip = opts["-d"].split("/")[0] if chain_name == SERVICES else ""
+                entries[str(Destination(proto, int(port), ip))] = target
         chains = {}
         for name, rule_list in nat.items():
             if name.startswith(PREFIX):

@@ -2,14 +2,14 @@
 
   services           daddr . proto . port  vmap @service-ips        -> svc-x (cluster IP) / ext-x
                      local daddr: proto . port vmap @service-nodeports -> ext-x
-  svc-x / ext-x      same policy as the iptables backend; one `dnat to numgen random mod N offset B
-                     map @endpoints` picks an endpoint: every service's endpoints are ELEMENTS of one
-                     data map (slot -> address . port), each service port owning a block of slots from
-                     B on. An endpoint change that keeps the count is then an element-only transaction:
-                     adding or changing ANY rule makes the kernel re-validate everything reachable from
-                     the base chains (through @service-ips: every service chain), ~100 ms at 10,000
-                     services, while element changes to a data map cost ~20 ms. No per-service sets or
-                     maps: see _balance.
+  svc-x / ext-x      the port's policy (netagent.proxy.policy), as in iptables; one `dnat to numgen
+                     random mod N offset B map @endpoints` picks an endpoint: every service's endpoints
+                     are ELEMENTS of one data map (slot -> address . port), each service port owning a
+                     block of slots from B on. An endpoint change that keeps the count is then an
+                     element-only transaction: adding or changing ANY rule makes the kernel re-validate
+                     everything reachable from the base chains (through @service-ips: every service
+                     chain), ~100 ms at 10,000 services, while element changes to a data map cost ~20
+                     ms. No per-service sets or maps: see balance.
   sep-x              only for ClientIP affinity: one per endpoint, remembers the client in a dynamic
                      timeout set (named by endpoint and timeout) and DNATs
   nat-postrouting    hairpin (source == endpoint, looked up in @hairpin) and marked packets masquerade
@@ -25,18 +25,14 @@ import json
 import zlib
 from collections.abc import Iterator, Sequence
 
-from netagent.proxy.backend import (
-    MASQUERADE_MARK,
-    Backend,
-    ChainFacts,
-    Fragment,
-    KernelView,
-    SyncError,
-    destination,
-    nodeport_destination,
-)
-from netagent.proxy.model import Endpoint, ServicePort, short_hash
+from netagent.proxy.backend import SyncError
+from netagent.proxy.chain_names import ChainNames
+from netagent.proxy.inspection import ChainFacts, KernelView
+from netagent.proxy.policy import Destination
+from netagent.proxy.render_engine import Fragment
+from netagent.proxy.rule_backend import MASQUERADE_MARK, RuleBackend
 from netagent.proxy.ruleset import RuleSet, RuleSetDiff
+from netagent.proxy.service import Endpoint, ServicePort, short_hash
 
 TABLE = "netagent"
 SERVICE_IPS, SERVICE_NODEPORTS = "service-ips", "service-nodeports"
@@ -48,7 +44,8 @@ ENDPOINT_MAPS = {  # name -> protocol; slot -> "endpoint ip . port"
 }
 ELEMENT_CONTAINERS = (SERVICE_IPS, SERVICE_NODEPORTS, REJECT_IPS, REJECT_NODEPORTS, HAIRPIN, *ENDPOINT_MAPS)
 MIN_SLOTS = 16  # a service port's first block of endpoint slots; it doubles when outgrown
-MARK_MASQ, MASQ_OFF_CLUSTER = "mark-for-masquerade", "masq-off-cluster"
+NAMES = ChainNames("svc-", "ext-", "sep-", "mark-for-masquerade", "masq-off-cluster")
+MARK_MASQ, MASQ_OFF_CLUSTER = NAMES.mark_masquerade, NAMES.masquerade_off_cluster
 BASE_CHAINS = {  # name -> base chain spec
     "nat-prerouting": "type nat hook prerouting priority -100;",
     "nat-output": "type nat hook output priority -100;",
@@ -59,70 +56,110 @@ BASE_CHAINS = {  # name -> base chain spec
 }
 
 
-def svc_chain(p: ServicePort) -> str:
-    return f"svc-{p.uid}"
-
-
-def ext_chain(p: ServicePort) -> str:
-    return f"ext-{p.uid}"
-
-
-def sep_chain(p: ServicePort, e: Endpoint) -> str:
-    return f"sep-{p.endpoint_uid(e)}"
-
-
 def endpoint_map(p: ServicePort) -> str:
     return f"endpoints-{p.protocol.lower()}-{zlib.crc32(p.uid.encode()) % ENDPOINT_BUCKETS}"
 
 
 def affinity_set(p: ServicePort, e: Endpoint) -> str:
-    return f"aff-{short_hash(f'{p.endpoint_uid(e)}/{p.affinity_timeout}')}"
+    return f"aff-{short_hash(f'{p.endpoint_uid(e)}/{p.policy.affinity_timeout}')}"
 
 
-class NftablesBackend(Backend):
+def _element_key(dest: Destination) -> str:
+    """A destination as the service and reject maps key it."""
+    proto = dest.protocol.lower()
+    return f"{dest.ip} . {proto} . {dest.port}" if dest.ip else f"{proto} . {dest.port}"
+
+
+class NftablesBackend(RuleBackend):
     kind = "nftables"
+    names = NAMES
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._nf_family = "ip6" if self.family == 6 else "ip"
         self._addr_type = "ipv6_addr" if self.family == 6 else "ipv4_addr"
         self._table = f"{self._nf_family} {TABLE}"
-        self._slots: dict[str, tuple[int, int]] = {}  # "c<uid>"/"x<uid>" -> (first slot, block size)
+        self._slots: dict[str, tuple[int, int]] = {}  # balancing chain -> (first slot, block size)
         self._next_slot = 0
 
-    # -- rendering ------------------------------------------------------------------------------
-    def render_port(self, p: ServicePort) -> Fragment:
-        chains: dict[str, tuple[str, ...]] = {}
-        objects: dict[str, str] = {}
-        elements: dict[tuple[str, str], str] = {}
+    # -- rendering: the steps of RuleBackend.render_port --------------------------------------------
+    def jump(self, chain: str) -> str:
+        return f"jump {chain}"
+
+    def cluster_path(self, p: ServicePort) -> list[str]:
+        cluster, cidrs = self.names.cluster_chain(p), self.node.cidrs(self.family)
+        from_pods = [f"{self._nf_family} saddr {{ {', '.join(cidrs)} }} goto {cluster}"] if cidrs else []
+        return [*from_pods, f"fib saddr type local jump {MARK_MASQ}", f"fib saddr type local goto {cluster}"]
+
+    def balance(
+        self, fragment: Fragment, p: ServicePort, chain: str, endpoints: Sequence[Endpoint]
+    ) -> list[str]:
+        """The rules that pick one of `endpoints` uniformly. Without affinity: one rule, `numgen
+        random mod N offset B` looked up in one of the shared @endpoints-k maps, whose slots B..B+N-1
+        hold this port's endpoints (the fragment's elements), so only a change of N rewrites the rule.
+        Neither an anonymous `numgen ... map {}` per service (the kernel allocates anonymous set names
+        by scanning every set in the table: 10,000 of them take tens of seconds) nor a named map per
+        service (10,000 maps add ~3 s of nft CPU to a cold sync and ~40 ms to every later one) nor a
+        single map (the kernel checks each added element against every rule using the map: 100,000
+        elements x 10,000 rules took 19 s); services are spread over 64 maps per protocol by a hash
+        of their id. The maps are typed per protocol (`ip daddr . tcp dport`): with `th dport`, nft
+        1.0.6 refuses any later transaction adding a `meta l4proto tcp` rule that uses one
+        ("conflicting protocols specified: tcp vs. th").
+        With affinity, rule i takes the connection with probability 1/(N-i) (like iptables'
+        statistic chain) and goes to the endpoint's sep chain, which remembers the client."""
+        if not endpoints:
+            return []
         proto = p.protocol.lower()
-        if p.cluster_endpoints:
-            elements[(SERVICE_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = f"goto {svc_chain(p)}"
-            balance = self._balance(p, p.cluster_endpoints, False, elements)
-            chains[svc_chain(p)] = (f"jump {MASQ_OFF_CLUSTER}", *balance)
-        else:
-            elements[(REJECT_IPS, f"{p.cluster_ip} . {proto} . {p.port}")] = ""
-        external = self._external_chain(p, elements)
-        if external:
-            chains[ext_chain(p)] = external
-        for ip in p.external_ips:
-            if external:
-                elements[(SERVICE_IPS, f"{ip} . {proto} . {p.port}")] = f"goto {ext_chain(p)}"
-            if not p.external_endpoints:
-                elements[(REJECT_IPS, f"{ip} . {proto} . {p.port}")] = ""
-        if p.node_port:
-            if external:
-                elements[(SERVICE_NODEPORTS, f"{proto} . {p.node_port}")] = f"goto {ext_chain(p)}"
-            if not p.external_endpoints:
-                elements[(REJECT_NODEPORTS, f"{proto} . {p.node_port}")] = ""
-        for e in {*p.cluster_endpoints, *p.external_endpoints}:
-            elements[(HAIRPIN, f"{e.ip} . {e.ip}")] = ""
-            if p.affinity_timeout:
-                chains[sep_chain(p, e)] = self._endpoint_chain(p, e)
+        if not p.policy.affinity_timeout:
+            first, name = self._slot_block(chain, len(endpoints)), endpoint_map(p)
+            for i, e in enumerate(endpoints):
+                fragment.elements[(name, str(first + i))] = f"{e.ip} . {e.port}"
+            pick = f"numgen random mod {len(endpoints)} offset {first} map @{name}"
+            return [f"meta l4proto {proto} dnat {self._nf_family} addr . port to {pick}"]
+        seps = [self.names.endpoint_chain(p, e) for e in endpoints]
+        rules = [
+            f"{self._nf_family} saddr @{affinity_set(p, e)} goto {sep}"
+            for e, sep in zip(endpoints, seps, strict=True)
+        ]
+        for i, sep in enumerate(seps):
+            pick = f"numgen random mod {len(seps) - i} 0 " if i < len(seps) - 1 else ""
+            rules.append(pick + f"goto {sep}")
+        return rules
+
+    def _slot_block(self, key: str, count: int) -> int:
+        """The first slot of `key`'s block in @endpoints, big enough for `count` endpoints. A block is
+        kept while it fits (so endpoint changes reuse the same slots) and replaced by a fresh one twice
+        as big when outgrown; blocks are never shared, so no two service ports' slots overlap."""
+        first, size = self._slots.get(key, (0, 0))
+        if count > size:
+            size = max(MIN_SLOTS, size * 2, 1 << (count - 1).bit_length())
+            first, self._next_slot = self._next_slot, self._next_slot + size
+            self._slots[key] = (first, size)
+        return first
+
+    def dispatch(self, fragment: Fragment, p: ServicePort, dest: Destination, chain: str) -> None:
+        container = SERVICE_IPS if dest.ip else SERVICE_NODEPORTS
+        fragment.elements[(container, _element_key(dest))] = f"goto {chain}"
+
+    def reject(self, fragment: Fragment, p: ServicePort, dest: Destination) -> None:
+        """Into the reject sets, whose reject-check rules refuse as p.policy.reject_with says: the
+        sets hold every port, so the rules tell TCP (reset) from the rest (ICMP) by the protocol."""
+        fragment.elements[(REJECT_IPS if dest.ip else REJECT_NODEPORTS, _element_key(dest))] = ""
+
+    def endpoint_parts(self, fragment: Fragment, p: ServicePort) -> None:
+        """Each endpoint's hairpin element; with ClientIP affinity also a chain that remembers which
+        endpoint this client got, in a timeout set."""
+        timeout = p.policy.affinity_timeout
+        for e in p.policy.endpoints:
+            fragment.elements[(HAIRPIN, f"{e.ip} . {e.ip}")] = ""
+            if timeout:
                 name = affinity_set(p, e)
-                flags = f"flags dynamic,timeout; timeout {p.affinity_timeout}s;"
-                objects[name] = f"set {name} {{ type {self._addr_type}; {flags} }}"
-        return Fragment(chains=chains, objects=objects, elements=elements)
+                fragment.chains[self.names.endpoint_chain(p, e)] = (
+                    f"update @{name} {{ {self._nf_family} saddr }}",
+                    f"meta l4proto {p.protocol.lower()} dnat to {e.address}",
+                )
+                flags = f"flags dynamic,timeout; timeout {timeout}s;"
+                fragment.objects[name] = f"set {name} {{ type {self._addr_type}; {flags} }}"
 
     def fixed_objects(self) -> dict[str, str]:
         key, ip = f"{self._addr_type} . inet_proto . inet_service", self._nf_family
@@ -168,81 +205,6 @@ class NftablesBackend(Backend):
             MARK_MASQ: (f"meta mark set meta mark | {mark}",),
             MASQ_OFF_CLUSTER: (f"{ip} saddr != {{ {', '.join(cidrs)} }} jump {MARK_MASQ}",) if cidrs else (),
         }
-
-    def _external_chain(self, p: ServicePort, elements: dict[tuple[str, str], str]) -> tuple[str, ...] | None:
-        """ext-x rules, or None when external traffic has nowhere to go (it is rejected)."""
-        if not p.has_external:
-            return None
-        if not p.external_local:
-            return (
-                (f"jump {MARK_MASQ}", *self._balance(p, p.external_endpoints, True, elements))
-                if p.external_endpoints
-                else None
-            )
-        rules: list[str] = []
-        cidrs = self.node.cidrs(self.family)
-        if p.cluster_endpoints:  # pods and the node take the cluster path; only outsiders need locality
-            if cidrs:
-                rules.append(f"{self._nf_family} saddr {{ {', '.join(cidrs)} }} goto {svc_chain(p)}")
-            rules += [f"fib saddr type local jump {MARK_MASQ}", f"fib saddr type local goto {svc_chain(p)}"]
-        rules += self._balance(p, p.external_endpoints, True, elements)
-        return tuple(rules) if p.external_endpoints or p.cluster_endpoints else None
-
-    def _balance(
-        self,
-        p: ServicePort,
-        endpoints: Sequence[Endpoint],
-        external: bool,
-        elements: dict[tuple[str, str], str],
-    ) -> list[str]:
-        """The rules that pick one of `endpoints` uniformly. Without affinity: one rule, `numgen
-        random mod N offset B` looked up in one of the shared @endpoints-k maps, whose slots B..B+N-1
-        hold this port's endpoints (filled into `elements`), so only a change of N rewrites the rule.
-        Neither an anonymous `numgen ... map {}` per service (the kernel allocates anonymous set names
-        by scanning every set in the table: 10,000 of them take tens of seconds) nor a named map per
-        service (10,000 maps add ~3 s of nft CPU to a cold sync and ~40 ms to every later one) nor a
-        single map (the kernel checks each added element against every rule using the map: 100,000
-        elements x 10,000 rules took 19 s); services are spread over 64 maps per protocol by a hash
-        of their id. The maps are typed per protocol (`ip daddr . tcp dport`): with `th dport`, nft
-        1.0.6 refuses any later transaction adding a `meta l4proto tcp` rule that uses one
-        ("conflicting protocols specified: tcp vs. th").
-        With affinity, rule i takes the connection with probability 1/(N-i) (like iptables'
-        statistic chain) and goes to the endpoint's sep chain, which remembers the client."""
-        if not endpoints:
-            return []
-        proto = p.protocol.lower()
-        if not p.affinity_timeout:
-            first, name = (
-                self._slot_block(f"{'x' if external else 'c'}{p.uid}", len(endpoints)),
-                endpoint_map(p),
-            )
-            for i, e in enumerate(endpoints):
-                elements[(name, str(first + i))] = f"{e.ip} . {e.port}"
-            pick = f"numgen random mod {len(endpoints)} offset {first} map @{name}"
-            return [f"meta l4proto {proto} dnat {self._nf_family} addr . port to {pick}"]
-        rules = [f"{self._nf_family} saddr @{affinity_set(p, e)} goto {sep_chain(p, e)}" for e in endpoints]
-        for i, e in enumerate(endpoints):
-            pick = f"numgen random mod {len(endpoints) - i} 0 " if i < len(endpoints) - 1 else ""
-            rules.append(pick + f"goto {sep_chain(p, e)}")
-        return rules
-
-    def _slot_block(self, key: str, count: int) -> int:
-        """The first slot of `key`'s block in @endpoints, big enough for `count` endpoints. A block is
-        kept while it fits (so endpoint changes reuse the same slots) and replaced by a fresh one twice
-        as big when outgrown; blocks are never shared, so no two service ports' slots overlap."""
-        first, size = self._slots.get(key, (0, 0))
-        if count > size:
-            size = max(MIN_SLOTS, size * 2, 1 << (count - 1).bit_length())
-            first, self._next_slot = self._next_slot, self._next_slot + size
-            self._slots[key] = (first, size)
-        return first
-
-    def _endpoint_chain(self, p: ServicePort, e: Endpoint) -> tuple[str, ...]:
-        """Only with ClientIP affinity: remember which endpoint this client got."""
-        return (
-            f"update @{affinity_set(p, e)} {{ {self._nf_family} saddr }}",
-            f"meta l4proto {p.protocol.lower()} dnat to {e.address}",
-        )
 
     # -- kernel side ----------------------------------------------------------------------------
     def _listing(self) -> list[dict]:
@@ -308,7 +270,7 @@ class NftablesBackend(Backend):
         lines += [f"delete {current.objects[name].split()[0]} {t} {name}" for name in changes.objects.removed]
         return "\n".join(lines) + "\n"
 
-    def apply(self, transaction: str) -> None:
+    def commit(self, transaction: str) -> None:
         self.run(["nft", "-f", "-"], stdin=transaction)
 
     def kernel_view(self) -> KernelView:
@@ -326,11 +288,11 @@ class NftablesBackend(Backend):
                 for key, value in item["map"].get("elem", []):
                     parts = key["concat"]
                     dest = (
-                        destination(parts[1].upper(), parts[0], int(parts[2]))
+                        Destination(parts[1].upper(), int(parts[2]), parts[0])
                         if len(parts) == 3
-                        else nodeport_destination(parts[0].upper(), int(parts[1]))
+                        else Destination(parts[0].upper(), int(parts[1]))
                     )
-                    entries[dest] = next(iter(value.values()))["target"]
+                    entries[str(dest)] = next(iter(value.values()))["target"]
             elif "chain" in item:
                 rules.setdefault(item["chain"]["name"], [])
             elif "rule" in item:

@@ -1,26 +1,23 @@
 """Applies one Snapshot to this node: each IP family's rules, then stale UDP conntrack entries, then
-the healthCheckNodePort servers. The controller decides WHEN to sync; this decides WHAT a sync does."""
+the healthCheckNodePort servers. The controller decides WHEN to apply; this decides WHAT applying does."""
 
 from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
 
-from netagent.proxy.backend import Backend, NodeContext, SyncError, expected_backends
+from netagent.proxy.backend import Backend, NodeContext, SyncError
 from netagent.proxy.ebpf import EbpfBackend
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.iptables import IptablesBackend, IptablesLegacyBackend
-from netagent.proxy.model import Snapshot
 from netagent.proxy.nftables import NftablesBackend
+from netagent.proxy.rule_backend import RuleBackend
+from netagent.proxy.service import Snapshot
 from netagent.proxy.stale_udp import delete_udp_flows, removed_udp_endpoints
 
 log = logging.getLogger(__name__)
 
-# EbpfBackend programs BPF maps, not rules: it has Backend's public surface (kind, family, sync,
-# kernel_view, cleanup) without its rule-rendering machinery, so it is not a subclass.
-AnyBackend = Backend | EbpfBackend
-BACKENDS: dict[str, type[AnyBackend]] = {
+BACKENDS: dict[str, type[Backend]] = {
     backend.kind: backend
     for backend in (IptablesBackend, IptablesLegacyBackend, NftablesBackend, EbpfBackend)
 }
@@ -28,33 +25,10 @@ BACKENDS: dict[str, type[AnyBackend]] = {
 
 def make_backends(
     kind: str, node: NodeContext, families: tuple[int, ...] = (4, 6), netns: str | None = None
-) -> list[AnyBackend]:
+) -> list[Backend]:
     if kind not in BACKENDS:
         raise ValueError(f"unknown proxy backend {kind!r}: choose one of {', '.join(sorted(BACKENDS))}")
     return [BACKENDS[kind](node, family=family, netns=netns) for family in families]
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One service destination: the endpoints the snapshot wants and the ones the kernel has."""
-
-    destination: str
-    desired: frozenset[str]
-    kernel: frozenset[str]
-
-    @property
-    def in_sync(self) -> bool:
-        return self.desired == self.kernel
-
-
-def compare(backends: list[AnyBackend], snapshot: Snapshot) -> list[Comparison]:
-    rows = []
-    for backend in backends:
-        desired = expected_backends(snapshot.for_family(backend.family))
-        kernel = backend.kernel_view().backends()
-        for dest in sorted(desired.keys() | kernel.keys()):
-            rows.append(Comparison(dest, desired.get(dest, frozenset()), kernel.get(dest, frozenset())))
-    return rows
 
 
 class Proxier:
@@ -76,19 +50,20 @@ class Proxier:
 
     def remove_other_backends(self) -> None:
         """Delete what another rule backend left behind (the node switched --proxy): its rules would
-        still DNAT. Call before the first sync; the chosen backend's own rules are never touched.
+        still DNAT. Call before the first apply; the chosen backend's own rules are never touched.
         Only netns-scoped (rule) backends: ebpf state is host-wide (bpffs, cgroups) and keyed by
         node name, so removing it from here could hit another lab's node of the same name."""
         for kind, backend_type in BACKENDS.items():
-            if kind != self.kind and issubclass(backend_type, Backend):
+            if kind != self.kind and issubclass(backend_type, RuleBackend):
                 for backend in make_backends(kind, self.node, self.families, self.netns):
                     try:
                         backend.cleanup()
                     except SyncError as err:  # e.g. that backend's tool is not installed
                         log.debug("no %s rules removed: %s", kind, err)
 
-    def sync(self, snapshot: Snapshot) -> bool:
-        """Raises SyncError if a family's transaction was refused (that family is left unchanged)."""
+    def apply(self, snapshot: Snapshot) -> bool:
+        """Make this node serve `snapshot`; True if the kernel changed. Raises SyncError if a family's
+        transaction was refused (that family is left unchanged)."""
         changed = False
         for backend in self.backends:
             changed |= bool(backend.sync(snapshot.for_family(backend.family)))
@@ -97,8 +72,8 @@ class Proxier:
             self.health.update(snapshot.ports)
         self._last = snapshot
         # What is alive now (informer caches, snapshot, rendered rules: ~1M objects at 10,000
-        # services) is long-lived; without this every later sync paid a full cyclic-GC scan of it
-        # (measured: 2.7 s, then ~0.13 s per sync). None of it forms reference cycles.
+        # services) is long-lived; without this every later apply paid a full cyclic-GC scan of it
+        # (measured: 2.7 s, then ~0.13 s per apply). None of it forms reference cycles.
         gc.freeze()
         return changed
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from netagent.proxy.model import ServicePort
+from netagent.proxy.service import ServicePort
 from nodekit import conntrack
 
 
@@ -26,7 +26,7 @@ def removed_udp_endpoints(old: Iterable[ServicePort], new: Iterable[ServicePort]
         for p in ports:
             if p.protocol == "UDP":
                 key = (p.namespace, p.name, p.port_name, p.family)
-                result[key] = {(e.ip, e.port) for e in (*p.cluster_endpoints, *p.external_endpoints)}
+                result[key] = {(e.ip, e.port) for e in p.policy.endpoints}
         return result
 
     before, after = used(old), used(new)
