@@ -1,13 +1,13 @@
 /* Socket-level load balancing for ClusterIP services (IPv4, TCP and UDP).
  *
  * Attached to a cgroup v2: every connect()/sendmsg() of a process below it that targets a service
- * address is rewritten, before any packet exists, to one of the service's backends chosen at random.
+ * address is rewritten, before any packet exists, to one of the service's endpoints chosen at random.
  * No NAT and no conntrack entry on the data path: the socket is simply connected to the pod.
  * The reverse translation is done on recvmsg() (UDP replies) and getpeername(), so the application
  * only ever sees the ClusterIP it asked for.
  *
  * The maps are pinned under PIN_DIR (passed by the loader) so they outlive the agent: a restart
- * re-opens them instead of starting empty. The agent writes `services` and `backends`; the program
+ * re-opens them instead of starting empty. The agent writes `services` and `endpoints`; the program
  * only writes `reverse` (a cache, LRU: entries of closed sockets age out on their own; an evicted one
  * only means that socket's getpeername() or replies show the pod's address).
  */
@@ -25,16 +25,16 @@ struct service_key {
 };
 
 struct service_value {
-    __u32 count; /* backends in slots 0..count-1; 0 = the service exists but has none */
+    __u32 count; /* endpoints in slots 0..count-1; 0 = the service exists but has none */
     __u32 id;
 };
 
-struct backend_key {
+struct endpoint_key {
     __u32 service_id;
     __u32 slot;
 };
 
-struct backend_value {
+struct endpoint_value {
     __be32 ip;
     __be16 port;
     __u16 pad;
@@ -42,19 +42,19 @@ struct backend_value {
 
 struct reverse_key {
     __u64 cookie; /* the socket */
-    __be32 ip;    /* the backend it talks to */
+    __be32 ip;    /* the endpoint it talks to */
     __be16 port;
     __u16 pad;
 };
 
 BPF_TABLE_PINNED("hash", struct service_key, struct service_value, services, 65536, PIN_DIR "/services");
-BPF_TABLE_PINNED("hash", struct backend_key, struct backend_value, backends, 262144, PIN_DIR "/backends",
+BPF_TABLE_PINNED("hash", struct endpoint_key, struct endpoint_value, endpoints, 262144, PIN_DIR "/endpoints",
                  BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct backend_value, reverse, 65536, PIN_DIR "/reverse");
+BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct endpoint_value, reverse, 65536, PIN_DIR "/reverse");
 
-/* Rewrites ctx to a backend of the service it targets. Returns ALLOW for anything that is not a
- * service (including other protocols), REFUSE for a service without backends. */
-static __always_inline int pick_backend(struct bpf_sock_addr *ctx, int remember)
+/* Rewrites ctx to an endpoint of the service it targets. Returns ALLOW for anything that is not a
+ * service (including other protocols), REFUSE for a service without endpoints. */
+static __always_inline int pick_endpoint(struct bpf_sock_addr *ctx, int remember)
 {
     struct service_key key = {
         .ip = ctx->user_ip4,
@@ -66,31 +66,31 @@ static __always_inline int pick_backend(struct bpf_sock_addr *ctx, int remember)
         return ALLOW;
     if (service->count == 0)
         return REFUSE;
-    struct backend_key slot = {.service_id = service->id, .slot = bpf_get_prandom_u32() % service->count};
-    struct backend_value *backend = backends.lookup(&slot);
-    if (!backend)
+    struct endpoint_key slot = {.service_id = service->id, .slot = bpf_get_prandom_u32() % service->count};
+    struct endpoint_value *endpoint = endpoints.lookup(&slot);
+    if (!endpoint)
         return REFUSE; /* only while the agent shrinks a service: never send to a stale slot */
     if (remember) {
-        struct reverse_key rkey = {.cookie = bpf_get_socket_cookie(ctx), .ip = backend->ip, .port = backend->port};
-        struct backend_value original = {.ip = key.ip, .port = key.port};
+        struct reverse_key rkey = {.cookie = bpf_get_socket_cookie(ctx), .ip = endpoint->ip, .port = endpoint->port};
+        struct endpoint_value original = {.ip = key.ip, .port = key.port};
         reverse.update(&rkey, &original);
     }
-    ctx->user_ip4 = backend->ip;
-    ctx->user_port = backend->port;
+    ctx->user_ip4 = endpoint->ip;
+    ctx->user_port = endpoint->port;
     return ALLOW;
 }
 
 int sock4_connect(struct bpf_sock_addr *ctx)
 {
-    return pick_backend(ctx, 1);
+    return pick_endpoint(ctx, 1);
 }
 
 int sock4_sendmsg(struct bpf_sock_addr *ctx)
 {
-    return pick_backend(ctx, 1);
+    return pick_endpoint(ctx, 1);
 }
 
-/* Shows the ClusterIP the socket was rewritten from, in place of the backend it talks to. */
+/* Shows the ClusterIP the socket was rewritten from, in place of the endpoint it talks to. */
 static __always_inline int restore_service(struct bpf_sock_addr *ctx)
 {
     struct reverse_key rkey = {
@@ -98,7 +98,7 @@ static __always_inline int restore_service(struct bpf_sock_addr *ctx)
         .ip = ctx->user_ip4,
         .port = (__be16)ctx->user_port,
     };
-    struct backend_value *original = reverse.lookup(&rkey);
+    struct endpoint_value *original = reverse.lookup(&rkey);
     if (original) {
         ctx->user_ip4 = original->ip;
         ctx->user_port = original->port;

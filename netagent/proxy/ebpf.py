@@ -7,15 +7,15 @@ have), IPv6 (no connect6 program), SCTP and sessionAffinity. Such ports are logg
 
 How it works: ebpf/sock_lb.c runs on connect()/sendmsg()/recvmsg()/getpeername() of every socket whose
 process is in the configured cgroup v2 (or below it), whatever netns the socket lives in. A connect to a
-ClusterIP is rewritten to a random backend before any packet exists: no DNAT, no conntrack entry, and an
+ClusterIP is rewritten to a random endpoint before any packet exists: no DNAT, no conntrack entry, and an
 established connection is a plain pod-to-pod one, so removing an endpoint or restarting the agent cannot
 touch it.
 A service without endpoints makes connect()/sendto() fail with EPERM (refuse, never blackhole).
 
 Kernel state, pinned under /sys/fs/bpf/netagent/<node>/ so it outlives the agent:
-  services             (ClusterIP, port, protocol) -> (backend count, service id)
-  backends             (service id, slot) -> (pod IP, port), slots 0..count-1
-  reverse              the program's own LRU cache (socket, backend) -> ClusterIP, so UDP replies and
+  services             (ClusterIP, port, protocol) -> (endpoint count, service id)
+  endpoints            (service id, slot) -> (pod IP, port), slots 0..count-1
+  reverse              the program's own LRU cache (socket, endpoint) -> ClusterIP, so UDP replies and
                        getpeername() show the ClusterIP
   <hook>-<version>     bpf_links attaching each program to the cgroup; version hashes sock_lb.c
 A restart that finds links of its own version on the same cgroup only re-opens the maps: no compile,
@@ -27,8 +27,8 @@ the next sync has filled the new maps).
 Each sync computes the desired map contents from the Snapshot, diffs them with what the maps hold and
 writes only the differing entries, ordered so the program never picks a slot that is not there (slots
 are written before a count grows; a count is lowered before its slots are deleted). Service ids and
-slots are stable: a surviving backend keeps its slot, a leaving one's slot takes a newcomer or the
-last backend, so one endpoint change rewrites at most two entries.
+slots are stable: a surviving endpoint keeps its slot, a leaving one's slot takes a newcomer or the
+last endpoint, so one endpoint change rewrites at most two entries.
 
 Which cgroup: on a real node the root of the unified hierarchy (pods' cgroups are below it). Where
 several "nodes" share one host (the netns lab, tests), each node needs its own cgroup holding its
@@ -62,7 +62,7 @@ PROGRAM = "sock_lb.c"
 DEFAULT_CGROUP = "/sys/fs/cgroup/unified"
 PROTOCOLS = {"TCP": 6, "UDP": 17}  # IPPROTO_*
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
-MAPS = ("services", "backends", "reverse")
+MAPS = ("services", "endpoints", "reverse")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,252}$")
 
 
@@ -91,11 +91,11 @@ class _ServiceValue(ctypes.Structure):
     _fields_ = [("count", ctypes.c_uint32), ("id", ctypes.c_uint32)]
 
 
-class _BackendKey(ctypes.Structure):
+class _EndpointKey(ctypes.Structure):
     _fields_ = [("service_id", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
 
 
-class _BackendValue(ctypes.BigEndianStructure):
+class _EndpointValue(ctypes.BigEndianStructure):
     _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
@@ -110,7 +110,7 @@ class ServiceEntry(NamedTuple):
     id: int
 
 
-class BackendSlot(NamedTuple):
+class EndpointSlot(NamedTuple):
     service_id: int
     slot: int
 
@@ -125,7 +125,7 @@ class Addr(NamedTuple):
 
 @dataclass(frozen=True)
 class MapState:
-    """The services map, and the backends map grouped per service id in slot order (None marks a slot
+    """The services map, and the endpoints map grouped per service id in slot order (None marks a slot
     the kernel lacks: only seen when reading maps that a failed sync left half written)."""
 
     services: dict[ServiceAddr, ServiceEntry] = field(default_factory=dict)
@@ -142,29 +142,30 @@ class MapChanges:
 
     set_services: dict[ServiceAddr, ServiceEntry] = field(default_factory=dict)
     deleted_services: tuple[ServiceAddr, ...] = ()
-    set_backends: dict[BackendSlot, Addr] = field(default_factory=dict)
-    deleted_backends: tuple[BackendSlot, ...] = ()
+    set_endpoints: dict[EndpointSlot, Addr] = field(default_factory=dict)
+    deleted_endpoints: tuple[EndpointSlot, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.set_services or self.deleted_services or self.set_backends or self.deleted_backends)
+        return bool(self.set_services or self.deleted_services or self.set_endpoints
+                    or self.deleted_endpoints)
 
     @classmethod
     def between(cls, current: MapState, desired: MapState) -> MapChanges:
-        set_backends: dict[BackendSlot, Addr] = {}
-        deleted_backends: list[BackendSlot] = []
+        set_endpoints: dict[EndpointSlot, Addr] = {}
+        deleted_endpoints: list[EndpointSlot] = []
         for service_id in current.slots.keys() | desired.slots.keys():
             old, new = current.slots.get(service_id, ()), desired.slots.get(service_id, ())
             if old is new:  # an unchanged service: the common case, and free
                 continue
             for i, addr in enumerate(new):
                 if i >= len(old) or old[i] != addr:
-                    set_backends[BackendSlot(service_id, i)] = addr
-            deleted_backends += [BackendSlot(service_id, i) for i in range(len(new), len(old)) if old[i]]
+                    set_endpoints[EndpointSlot(service_id, i)] = addr
+            deleted_endpoints += [EndpointSlot(service_id, i) for i in range(len(new), len(old)) if old[i]]
         return cls(
             set_services={k: v for k, v in desired.services.items() if current.services.get(k) != v},
             deleted_services=tuple(k for k in current.services if k not in desired.services),
-            set_backends=set_backends,
-            deleted_backends=tuple(deleted_backends),
+            set_endpoints=set_endpoints,
+            deleted_endpoints=tuple(deleted_endpoints),
         )
 
 
@@ -198,8 +199,8 @@ def unsupported(ports: Sequence[ServicePort]) -> Iterator[str]:
 
 
 def assign_slots(current: Sequence[Addr | None], wanted: frozenset[Addr]) -> list[Addr]:
-    """The slot list for `wanted` that moves as few current backends as possible: survivors stay in
-    place, newcomers fill the holes first, remaining holes are filled by moving the last backend."""
+    """The slot list for `wanted` that moves as few current endpoints as possible: survivors stay in
+    place, newcomers fill the holes first, remaining holes are filled by moving the last endpoint."""
     slots: list[Addr | None] = [a if a in wanted else None for a in current]
     newcomers = sorted(wanted.difference(slots))
     for index, addr in enumerate(slots):
@@ -213,7 +214,7 @@ def assign_slots(current: Sequence[Addr | None], wanted: frozenset[Addr]) -> lis
     return cast(list[Addr], slots)  # no None left
 
 
-def plan(
+def plan_maps(
     current: MapState,
     wanted: dict[ServiceAddr, frozenset[Addr]],
     current_wanted: dict[ServiceAddr, frozenset[Addr]] | None = None,
@@ -221,7 +222,7 @@ def plan(
     """The desired map contents. `current_wanted`, what `current` was planned from, lets services whose
     endpoints did not change keep their slots without recomputing them (10,000 services per sync).
     A new service takes an id no current entry uses (not even one being removed in this sync, so a
-    connect racing the update never reaches another service's backends)."""
+    connect racing the update never reaches another service's endpoints)."""
     used = {entry.id for entry in current.services.values()}
     free_ids = (i for i in range(1, 2**32) if i not in used)
     services, slots = {}, {}
@@ -308,10 +309,10 @@ class EbpfBackend(Backend):
         wanted = dict(entry for entry in memo.values() if entry)
         if self._applied is None:
             current = self.read_maps()
-            desired = plan(current, wanted)
+            desired = plan_maps(current, wanted)
         else:
             current = self._applied
-            desired = plan(current, wanted, self._applied_wanted)
+            desired = plan_maps(current, wanted, self._applied_wanted)
         changes = MapChanges.between(current, desired)
         try:
             self._write(changes)
@@ -328,22 +329,22 @@ class EbpfBackend(Backend):
                 log.warning("%s", reason)
 
     def _write(self, changes: MapChanges) -> None:
-        services, backends = self._maps["services"], self._maps["backends"]
-        for slot, addr in changes.set_backends.items():
-            backends.update(slot, addr)
+        services, endpoints = self._maps["services"], self._maps["endpoints"]
+        for slot, addr in changes.set_endpoints.items():
+            endpoints.update(slot, addr)
         for key, entry in changes.set_services.items():
             services.update(key, entry)
         for key in changes.deleted_services:
             services.delete(key)
-        for slot in changes.deleted_backends:
-            backends.delete(slot)
+        for slot in changes.deleted_endpoints:
+            endpoints.delete(slot)
 
     def read_maps(self) -> MapState:
         """What the pinned maps hold now."""
         if not self._maps:
             self._open_maps()
         slots: dict[int, list[Addr | None]] = {}
-        for (service_id, slot), addr in self._maps["backends"].items():
+        for (service_id, slot), addr in self._maps["endpoints"].items():
             row = slots.setdefault(service_id, [])
             row.extend([None] * (slot + 1 - len(row)))
             row[slot] = Addr(*addr)
@@ -355,7 +356,7 @@ class EbpfBackend(Backend):
     def _open_maps(self) -> None:
         self._maps = {
             "services": bpf.PinnedMap(os.path.join(self.pin_dir, "services"), _ServiceKey, _ServiceValue),
-            "backends": bpf.PinnedMap(os.path.join(self.pin_dir, "backends"), _BackendKey, _BackendValue),
+            "endpoints": bpf.PinnedMap(os.path.join(self.pin_dir, "endpoints"), _EndpointKey, _EndpointValue),
         }
 
     # -- attaching ----------------------------------------------------------------------------------
