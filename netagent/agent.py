@@ -20,10 +20,7 @@ from typing import Any
 
 import click
 
-from cni.config import DEFAULT_DATA_DIR
 from netagent.config import NETWORK_MODES, PROXY_BACKENDS, UNAVAILABLE_PROXIES, AgentConfig
-from netagent.gc.controller import DEFAULT_INTERVAL as DEFAULT_GC_INTERVAL
-from netagent.gc.rules import DEFAULT_GRACE as DEFAULT_GC_GRACE
 from netagent.health import HealthServer, MetricsServer, SyncTracker
 from netagent.lock import AgentLock, LockHeldError
 from nodekit import nodestate
@@ -226,6 +223,11 @@ def _parse_cidr(value: str, param: click.Parameter) -> ipaddress.IPv4Network | i
         raise click.BadParameter(f"{value!r} is not a network CIDR ({exc})", param=param) from None
 
 
+def _default(field: str) -> Any:
+    """AgentConfig's default for a field: each flag's default is written once, in the config."""
+    return AgentConfig.__dataclass_fields__[field].default
+
+
 def _default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
@@ -239,32 +241,36 @@ def _default_node_name() -> str:
 @click.option("--standalone", is_flag=True, help="Run without an API server (node state from flags).")
 @click.option("--pod-cidr", "pod_cidrs", multiple=True, callback=_parse_pod_cidrs,
               help="Pod CIDR of this node in --standalone mode (repeat for dual-stack).")
-@click.option("--state-dir", default=nodestate.DEFAULT_STATE_DIR, show_default=True,
+@click.option("--state-dir", default=_default("state_dir"), show_default=True,
               help="Holds node.json, cni.sock, agent.lock and the ready marker.")
-@click.option("--network", type=click.Choice(NETWORK_MODES), default="vxlan", show_default=True,
+@click.option("--network", type=click.Choice(NETWORK_MODES), default=_default("network"), show_default=True,
               help="How pods on other nodes are reached.")
 @click.option("--underlay-iface", default=None,
               help="Interface towards other nodes [default: the one holding the node IP / default route].")
-@click.option("--vxlan-vni", type=click.IntRange(1, 2**24 - 1), default=1, show_default=True)
-@click.option("--vxlan-port", type=click.IntRange(1, 65535), default=4789, show_default=True)
+@click.option("--vxlan-vni", type=click.IntRange(1, 2**24 - 1), default=_default("vxlan_vni"),
+              show_default=True)
+@click.option("--vxlan-port", type=click.IntRange(1, 65535), default=_default("vxlan_port"),
+              show_default=True)
 @click.option("--cluster-cidr", "cluster_cidrs", multiple=True, callback=_parse_cidrs,
-              default=("10.244.0.0/16",), show_default=True, help="Pod network of the cluster (repeatable).")
-@click.option("--proxy", type=click.Choice(PROXY_BACKENDS), default="none", show_default=True,
+              default=_default("cluster_cidrs"), show_default=True,
+              help="Pod network of the cluster (repeatable).")
+@click.option("--proxy", type=click.Choice(PROXY_BACKENDS), default=_default("proxy"), show_default=True,
               help="kube-proxy replacement backend.")
-@click.option("--fast-path/--no-fast-path", default=False, show_default=True,
+@click.option("--fast-path/--no-fast-path", default=_default("fast_path"), show_default=True,
               help="Forward pod-to-pod traffic between nodes with tc BPF, skipping the node's stack "
                    "(IPv4 TCP/UDP; NATed flows still take the stack). Needs bcc.")
-@click.option("--healthz-bind", default="0.0.0.0:10256", show_default=True,
+@click.option("--healthz-bind", default=_default("healthz_bind"), show_default=True,
               help="HOST:PORT for /healthz ('' disables).")
-@click.option("--metrics-bind", default="127.0.0.1:10249", show_default=True,
+@click.option("--metrics-bind", default=_default("metrics_bind"), show_default=True,
               help="HOST:PORT for /metrics ('' disables).")
-@click.option("--min-sync-period", type=click.FloatRange(0.0), default=1.0, show_default=True,
+@click.option("--min-sync-period", type=click.FloatRange(0.0), default=_default("min_sync_period"),
+              show_default=True,
               help="Seconds between two syncs of one controller (bursts are coalesced).")
-@click.option("--gc-interval", type=click.FloatRange(0.0), default=DEFAULT_GC_INTERVAL, show_default=True,
+@click.option("--gc-interval", type=click.FloatRange(0.0), default=_default("gc_interval"), show_default=True,
               help="Seconds between GC passes over leaked CNI state (0 disables GC).")
-@click.option("--gc-grace", type=click.FloatRange(0.0), default=DEFAULT_GC_GRACE, show_default=True,
+@click.option("--gc-grace", type=click.FloatRange(0.0), default=_default("gc_grace"), show_default=True,
               help="Seconds an attachment without a live pod is left alone (it may be being created).")
-@click.option("--cni-data-dir", default=DEFAULT_DATA_DIR, show_default=True,
+@click.option("--cni-data-dir", default=_default("cni_data_dir"), show_default=True,
               help="The CNI plugin's IPAM dataDir, which GC sweeps.")
 @click.option("--containerd-socket", default=None,
               help="GC also keeps every attachment whose container containerd still has.")
