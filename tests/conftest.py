@@ -56,3 +56,27 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             netns.delete(name)
         print(f"\nLEFTOVER NETNS (a test did not clean up): {leftovers}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def api_server(tmp_path) -> Iterator:
+    """The lab's API server stand-in in this process, with a short watch history (5 events) so that
+    410 Gone is easy to provoke."""
+    from netns_lab.apiserver.server import LabApiServer
+
+    server = LabApiServer(str(tmp_path / "api.json"), history_size=5).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def core(api_server, tmp_path):
+    """The official client's CoreV1Api for api_server, through a kubeconfig as an agent has it."""
+    from kubernetes import client
+    from netns_lab.apiserver.server import write_kubeconfig
+
+    from netagent.kube import load_api_client
+
+    kubeconfig = str(tmp_path / "kubeconfig")
+    write_kubeconfig(kubeconfig, api_server.url)
+    return client.CoreV1Api(load_api_client(kubeconfig))

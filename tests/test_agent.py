@@ -242,20 +242,6 @@ def test_metrics_count_syncs_per_controller(make_netns):
 # ---------------------------------------------------------------- informer and sync loop
 
 
-@pytest.fixture
-def api_server(tmp_path) -> Iterator[apiserver.LabApiServer]:
-    server = apiserver.LabApiServer(str(tmp_path / "api.json"), history_size=5).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def core(api_server, tmp_path) -> client.CoreV1Api:
-    kubeconfig = str(tmp_path / "kubeconfig")
-    apiserver.write_kubeconfig(kubeconfig, api_server.url)
-    return client.CoreV1Api(load_api_client(kubeconfig))
-
-
 def node_body(name: str, pod_cidr: str | None = None, internal_ip: str | None = None) -> dict:
     body: dict = {"metadata": {"name": name}, "spec": {}}
     if pod_cidr:

@@ -27,20 +27,6 @@ UNDECODABLE_NODES = {
 }
 
 
-@pytest.fixture
-def api_server(tmp_path) -> Iterator[apiserver.LabApiServer]:
-    server = apiserver.LabApiServer(str(tmp_path / "api.json")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def core(api_server, tmp_path) -> client.CoreV1Api:
-    kubeconfig = str(tmp_path / "kubeconfig")
-    apiserver.write_kubeconfig(kubeconfig, api_server.url)
-    return client.CoreV1Api(load_api_client(kubeconfig))
-
-
 def store_directly(server, name: str, extra: dict) -> None:
     """Write a node into the API server's storage past its validation (create, or replace)."""
     body = node_body(name)
