@@ -90,7 +90,7 @@ class Agent:
         from netagent.gc.controller import start_collector
 
         if self.config.gc_interval > 0:
-            self._stoppables.append(start_collector(api_client, self.config))
+            self._stoppables.append(start_collector(api_client, self.config, self.tracker))
 
     def _write_standalone_node_state(self) -> None:
         """No API server: pod CIDRs come from flags, no other nodes to reach, MTU = underlay MTU."""

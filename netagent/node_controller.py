@@ -98,6 +98,7 @@ class NodeController:
 
     def start(self) -> None:
         self.tracker.expect(CONTROLLER)
+        self.tracker.watch_informer(self.informer)
         self.informer.start()
         self._loop.start()
         self._loop.request()  # sync even if the cluster has no Node events to deliver

@@ -26,6 +26,7 @@ from netagent.proxy.backend import NodeContext, SyncError
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.inspection import compare
 from netagent.proxy.proxier import Proxier
+from netagent.proxy.service import Snapshot
 from netagent.proxy.snapshot_builder import build_snapshot
 from nodekit import netns
 
@@ -487,3 +488,18 @@ def _http_get(ns: str, url: str) -> tuple[int, dict]:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
+
+
+def test_a_port_listed_twice_leaves_nothing_behind_once_its_service_is_gone(node: Node) -> None:
+    """Two identical entries for one port (a Service whose spec.ports repeats an entry, which an API
+    server stand-in accepted) must not keep rules alive after the Service is deleted."""
+    other = service("other", cluster_ip="10.96.0.30")
+    node.program([other], [endpoint_slice("other", [endpoint("p1")])])  # the node already has rules
+    before = node.snapshot
+    (web,) = build_snapshot([service()], [endpoint_slice("web", [endpoint("p0")])], NODE).ports
+    node.proxier.apply(Snapshot(ports=(web, web, *before.ports)))
+    assert node.pods_reached(node.client, VIP, 80, tries=3) == {"p0"}
+    node.proxier.apply(before)  # the Service is deleted
+    assert all(row.in_sync for row in compare(node.proxier.backends, before))
+    with pytest.raises(OSError):  # refused or unanswered: nothing forwards it any more
+        tcp_ask(node.client, VIP, 80, timeout=2)

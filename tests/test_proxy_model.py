@@ -266,3 +266,67 @@ def test_incremental_render_matches_a_full_merge_and_keeps_shared_keys() -> None
     assert changes == diff(first, changed) == diff(backend._before, changed, backend._dirty)
     gone = render(["10.244.0.12", "10.244.0.11"], ["10.244.0.13"])
     assert (HAIRPIN, "10.244.0.10 . 10.244.0.10") not in gone.elements
+
+
+def test_a_service_repeating_a_port_is_skipped_as_the_api_server_would_refuse_it() -> None:
+    port = {"name": "http", "port": 80, "targetPort": "http"}
+    snapshot = build_snapshot([svc(ports=[port, dict(port)]), svc("ok")], [], NODE)
+    assert [p.name for p in snapshot.ports] == ["ok"]
+    assert snapshot.skipped == ("default/web: duplicate port http/TCP",)
+
+
+# each is a field the client's typed models refuse; as JSON the parser must check it itself
+MALFORMED_SERVICES = {
+    "port-name-not-a-string": {"ports": [{"name": 5, "port": 80}]},
+    "external-ip-not-an-address": {"externalIPs": ["x"]},
+    "external-ips-not-a-list": {"externalIPs": "10.0.0.1"},
+    "affinity-config-not-an-object": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": 5},
+    "cluster-ip-not-a-string": {"clusterIP": 5, "clusterIPs": None},
+    "port-not-an-integer": {"ports": [{"name": "http", "port": "80"}]},
+    "ports-not-a-list": {"ports": {"name": "http"}},
+    "spec-not-an-object": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_SERVICES))
+def test_a_malformed_service_is_skipped_with_its_reason_and_the_others_are_built(case: str) -> None:
+    bad = svc("bad") if MALFORMED_SERVICES[case] is not None else {"metadata": svc("bad")["metadata"],
+                                                                      "spec": "x"}
+    bad["spec"] = {**bad["spec"], **MALFORMED_SERVICES[case]} if MALFORMED_SERVICES[case] else bad["spec"]
+    snapshot = build_snapshot([bad, svc()], [es([ep("10.244.0.10")])], NODE)
+    assert [p.name for p in snapshot.ports] == ["web"]
+    assert len(snapshot.skipped) == 1 and snapshot.skipped[0].startswith("default/bad: ")
+
+
+MALFORMED_SLICES = {
+    "no-address-type": lambda s: s.pop("addressType"),
+    "address-not-a-string": lambda s: s["endpoints"][0].update(addresses=[5]),
+    "ready-not-a-bool": lambda s: s["endpoints"][0]["conditions"].update(ready="yes"),
+    "port-zero": lambda s: s["ports"][0].update(port=0),
+    "endpoints-not-a-list": lambda s: s.update(endpoints={"addresses": ["10.244.0.12"]}),
+    "address-of-the-other-family": lambda s: s["endpoints"][0].update(addresses=["fd00::12"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_SLICES))
+def test_a_malformed_slice_is_left_out_and_its_service_keeps_its_good_slices(case: str) -> None:
+    """Even a slice that only claims to be the Service's (a foreign one labelled with its name)."""
+    bad = es([ep("10.244.0.12", ready=True)], name="intruder")
+    MALFORMED_SLICES[case](bad)
+    port = only_port(build_snapshot([svc()], [es([ep("10.244.0.10")]), bad], NODE))
+    assert [e.ip for e in port.cluster_endpoints] == ["10.244.0.10"]
+    snapshot = build_snapshot([svc()], [es([ep("10.244.0.10")]), bad], NODE)
+    assert len(snapshot.skipped) == 1
+    assert snapshot.skipped[0].startswith("default/intruder (EndpointSlice of web): ")
+
+
+def test_a_problem_is_logged_once_however_often_its_service_is_rebuilt(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="netagent.proxy.snapshot_builder")
+    builder = SnapshotBuilder(NODE)
+    bad = es([ep("10.244.0.12")], name="intruder")
+    bad["ports"][0]["port"] = 0
+    for i in range(5):  # five changes of the good slice rebuild the Service five times
+        builder.build([svc()], [es([ep(f"10.244.0.{20 + i}")]), bad])
+    assert sum("intruder" in r.getMessage() for r in caplog.records) == 1
+    builder.build([svc()], [es([ep("10.244.0.30")])])  # the bad slice is gone
+    assert builder.snapshot().skipped == ()

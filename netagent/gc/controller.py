@@ -14,6 +14,7 @@ from netagent.gc.evidence import Evidence, node_pod_cidrs, node_selector, pod_ip
 
 if TYPE_CHECKING:
     from netagent.config import AgentConfig
+    from netagent.health import SyncTracker
 
 log = logging.getLogger("netagent.gc")
 
@@ -24,13 +25,15 @@ class GcController:
     """Collects the netagent network's leftovers with the config's --gc-interval, --gc-grace,
     --cni-data-dir and --containerd-socket."""
 
-    def __init__(self, api_client: Any, config: AgentConfig) -> None:
+    def __init__(self, api_client: Any, config: AgentConfig, tracker: SyncTracker | None = None) -> None:
         from kubernetes import client
 
         from netagent.kube import Informer, SyncLoop
 
         self.pods = Informer("pods", client.CoreV1Api(api_client).list_pod_for_all_namespaces,
                              field_selector=node_selector(config.node_name))
+        if tracker:
+            tracker.watch_informer(self.pods)
         self.containerd_socket = config.containerd_socket
         self.collector = Collector(PLUGIN_NAME, config.cni_data_dir, config.state_dir, config.gc_grace,
                                    self._evidence)
@@ -59,9 +62,9 @@ class GcController:
                  len(result.releases), result.waiting, result.in_runtime)
 
 
-def start_collector(api_client: Any, config: AgentConfig) -> GcController:
+def start_collector(api_client: Any, config: AgentConfig, tracker: SyncTracker | None = None) -> GcController:
     """What `netagent run` calls: the collector for the netagent network, already running."""
-    controller = GcController(api_client, config)
+    controller = GcController(api_client, config, tracker)
     controller.start()
     log.info("GC every %.0fs (grace %.0fs) of %s/%s", config.gc_interval, config.gc_grace,
              config.cni_data_dir, PLUGIN_NAME)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
 
-from netagent.kube import Informer, SyncLoop
+from netagent.kube import Informer, SyncLoop, as_json
 from netagent.proxy.backend import NodeContext
 from netagent.proxy.healthcheck import HealthCheckServers
 from netagent.proxy.proxier import Proxier
@@ -68,14 +68,18 @@ class ProxyController:
         self.ready = threading.Event()
         health = HealthCheckServers(netns_path=netns_mod.path(netns) if netns else None)
         self.proxier = Proxier(config.proxy, self.node, families, netns, health)
+        # JSON, not the client's models: service_parser checks every field it reads and leaves out
+        # exactly the Service or EndpointSlice that is malformed, with the reason in `proxy show`
         self.services = Informer(
             "services",
             client.CoreV1Api(api_client).list_service_for_all_namespaces,
+            decode=as_json,
             resync_period=resync_period,
         )
         self.slices = Informer(
             "endpointslices",
             client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
+            decode=as_json,
             resync_period=resync_period,
         )
         self._loop = SyncLoop(
@@ -94,6 +98,8 @@ class ProxyController:
     def start(self) -> None:
         if self.tracker:
             self.tracker.expect(CONTROLLER)
+            for informer in (self.services, self.slices):
+                self.tracker.watch_informer(informer)
         self.services.add_handler(self._on_service_event)
         self.slices.add_handler(self._on_slice_event)
         for informer in (self.services, self.slices):

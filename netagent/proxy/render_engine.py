@@ -53,7 +53,9 @@ class IncrementalRenderer(ABC):
         endpoint's hairpin element) is counted, so it stays while any of them does."""
         fragments, touched = {}, []
         memo = self._fragments
-        for p in ports:
+        # dict.fromkeys: a port listed twice must count once, or its keys' use counts would keep
+        # them alive after the port is gone
+        for p in dict.fromkeys(ports):
             fragment = memo.get(p)
             if fragment is None:
                 fragment = self.render_port(p)

@@ -1,6 +1,7 @@
 """The SnapshotBuilder: this node's desired services, kept up to date from Service and EndpointSlice
 events (the official client's model objects or plain JSON dicts) and handed out as immutable
-Snapshots. A malformed Service is logged and skipped; the rest of the snapshot is still built."""
+Snapshots. A malformed Service is logged and skipped, a malformed EndpointSlice too (its Service keeps
+its other slices); the rest of the snapshot is still built."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 from netagent.proxy.fields import json_field
 from netagent.proxy.gc_pause import gc_paused
 from netagent.proxy.service import ServicePort, Snapshot
-from netagent.proxy.service_parser import InvalidService, service_ports
+from netagent.proxy.service_parser import InvalidService, InvalidSlice, parse_slice, service_ports
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class SnapshotBuilder:
         # Only the thread calling snapshot() touches these:
         self._built: dict[NamespacedName, tuple[ServicePort, ...]] = {}
         self._order: list[NamespacedName] = []  # the keys of _built, sorted
-        self._skipped: dict[NamespacedName, str] = {}  # malformed Services: why
+        self._problems: dict[NamespacedName, dict[str, str]] = {}  # see _rebuild
 
     def service_changed(self, svc: Any, deleted: bool = False) -> None:
         key = _namespaced_name(svc)
@@ -104,17 +105,26 @@ class SnapshotBuilder:
             for key, svc, slices in inputs:
                 self._rebuild(key, svc, slices)
             ports = tuple(itertools.chain.from_iterable(map(self._built.__getitem__, self._order)))
-        return Snapshot(ports=ports, skipped=tuple(self._skipped[key] for key in sorted(self._skipped)))
+        skipped = tuple(reason for key in sorted(self._problems)
+                        for _, reason in sorted(self._problems[key].items()))
+        return Snapshot(ports=ports, skipped=skipped)
 
     def _rebuild(self, key: NamespacedName, svc: Any, slices: list[Any]) -> None:
-        self._skipped.pop(key, None)
+        problems: dict[str, str] = {}  # "" (the Service itself) or a slice's name -> why it is left out
         built = None
         if svc is not None:
+            usable = []
+            for es in slices:
+                try:
+                    usable.append(parse_slice(es))
+                except InvalidSlice as err:  # only this slice is left out: the Service keeps the rest
+                    namespace, slice_name = _namespaced_name(es)
+                    problems[slice_name] = f"{namespace}/{slice_name} (EndpointSlice of {key[1]}): {err}"
             try:
-                built = tuple(sorted(service_ports(svc, slices, self.node_name), key=_PORT_ORDER))
-            except (InvalidService, ValueError, TypeError, KeyError, AttributeError) as err:
-                self._skipped[key] = reason = f"{key[0]}/{key[1]}: {err}"
-                log.warning("skipping malformed Service %s", reason)
+                built = tuple(sorted(service_ports(svc, usable, self.node_name), key=_PORT_ORDER))
+            except InvalidService as err:
+                problems[""] = f"{key[0]}/{key[1]}: {err}"
+        self._record_problems(key, problems)
         if built is None:
             if self._built.pop(key, None) is not None:
                 del self._order[bisect.bisect_left(self._order, key)]
@@ -122,6 +132,18 @@ class SnapshotBuilder:
             if key not in self._built:
                 bisect.insort(self._order, key)
             self._built[key] = built
+
+    def _record_problems(self, key: NamespacedName, problems: dict[str, str]) -> None:
+        """Keep what is left out of one Service and why; log each reason once (every change to the
+        Service or one of its slices rebuilds it, and would repeat the same warning)."""
+        logged = self._problems.get(key, {})
+        for part, reason in problems.items():
+            if logged.get(part) != reason:
+                log.warning("skipping malformed %s %s", "EndpointSlice" if part else "Service", reason)
+        if problems:
+            self._problems[key] = problems
+        else:
+            self._problems.pop(key, None)
 
 
 _PORT_ORDER = operator.attrgetter("namespace", "name", "port_name", "family")
