@@ -25,6 +25,7 @@ from netns_lab.containerd.networks import install_netagent
 from netns_lab.containerd.node import ContainerdNode
 from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
 from netns_lab.state import Lab
+from test_agent import wait_for
 
 from cni.links import host_veth_name
 from netagent.kube import load_api_client
@@ -39,17 +40,6 @@ API_ADDRESS = "127.0.0.1:6443"  # the node netns' own loopback
 ECHO_PORT = 7007
 PLUGIN = os.path.join(os.path.dirname(sys.executable), "netagent-cni")
 needs_containerd = test_containerd.pytestmark
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
-    """Poll until condition() is truthy (generous: the machine is shared and slow)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass

@@ -104,6 +104,27 @@ def vxlan_networks(nodes: list[Node]) -> Iterator[list[VxlanNetwork]]:
             ipr.close()
 
 
+@contextlib.contextmanager
+def routed_networks(nodes: list[Node]) -> Iterator[list[RoutedNetwork]]:
+    """A routes-mode agent's network on each node, set up, their netlink sockets closed after."""
+    sockets = [open_iproute(n.ns) for n in nodes]
+    networks = []
+    try:
+        for node, ipr in zip(nodes, sockets, strict=True):
+            with netns.entered(netns.path(node.ns)):
+                network = RoutedNetwork(ipr, find_underlay(ipr, "eth0"))
+                network.setup()
+            networks.append(network)
+        yield networks
+    finally:
+        for ipr in sockets:
+            ipr.close()
+
+
+def routed_peers(nodes: list[Node], me: int) -> list[PeerNode]:
+    return [n.peer() for i, n in enumerate(nodes) if i != me]
+
+
 def vxlan_peers(nodes: list[Node], networks: list[VxlanNetwork], me: int) -> list[PeerNode]:
     return [n.peer(net.vtep_mac) for i, (n, net) in enumerate(zip(nodes, networks, strict=True)) if i != me]
 
@@ -315,42 +336,26 @@ def test_vxlan_changed_node_ip_changes_only_that_nodes_fdb_entry(make_netns, pre
 
 def test_routes_mode_carries_pod_to_pod_tcp_and_udp_across_nodes(make_netns, prefix):
     nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24"])
-    sockets = [open_iproute(n.ns) for n in nodes]
-    try:
-        for i, (node, ipr) in enumerate(zip(nodes, sockets, strict=True)):
-            with netns.entered(netns.path(node.ns)):
-                network = RoutedNetwork(ipr, find_underlay(ipr, "eth0"))
-                network.setup()
-            report = network.program_peers([n.peer() for j, n in enumerate(nodes) if j != i])
+    with routed_networks(nodes) as networks:
+        for i, network in enumerate(networks):
+            report = network.program_peers(routed_peers(nodes, i))
             assert (report.added, report.errors) == (1, {})
         assert tcp_exchange(nodes[0].pod_ns, nodes[1].pod_ns, nodes[1].pod_ip) == b"HELLO OVER TCP"
         assert udp_exchange(nodes[1].pod_ns, nodes[0].pod_ns, nodes[0].pod_ip) == b"HELLO OVER UDP"
         route = ns_run(nodes[0].ns, "ip", "route", "show", "10.244.2.0/24")
         assert "via 192.168.77.2 dev eth0" in route
-    finally:
-        for ipr in sockets:
-            ipr.close()
 
 
 def test_routes_mode_reports_a_node_on_another_subnet_and_keeps_the_others_working(make_netns, prefix):
     nodes = build_cluster(make_netns, prefix, ["192.168.77.1/24", "192.168.77.2/24", "192.168.88.3/24"])
-    sockets = [open_iproute(n.ns) for n in nodes[:2]]
-    try:
-        reports = []
-        for i, ipr in enumerate(sockets):
-            with netns.entered(netns.path(nodes[i].ns)):
-                network = RoutedNetwork(ipr, find_underlay(ipr, "eth0"))
-                network.setup()
-            reports.append(network.program_peers([n.peer() for j, n in enumerate(nodes) if j != i]))
+    with routed_networks(nodes[:2]) as networks:
+        reports = [network.program_peers(routed_peers(nodes, i)) for i, network in enumerate(networks)]
 
         assert set(reports[0].errors) == {"node3"}
         assert "192.168.88.3" in reports[0].errors["node3"]
         assert "not on a subnet" in reports[0].errors["node3"]
         assert "10.244.3.0/24" not in ns_run(nodes[0].ns, "ip", "route", "show")
         assert reachable(nodes[0], nodes[1])
-    finally:
-        for ipr in sockets:
-            ipr.close()
 
 
 def test_restart_in_routes_mode_replaces_the_vxlan_routes(make_netns, prefix):
@@ -359,17 +364,9 @@ def test_restart_in_routes_mode_replaces_the_vxlan_routes(make_netns, prefix):
     with vxlan_networks(nodes) as networks:
         for i, network in enumerate(networks):
             network.program_peers(vxlan_peers(nodes, networks, i))
-    sockets = [open_iproute(n.ns) for n in nodes]
-    try:
-        for i, (node, ipr) in enumerate(zip(nodes, sockets, strict=True)):
-            with netns.entered(netns.path(node.ns)):
-                network = RoutedNetwork(ipr, find_underlay(ipr, "eth0"))
-                network.setup()
-            report = network.program_peers([n.peer() for j, n in enumerate(nodes) if j != i])
-            assert report.errors == {}
+    with routed_networks(nodes) as networks:
+        for i, network in enumerate(networks):
+            assert network.program_peers(routed_peers(nodes, i)).errors == {}
         assert "via 192.168.77.2 dev eth0" in ns_run(nodes[0].ns, "ip", "route", "show", "10.244.2.0/24")
         assert ns_run(nodes[0].ns, "ip", "link", "show", "type", "vxlan") == ""
         assert reachable(nodes[0], nodes[1])
-    finally:
-        for ipr in sockets:
-            ipr.close()
