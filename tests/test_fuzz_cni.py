@@ -138,6 +138,8 @@ class CniFuzz:
     added: list[Attachment] = field(default_factory=list)
     names_used: set[str] = field(default_factory=set)
     counter: int = 0
+    env_limit: int = 0  # the largest environment the path can carry (the shim's frame), 0: no limit
+    creators: dict[str, str] = field(default_factory=dict)  # IPAM lock file -> the call that made it
 
     # -- generation ---------------------------------------------------------------------------
     def network(self, k: int) -> dict[str, Any]:
@@ -277,7 +279,7 @@ class CniFuzz:
                                  f"{case.describe()} -> {short(seen.stdout)}")
             return
         self.tally.outcomes[f"error {code}"] += 1
-        if code == 11 and env_bytes(case.env) > SHIM_ENV_LIMIT:
+        if code == 11 and self.env_limit and env_bytes(case.env) > self.env_limit:
             self.tally.violation("try again later (11) for an environment too large ever to pass",
                                  f"{env_bytes(case.env)} bytes of environment: {short(case.env, 300)}")
         if code == 999:
@@ -312,6 +314,15 @@ class CniFuzz:
         elif case.command == "DEL":
             self.live.pop((case.env.get("CNI_CONTAINERID", ""), case.env.get("CNI_IFNAME", "")), None)
 
+    def note_lock_files(self, case: Case, seen: Observed) -> None:
+        """Remember which call created each IPAM lock file (the report names it)."""
+        candidates = [os.path.join(DEFAULT_DATA_DIR, n, "lock") for n in self.names_used if "/" not in n]
+        for directory, _, files in os.walk(self.fx.root):
+            candidates.extend(os.path.join(directory, name) for name in files if name == "lock")
+        for path in candidates:
+            if path not in self.creators and os.path.exists(path):
+                self.creators[path] = f"{case.command} exit {seen.code}"
+
     # -- afterwards -------------------------------------------------------------------------------
     def delete_all(self, call: Callable[[Case], Observed]) -> None:
         """DEL every successful ADD exactly as it was added (DEL is idempotent: twice is fine)."""
@@ -335,7 +346,9 @@ class CniFuzz:
                 continue
             if os.path.lexists(path):
                 if path not in owners:
-                    self.tally.violation("IPAM state under the default dataDir without an ADD there", path)
+                    creator = self.creators.get(os.path.join(path, "lock"), "?").split()[0]
+                    self.tally.violation(f"IPAM state under the default dataDir without an ADD there, "
+                                         f"made by {creator}", path)
                 self.check_ipam_files(path, owners)
                 shutil.rmtree(path, ignore_errors=True)
         self.check_node_netns()
@@ -363,7 +376,10 @@ class CniFuzz:
                 if not bookkeeping or os.path.normpath(directory) not in owners:
                     with contextlib.suppress(OSError), open(path, errors="replace") as f:
                         content = f.read(200)
-                    self.tally.violation(f"IPAM file left after every DEL: {kind_of_ipam_file(name)}",
+                    kind = kind_of_ipam_file(name)
+                    if name == "lock":
+                        kind += f", made by {self.creators.get(path, '?').split()[0]}"
+                    self.tally.violation(f"IPAM file left after every DEL: {kind}",
                                          f"{path} content={content!r}")
 
     def check_node_netns(self) -> None:
@@ -481,13 +497,16 @@ def fixtures(make_netns, tmp_path) -> Fixtures:
     return Fixtures(str(root), node, [make_netns(f"p{i}") for i in range(3)])
 
 
-def run_fuzz(name: str, fx: Fixtures, call: Callable[[Case], Observed], count: int, make_netns) -> Tally:
+def run_fuzz(name: str, fx: Fixtures, call: Callable[[Case], Observed], count: int, make_netns,
+             env_limit: int = 0) -> Tally:
     tally = Tally(name)
-    fuzz = CniFuzz(random.Random(f"{SEED}-{name}"), fx, tally, fx.node.split("-")[0][2:])
+    fuzz = CniFuzz(random.Random(f"{SEED}-{name}"), fx, tally, fx.node.split("-")[0][2:], env_limit=env_limit)
     before = set(os.path.join(DEFAULT_DATA_DIR, n) for n in _listdir(DEFAULT_DATA_DIR))
     for _ in range(count):
         case = fuzz.case()
-        fuzz.check(case, call(case))
+        seen = call(case)
+        fuzz.check(case, seen)
+        fuzz.note_lock_files(case, seen)
     fuzz.delete_all(call)
     fuzz.check_nothing_left(before)
     check_a_valid_add_works_end_to_end(fuzz, call, make_netns("fresh"))
@@ -547,7 +566,8 @@ def test_shim_and_agent_service_answer_every_generated_input_by_the_spec_and_lea
     shim = compile_shim(str(tmp_path), socket_path)
     call = exec_runner(fixtures.node, [shim], fixtures)
     with running_service(fixtures.node, socket_path, cwd=fixtures.cwd) as service:
-        tally = run_fuzz("cni shim + agent service", fixtures, call, scaled(0.1, 120), make_netns)
+        tally = run_fuzz("cni shim + agent service", fixtures, call, scaled(0.1, 120), make_netns,
+                         env_limit=SHIM_ENV_LIMIT)
         if service.poll() is not None:
             tally.violation("the CNI service process died", f"exit {service.returncode}")
     tally.finish()
