@@ -17,10 +17,12 @@ and once every successful ADD has been deleted again:
 - a valid ADD still works end to end (the pod pings its gateway) and its DEL cleans up.
 
 Paths: `cni.plugin.handle(env, stdin)` in worker threads of a process inside the node netns (as the
-agent's CNI service calls it: EXAMPLES inputs), the exec'd plugin (`netagent-cni`, 3% of EXAMPLES)
-and the compiled shim talking to a CniService in the node netns (10% of EXAMPLES).
+agent's CNI service calls it: EXAMPLES random inputs), the exec'd plugin (`netagent-cni`, 1.3% of
+EXAMPLES) and the compiled shim talking to a CniService in the node netns (10% of EXAMPLES); after
+the random inputs, each listed odd value once alone in an otherwise valid call (the "corners").
+Each call has a deadline of NETAGENT_FUZZ_CALL_TIMEOUT seconds (3; the exec'd plugin 7 more).
 
-Default run (NETAGENT_FUZZ_EXAMPLES=3000): 3,390 inputs in well under a minute. A longer run:
+Default run (NETAGENT_FUZZ_EXAMPLES=3000): ~3,900 inputs in about a minute. A longer run:
     NETAGENT_FUZZ_EXAMPLES=20000 NETAGENT_FUZZ_SEED=$RANDOM .venv/bin/python -m pytest \\
         tests/test_fuzz_cni.py tests/test_fuzz_agent.py -s
 (-s prints the tally: inputs per class, outcomes, violations with their first example;
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -50,7 +53,8 @@ from test_cni_support import FALLBACK_PLUGIN, REFERENCE_PLUGINS, compile_shim, p
 from cni import plugin
 from nodekit import netns
 
-CALL_TIMEOUT = float(os.environ.get("NETAGENT_FUZZ_CALL_TIMEOUT", "5"))
+CALL_TIMEOUT = float(os.environ.get("NETAGENT_FUZZ_CALL_TIMEOUT", "3"))
+EXEC_TIMEOUT = CALL_TIMEOUT + 7  # an exec'd plugin starts an interpreter: seconds on a loaded machine
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 COMMANDS = (("ADD", 40), ("DEL", 20), ("CHECK", 20), ("GC", 7), ("STATUS", 8), ("VERSION", 5))
 IFNAMES = ("eth0", "net1", "net2")
@@ -253,10 +257,49 @@ class CniFuzz:
         self.tally.tried[f"{command} ({'valid' if count == 0 else 'mutated'})"] += 1
         return Case(env.get("CNI_COMMAND", "(none)"), env, stdin, conf, count)
 
+    def corner_cases(self, only: tuple[str, ...] = ()) -> Iterator[Case]:
+        """Every listed odd value once, alone in an otherwise valid call (the random phase may miss
+        one): each environment value in an ADD, each config value in the call that reads it
+        (prevResult values in a CHECK of a live attachment); `only` these environment variables."""
+        for key, values in self.env_values(self.fx.pods[0]).items():
+            for value in values if not only or key in only else ():
+                yield self.corner("ADD", lambda conf, env, k=key, v=value: env.update({k: v}))
+        if only:
+            return
+        for key, values in self.special_conf_values().items():
+            for value in values:
+                if key in ("dataDir", "subnets", "subnet"):
+                    yield self.corner("ADD", lambda conf, env, k=key, v=value: conf["ipam"].update({k: v}))
+                elif key == "cni.dev/valid-attachments":
+                    yield self.corner("GC", lambda conf, env, k=key, v=value: conf.update({k: v}))
+                elif key in PREV_RESULT_PARTS or key in ("interfaces", "ips", "routes", "prevResult"):
+                    if self.live:
+                        yield self.corner("CHECK", lambda conf, env, k=key, v=value: set_prev(conf, k, v))
+                else:
+                    yield self.corner("ADD", lambda conf, env, k=key, v=value: conf.update({k: v}))
+
+    def corner(self, command: str, patch: Callable[[dict, dict], None]) -> Case:
+        self.counter += 1
+        conf = self.network(self.counter % 3)
+        pod = self.fx.pods[self.counter % len(self.fx.pods)]
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": f"fz-c{self.counter}",
+               "CNI_IFNAME": f"c{self.counter}", "CNI_NETNS": netns.path(pod), "CNI_PATH": REFERENCE_PLUGINS}
+        if command == "CHECK":
+            attachment = self.live[sorted(self.live)[self.counter % len(self.live)]]
+            conf, env = copy_json(attachment.conf), dict(attachment.env, CNI_COMMAND="CHECK")
+            conf["prevResult"] = copy_json(attachment.result)
+        elif command == "GC":
+            conf["cniVersion"] = "1.1.0"
+        patch(conf, env)
+        if isinstance(conf.get("name"), str):
+            self.names_used.add(conf["name"])
+        self.tally.tried[f"{command} (corner)"] += 1
+        return Case(env.get("CNI_COMMAND", "(none)"), env, json.dumps(conf).encode(), conf, 1)
+
     # -- per-call invariants --------------------------------------------------------------------
     def check(self, case: Case, seen: Observed) -> None:
         if seen.timed_out:
-            self.tally.violation(f"hang: {case.command} gave no answer within {CALL_TIMEOUT:.0f} s",
+            self.tally.violation(f"hang: {case.command} gave no answer within its deadline",
                                  case.describe())
             self.tally.outcomes["hang"] += 1
             return
@@ -401,6 +444,22 @@ class CniFuzz:
             self.tally.violation("nftables table left after the last DEL of its network", table)
 
 
+PREV_RESULT_PARTS = {"mac": ("interfaces", 2), "address": ("ips", 0), "interface": ("ips", 0),
+                     "gateway": ("ips", 0), "dst": ("routes", 0), "gw": ("routes", 0)}
+
+
+def set_prev(conf: dict[str, Any], key: str, value: Any) -> None:
+    """conf's prevResult with key (a field of it, or of its first route/ip, or the pod interface) set."""
+    prev = conf["prevResult"]
+    if key == "prevResult":
+        conf["prevResult"] = value
+    elif key in PREV_RESULT_PARTS:
+        listed, index = PREV_RESULT_PARTS[key]
+        prev[listed][index][key] = value
+    else:
+        prev[key] = value
+
+
 def copy_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -447,14 +506,14 @@ def exec_safe(env: dict[str, str]) -> dict[str, str]:
 
 
 # -- the three paths -----------------------------------------------------------------------------
-def exec_runner(node: str, argv: list[str], fx: Fixtures) -> Callable[[Case], Observed]:
+def exec_runner(node: str, argv: list[str], fx: Fixtures, timeout: float) -> Callable[[Case], Observed]:
     """Run the plugin (or the shim) inside the node netns as a runtime does, with a deadline."""
 
     def call(case: Case) -> Observed:
         env = {"PATH": os.environ["PATH"], **exec_safe(case.env)}
         try:
             done = subprocess.run(netns.exec_argv(node, argv), input=case.stdin, env=env, capture_output=True,
-                                  timeout=CALL_TIMEOUT, check=False, cwd=fx.cwd)
+                                  timeout=timeout, check=False, cwd=fx.cwd)
         except subprocess.TimeoutExpired as e:
             fx.unblock()
             return Observed(-1, e.stdout or b"", e.stderr or b"", timed_out=True)
@@ -498,12 +557,13 @@ def fixtures(make_netns, tmp_path) -> Fixtures:
 
 
 def run_fuzz(name: str, fx: Fixtures, call: Callable[[Case], Observed], count: int, make_netns,
-             env_limit: int = 0) -> Tally:
+             env_limit: int = 0, corners: tuple[str, ...] = ()) -> Tally:
+    """count random cases, then the corner cases, then the checks of what is left behind."""
     tally = Tally(name)
     fuzz = CniFuzz(random.Random(f"{SEED}-{name}"), fx, tally, fx.node.split("-")[0][2:], env_limit=env_limit)
     before = set(os.path.join(DEFAULT_DATA_DIR, n) for n in _listdir(DEFAULT_DATA_DIR))
-    for _ in range(count):
-        case = fuzz.case()
+    cases = itertools.chain((fuzz.case() for _ in range(count)), fuzz.corner_cases(corners))
+    for case in cases:
         seen = call(case)
         fuzz.check(case, seen)
         fuzz.note_lock_files(case, seen)
@@ -555,8 +615,12 @@ def test_in_process_plugin_answers_every_generated_input_by_the_spec_and_leaves_
 def test_exec_plugin_answers_every_generated_input_by_the_spec_and_leaves_nothing_behind(
     fixtures, make_netns
 ):
-    call = exec_runner(fixtures.node, [FALLBACK_PLUGIN], fixtures)
-    run_fuzz("cni exec'd plugin", fixtures, call, scaled(0.03, 40), make_netns).finish()
+    call = exec_runner(fixtures.node, [FALLBACK_PLUGIN], fixtures, EXEC_TIMEOUT)
+    # each call starts an interpreter: a small random sample, and the corners where a process differs
+    # from a thread of the agent (namespace paths, the size of the environment)
+    tally = run_fuzz("cni exec'd plugin", fixtures, call, scaled(0.013, 40), make_netns,
+                     corners=("CNI_NETNS", "CNI_ARGS"))
+    tally.finish()
 
 
 def test_shim_and_agent_service_answer_every_generated_input_by_the_spec_and_leave_nothing_behind(
@@ -564,7 +628,7 @@ def test_shim_and_agent_service_answer_every_generated_input_by_the_spec_and_lea
 ):
     socket_path = str(tmp_path / "state" / "cni.sock")
     shim = compile_shim(str(tmp_path), socket_path)
-    call = exec_runner(fixtures.node, [shim], fixtures)
+    call = exec_runner(fixtures.node, [shim], fixtures, CALL_TIMEOUT)
     with running_service(fixtures.node, socket_path, cwd=fixtures.cwd) as service:
         tally = run_fuzz("cni shim + agent service", fixtures, call, scaled(0.1, 120), make_netns,
                          env_limit=SHIM_ENV_LIMIT)
