@@ -51,7 +51,7 @@ from fuzz_inputs import EXAMPLES, SEED, Tally, encode, mutated, scaled, short, s
 from test_cni_support import FALLBACK_PLUGIN, REFERENCE_PLUGINS, compile_shim, ping, running_service
 
 from cni import plugin
-from nodekit import netns
+from nodekit import netns, nodestate
 
 CALL_TIMEOUT = float(os.environ.get("NETAGENT_FUZZ_CALL_TIMEOUT", "3"))
 EXEC_TIMEOUT = CALL_TIMEOUT + 7  # an exec'd plugin starts an interpreter: seconds on a loaded machine
@@ -116,9 +116,9 @@ class Fixtures:
         os.makedirs(self.data_root)
         self.cwd = os.path.join(self.root, "cwd")
         os.mkdir(self.cwd)
-        self.node_state = os.path.join(self.root, "node-state.json")
-        with open(self.node_state, "w") as f:
-            json.dump({"podCIDRs": ["10.79.0.0/24"], "mtu": 1450, "clusterCIDRs": ["10.79.0.0/16"]}, f)
+        self.node_state = os.path.join(self.root, "node-state.json")  # network 3's pod CIDR
+        nodestate.write(nodestate.NodeState("fuzz-node", ("10.79.0.0/24",), 1450, ("10.79.0.0/16",)),
+                        self.node_state)
 
     def unblock(self) -> None:
         """Open the FIFO for writing without blocking: whoever hangs in open() on it gets to go on."""
@@ -436,7 +436,7 @@ class CniFuzz:
         for link in ip_json(self.fx.node, "addr", "show"):
             for addr in link.get("addr_info", []):
                 cidr = f"{addr['local']}/{addr['prefixlen']}"
-                if link["ifname"] != "lo" and addr.get("scope") != "link" and cidr not in gateways:
+                if addr.get("scope") not in ("link", "host") and cidr not in gateways:
                     self.tally.violation("address left on the node after every DEL (no ADD used it)",
                                          f"{link['ifname']}: {cidr}")
         tables = netns.run(self.fx.node, ["nft", "list", "tables"]).stdout.split("\n")
@@ -484,8 +484,9 @@ def kind_of_ipam_file(name: str) -> str:
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(name)
         return "allocation"
-    return "lock/bookkeeping file of a network no ADD succeeded on" if name == "lock" or name.startswith(
-        "last_reserved_ip.") else f"other ({name})"
+    if name == "lock" or name.startswith("last_reserved_ip."):
+        return f"{name.split('.')[0]} file of a network no ADD succeeded on"
+    return f"other ({name})"
 
 
 def ip_json(ns: str, *args: str) -> list[dict[str, Any]]:
