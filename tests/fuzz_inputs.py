@@ -6,7 +6,7 @@ bidi controls, astral characters), deep nesting, missing and unknown fields, unk
 bad CIDRs and addresses, duplicated list entries, and byte-level damage of the encoded JSON.
 
 Sizes and seed come from the environment (see tests/test_fuzz_cni.py):
-    NETAGENT_FUZZ_EXAMPLES   in-process CNI inputs (default 3000; the other classes scale with it)
+    NETAGENT_FUZZ_EXAMPLES   in-process CNI inputs (default 2500; the other classes scale with it)
     NETAGENT_FUZZ_SEED       the generator's seed (default 11: CI runs the same inputs every time)
 """
 
@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-EXAMPLES = int(os.environ.get("NETAGENT_FUZZ_EXAMPLES", "3000"))
+EXAMPLES = int(os.environ.get("NETAGENT_FUZZ_EXAMPLES", "2500"))
 SEED = int(os.environ.get("NETAGENT_FUZZ_SEED", "11"))
 DEEP_PLACEHOLDER = "\x00deep\x00"  # replaced in the encoded bytes by 100,000 nested arrays
 DEEP_BYTES = b"[" * 100_000 + b"]" * 100_000
