@@ -116,11 +116,11 @@ def make_node(make_netns, tmp_path, plugin: list[str] | None = None) -> CniNode:
 
 
 @contextlib.contextmanager
-def running_service(node: str, socket_path: str) -> Iterator[subprocess.Popen]:
+def running_service(node: str, socket_path: str, cwd: str = REPO) -> Iterator[subprocess.Popen]:
     """A CniService in its own process inside the node netns (as the agent would run it)."""
     proc = subprocess.Popen(
         netns.exec_argv(node, [sys.executable, "-c", SERVICE_HARNESS, socket_path]),
-        cwd=REPO,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -285,6 +285,8 @@ MALFORMED_SERVICES = {
     "port-not-an-integer": {"ports": [{"name": "http", "port": "80"}]},
     "ports-not-a-list": {"ports": {"name": "http"}},
     "spec-not-an-object": None,
+    "cluster-ip-with-a-lone-surrogate": {"clusterIP": "10.96.0.\udfff", "clusterIPs": None},
+    "external-ip-with-a-nul": {"externalIPs": ["10.0.0.1\x00"]},
 }
 
 
@@ -305,6 +307,7 @@ MALFORMED_SLICES = {
     "port-zero": lambda s: s["ports"][0].update(port=0),
     "endpoints-not-a-list": lambda s: s.update(endpoints={"addresses": ["10.244.0.12"]}),
     "address-of-the-other-family": lambda s: s["endpoints"][0].update(addresses=["fd00::12"]),
+    "address-with-a-lone-surrogate": lambda s: s["endpoints"][0].update(addresses=["10.244.0.\udfff"]),
 }
 
 
@@ -330,3 +333,23 @@ def test_a_problem_is_logged_once_however_often_its_service_is_rebuilt(caplog) -
     assert sum("intruder" in r.getMessage() for r in caplog.records) == 1
     builder.build([svc()], [es([ep("10.244.0.30")])])  # the bad slice is gone
     assert builder.snapshot().skipped == ()
+
+
+@pytest.mark.parametrize("labels", [
+    5, ["kubernetes.io/service-name"], {"kubernetes.io/service-name": {"a": 1}},
+    {"kubernetes.io/service-name": 5},
+])
+def test_a_slice_whose_service_name_label_is_not_a_string_belongs_to_no_service(labels: object) -> None:
+    """Not to crash the event handler either: the builder must still take every later change."""
+    builder = SnapshotBuilder(NODE)
+    builder.service_changed(svc())
+    odd = es([ep("10.244.0.12")], name="odd")
+    odd["metadata"]["labels"] = labels
+    builder.slice_changed(odd)
+    builder.slice_changed(es([ep("10.244.0.10")]))
+    builder.slice_changed(odd)  # a second version of it
+    builder.slice_changed(es([ep("10.244.0.11")], name="odd"))  # repaired: now it is web's
+    endpoints = only_port(builder.snapshot()).cluster_endpoints
+    assert sorted(e.ip for e in endpoints) == ["10.244.0.10", "10.244.0.11"]
+    builder.slice_changed(es([ep("10.244.0.11")], name="odd"), deleted=True)
+    assert [e.ip for e in only_port(builder.snapshot()).cluster_endpoints] == ["10.244.0.10"]

@@ -224,7 +224,7 @@ def _parse_ip_text(ip: str) -> tuple[int, str] | None:
     canonical (RFC 5952) text."""
     try:
         return 4, socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: text inet_pton cannot encode (a lone surrogate, a NUL)
         pass
     try:
         address = ipaddress.ip_address(ip)

@@ -155,6 +155,8 @@ def _namespaced_name(obj: Any) -> NamespacedName:
 
 
 def _slice_owner(es: Any) -> NamespacedName | None:
+    """The Service a slice belongs to; None for a service-name label that is not a string (no
+    Service can have such a name, and it must not become a key of the builder's tables)."""
     meta = json_field(es, "metadata")
-    owner = (json_field(meta, "labels") or {}).get(SERVICE_NAME_LABEL)
-    return (json_field(meta, "namespace") or "default", owner) if owner else None
+    owner = json_field(json_field(meta, "labels"), SERVICE_NAME_LABEL)
+    return (json_field(meta, "namespace") or "default", owner) if owner and isinstance(owner, str) else None
