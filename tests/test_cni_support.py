@@ -67,6 +67,7 @@ class CniNode:
         ifname: str = "eth0",
         plugin: list[str] | None = None,
         env: dict[str, str] | None = None,
+        timeout: float = 120,
     ) -> Outcome:
         full_env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_PATH": REFERENCE_PLUGINS}
         if container_id:
@@ -80,7 +81,7 @@ class CniNode:
             input=stdin,
             env=full_env,
             capture_output=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
         return Outcome(done.returncode, done.stdout, done.stderr)
