@@ -202,13 +202,21 @@ int main(int argc, char **argv) {
     append_u32(&request, frame_length(stdin_bytes.len));
     append(&request, stdin_bytes.data, stdin_bytes.len);
 
-    /* the agent never got the whole request, so it cannot run it */
-    if (send_by(fd, request.data, request.len, deadline) < 0) exec_fallback(fd, argv, &stdin_bytes);
-    if (read_by(fd, &reply, SIZE_MAX, deadline) == 1)
-        fail(TRY_AGAIN_LATER, "netagent shim: the agent took the request but gave no answer in time",
-             "it may still be running it");
-    if (reply.len < 4)
-        fail(TRY_AGAIN_LATER, "netagent shim: the agent closed the connection without an answer", "");
+    if (send_by(fd, request.data, request.len, deadline) < 0) {
+        /* the agent never got the whole request, so it cannot run it; it may have answered what it
+         * read (a frame over its limit), which is already queued here if so */
+        if (read_by(fd, &reply, SIZE_MAX, now_ms()) == 1 || reply.len < 4)
+            exec_fallback(fd, argv, &stdin_bytes);
+    } else {
+        int status = read_by(fd, &reply, SIZE_MAX, deadline);
+        if (status == 1)
+            fail(TRY_AGAIN_LATER, "netagent shim: the agent took the request but gave no answer in time",
+                 "it may still be running it");
+        /* an agent that answers without reading everything we sent (a frame over its limit) resets
+         * the connection after its answer: a complete header is an answer */
+        if (reply.len < 4)
+            fail(TRY_AGAIN_LATER, "netagent shim: the agent closed the connection without an answer", "");
+    }
     uint32_t code = u32_at(reply.data);
     if (code == DECLINED) exec_fallback(fd, argv, &stdin_bytes);
     if (reply.len > 4 && fwrite(reply.data + 4, 1, reply.len - 4, stdout) != reply.len - 4)

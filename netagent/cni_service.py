@@ -226,7 +226,10 @@ class CniService:
             self._connections.release()
 
     def _answer(self, conn: socket.socket) -> tuple[int, bytes]:
-        env, stdin = read_request(conn)
+        try:
+            env, stdin = read_request(conn)
+        except CniError as e:  # a frame over its limit: retrying cannot help
+            return 1, e.to_json(LATEST_VERSION)
         command = env.get("CNI_COMMAND", "")
         pool = self._kernel if command in KERNEL_COMMANDS else self._query
         deadline = time.monotonic() + self.call_deadline
@@ -246,8 +249,8 @@ class CniService:
 def read_request(conn: socket.socket) -> tuple[dict[str, str], bytes]:
     if _recv_exact(conn, len(MAGIC)) != MAGIC:
         raise ProtocolError("bad magic: not a netagent CNI shim of this version")
-    env_block = _recv_exact(conn, _recv_length(conn, MAX_ENV))
-    stdin = _recv_exact(conn, _recv_length(conn, MAX_STDIN))
+    env_block = _recv_exact(conn, _recv_length(conn, MAX_ENV, errors.INVALID_ENV, "the CNI_* environment"))
+    stdin = _recv_exact(conn, _recv_length(conn, MAX_STDIN, errors.DECODE_FAILURE, "the network config"))
     env = {}
     for item in env_block.split(b"\0"):
         key, sep, value = item.decode("utf-8", "replace").partition("=")
@@ -278,10 +281,10 @@ def _check_peer(conn: socket.socket) -> None:
         raise ProtocolError(f"refusing a client with uid {uid}")
 
 
-def _recv_length(conn: socket.socket, limit: int) -> int:
+def _recv_length(conn: socket.socket, limit: int, code: int, what: str) -> int:
     (length,) = _U32.unpack(_recv_exact(conn, _U32.size))
     if length > limit:
-        raise ProtocolError(f"field of {length} bytes exceeds the limit of {limit}")
+        raise CniError(code, f"{what} is {length} bytes, over the {limit} the agent accepts")
     return length
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -32,6 +33,8 @@ from netagent.cni_service import (
     DECLINED,
     MAGIC,
     MAX_CONNECTIONS,
+    MAX_ENV,
+    MAX_STDIN,
     encode_request,
     read_request,
 )
@@ -256,3 +259,28 @@ def test_a_flood_of_stalled_clients_cannot_keep_a_call_from_being_served(make_ne
 
     assert outcome.code == 0, outcome
     assert ping(pod, outcome.result["ips"][0]["gateway"])
+
+
+# ---------------------------------------------------------------- frames over the agent's limits
+
+
+@pytest.mark.parametrize(("what", "code"), [("environment", 4), ("network-config", 6)])
+def test_a_request_over_the_agents_frame_limit_gets_a_permanent_error_not_try_again(
+    make_netns, tmp_path, what, code
+):
+    node, socket_path = shim_node(make_netns, tmp_path)
+    conf, env = node.conf([V4]), {}
+    if what == "environment":
+        env["CNI_ARGS"] = "K8S_POD_NAME=" + "x" * MAX_ENV
+    else:
+        conf["padding"] = "x" * MAX_STDIN
+
+    with running_service(node.name, socket_path):
+        outcome = node.call("ADD", conf, "ctr-a", make_netns("a"), env=env, timeout=PROMPTLY)
+        after = node.call("VERSION", {"cniVersion": "1.1.0"}, timeout=PROMPTLY)
+
+    assert outcome.code == 1
+    assert outcome.result["code"] == code
+    assert re.search(r"is \d+ bytes, over the \d+ the agent accepts", outcome.result["msg"])
+    assert node.allocations() == {}
+    assert after.code == 0
