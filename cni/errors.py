@@ -25,6 +25,7 @@ LIMITED_CONNECTIVITY = 51
 POOL_EXHAUSTED = 100
 CHECK_FAILED = 101
 KERNEL_FAILURE = 102
+TIMED_OUT = 103  # the agent's deadline passed with the call still running: its outcome is unknown
 INTERNAL_ERROR = 999
 
 

@@ -26,11 +26,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cni import errors
 from cni.config import IPAddress, IPNetwork
 from cni.errors import CniError
-from nodekit.netns import entered
+from nodekit import netns
 
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02  # pod and gateway addresses are unique by IPAM: skip IPv6 duplicate detection delay
 ALIAS_PREFIX = "netagent/"
+NODE_NAMESPACE = "/proc/thread-self/ns/net"  # where the plugin runs: the node's own netns
 
 
 @dataclass(frozen=True)
@@ -92,27 +93,44 @@ class PodNetns:
     ipr: IPRoute
 
     def index(self, name: str) -> int | None:
-        with entered(self.path):
+        with netns.entered(self.fd):
             return local_index(name)
 
 
 @contextlib.contextmanager
 def open_pod(netns_path: str) -> Iterator[PodNetns]:
-    try:
-        ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise CniError(errors.UNKNOWN_CONTAINER, f"cannot open netns {netns_path}", str(e)) from None
+    ns_fd = _open_pod_netns(netns_path)
     try:
         try:
-            with entered(netns_path):
+            with netns.entered(ns_fd):
                 ipr = _iproute()
         except OSError as e:
-            msg = f"{netns_path} is not a network namespace"
-            raise CniError(errors.UNKNOWN_CONTAINER, msg, str(e)) from None
+            raise CniError(errors.UNKNOWN_CONTAINER, f"cannot enter netns {netns_path}", str(e)) from None
         with ipr:
             yield PodNetns(netns_path, ns_fd, ipr)
     finally:
         os.close(ns_fd)
+
+
+def _open_pod_netns(netns_path: str) -> int:
+    """CNI_NETNS opened once it is known to name a pod's network namespace: the one check of it.
+
+    A relative path would resolve against whichever process runs the plugin (the agent's working
+    directory), and the node's own namespace must never receive a pod's interface and routes.
+    """
+    if not os.path.isabs(netns_path):
+        raise CniError(errors.INVALID_ENV, f"CNI_NETNS must be an absolute path: {netns_path!r}")
+    try:
+        fd = netns.open_network(netns_path)
+    except netns.NotANetworkNamespace as e:
+        raise CniError(errors.UNKNOWN_CONTAINER, f"CNI_NETNS: {e}") from None
+    except OSError as e:
+        raise CniError(errors.UNKNOWN_CONTAINER, f"cannot open netns {netns_path}", str(e)) from None
+    if netns.same(fd, NODE_NAMESPACE):
+        os.close(fd)
+        msg = f"CNI_NETNS {netns_path} is the node's own network namespace, not a pod's"
+        raise CniError(errors.INVALID_ENV, msg)
+    return fd
 
 
 def find(ipr: IPRoute, name: str) -> Link | None:

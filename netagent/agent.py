@@ -82,6 +82,7 @@ class Agent:
 
         service = CniService(self.config.cni_socket_path)
         service.start()
+        self.tracker.watch_cni_service(service)
         self._stoppables.append(service)
         log.info("CNI service listening on %s", self.config.cni_socket_path)
 

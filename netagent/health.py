@@ -6,7 +6,8 @@ body carrying lastUpdated/currentTime. A watched informer whose list/watch the A
 refusing for this agent (a 4xx, an undecodable list) for longer than the timeout also makes it 503:
 no change can reach the kernel. An API server that is down or answering 5xx does not: every node
 would turn unhealthy at once and a load balancer would drain them all, while the rules they hold are
-still the last known truth; the informer-failing metric shows that case.
+still the last known truth; the informer-failing metric shows that case. A CNI call still running
+past its deadline makes it 503 too: its worker is lost until the agent restarts.
 /metrics is Prometheus text from a registry of our own (not the process-global one) so several
 agents can live in one test process.
 """
@@ -46,6 +47,7 @@ class SyncTracker:
         self._pending_since: dict[str, float] = {}
         self._expected: set[str] = set()
         self._informers: list[Any] = []
+        self._cni_services: list[Any] = []
         self._informer_failing = Gauge(
             "netagent_informer_failing", "1 while an informer's list/watch fails (outage or refusal)",
             ["kind"], registry=registry,
@@ -54,6 +56,18 @@ class SyncTracker:
             "netagent_informer_invalid_objects", "Objects left out because they cannot be decoded",
             ["kind"], registry=registry,
         )
+        self._cni_workers = Gauge(
+            "netagent_cni_workers", "CNI service worker threads, by pool", ["pool"], registry=registry,
+        )
+        self._cni_busy = Gauge(
+            "netagent_cni_workers_busy", "CNI service workers running a call: all busy means new calls are "
+            "declined to the shim's own plugin", ["pool"], registry=registry,
+        )
+        self._cni_overdue = Gauge(
+            "netagent_cni_calls_overdue", "CNI calls still running past their deadline, each holding a "
+            "worker", registry=registry,
+        )
+        self._cni_overdue.set_function(self._overdue_cni_calls)
         self.sync_total = Counter(
             "netagent_sync_total", "Syncs run, by controller and result", ["controller", "result"],
             registry=registry,
@@ -79,6 +93,20 @@ class SyncTracker:
             self._informers.append(informer)
         self._informer_failing.labels(informer.kind).set_function(lambda: informer.failing_since is not None)
         self._informer_invalid.labels(informer.kind).set_function(lambda: len(informer.invalid))
+
+    def watch_cni_service(self, service: Any) -> None:
+        """Show a netagent.cni_service.CniService's workers in /metrics; an overdue call fails /healthz
+        (its worker is lost until the agent restarts, and enough of them leave no worker at all)."""
+        with self._lock:
+            self._cni_services.append(service)
+        for pool in service.pools:
+            self._cni_workers.labels(pool.name).set(pool.size)
+            self._cni_busy.labels(pool.name).set_function(lambda pool=pool: pool.busy)
+
+    def _overdue_cni_calls(self) -> int:
+        with self._lock:
+            services = list(self._cni_services)
+        return sum(service.overdue() for service in services)
 
     def changes_pending(self, controller: str) -> None:
         with self._lock:
@@ -119,7 +147,10 @@ class SyncTracker:
         }
         if refused:
             body["watchesRefused"] = refused
-        return not (stuck or never or refused), body
+        overdue = self._overdue_cni_calls()
+        if overdue:
+            body["cniCallsOverdue"] = overdue
+        return not (stuck or never or refused or overdue), body
 
 
 def _iso(ts: float) -> str:

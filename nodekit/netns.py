@@ -7,6 +7,9 @@ machine (ip, tcpdump via `ip netns exec`, containerd) sees the same ones.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import functools
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -15,6 +18,8 @@ from pyroute2 import netns as _netns
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
+NSFS_MAGIC = 0x6E736673  # statfs f_type of namespace files (nsfs)
+NS_GET_NSTYPE = 0xB703  # ioctl _IO(0xb7, 3): the CLONE_NEW* type of a namespace fd
 
 
 def path(name: str) -> str:
@@ -54,23 +59,78 @@ def run(name: str, argv: Sequence[str], check: bool = True, **kwargs) -> subproc
     return subprocess.run(exec_argv(name, argv), check=check, **kwargs)
 
 
+class NotANetworkNamespace(OSError):
+    """The path exists but does not name a network namespace."""
+
+
+def open_network(ns_path: str) -> int:
+    """An fd of the network namespace at `ns_path`, which is checked to be one without ever blocking.
+
+    Opening an arbitrary path for reading can wait for ever (a FIFO waits for a writer) or act on a
+    device, so the path is first opened O_PATH, which reaches no driver, and must live on nsfs; only
+    then is that same inode opened for real (through /proc/self/fd, no second lookup of the path)
+    and asked its namespace type. Raises NotANetworkNamespace, or OSError when it cannot be opened.
+    """
+    probe = os.open(ns_path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        if _filesystem_type(probe) != NSFS_MAGIC:
+            raise NotANetworkNamespace(f"{ns_path} is not a network namespace")
+        fd = os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(probe)
+    try:
+        if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+            raise NotANetworkNamespace(f"{ns_path} is a namespace but not a network namespace")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def same(fd: int, ns_path: str) -> bool:
+    """Whether the namespace open as `fd` is the one at `ns_path` (e.g. /proc/thread-self/ns/net)."""
+    mine, other = os.fstat(fd), os.stat(ns_path)
+    return (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino)
+
+
 @contextlib.contextmanager
-def entered(ns_path: str) -> Iterator[None]:
-    """Switch the calling thread into another netns for the duration of the block.
+def entered(ns: str | int) -> Iterator[None]:
+    """Switch the calling thread into another netns (a path, or an fd from open_network) for the block.
 
     setns() is per thread, so this is safe in a threaded agent as long as the block does not
     hand work to other threads. Sockets created inside stay in that namespace after leaving.
     """
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/thread-self/ns/net") as home, open(ns_path) as target:
-        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
+    target = open_network(ns) if isinstance(ns, str) else os.dup(ns)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target, f"setns({ns})")
         try:
             yield
         finally:
-            if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns back: {os.strerror(err)}")
+            _setns(home, "setns back")
+    finally:
+        os.close(home)
+        os.close(target)
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]  # struct statfs, 64-bit Linux
+
+
+def _filesystem_type(fd: int) -> int:
+    buf = _Statfs()
+    if _libc().fstatfs(fd, ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fstatfs: {os.strerror(err)}")
+    return buf.f_type
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

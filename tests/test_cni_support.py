@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +26,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FALLBACK_PLUGIN = os.path.join(os.path.dirname(sys.executable), "netagent-cni")
 REFERENCE_PLUGINS = "/usr/lib/cni"
 SERVICE_HARNESS = (
-    "import sys, threading\n"
+    "import json, sys, threading\n"
+    "from prometheus_client import CollectorRegistry\n"
     "from netagent.cni_service import CniService\n"
-    "CniService(sys.argv[1]).start()\n"
-    "print('ready', flush=True)\n"
+    "from netagent.health import HealthServer, MetricsServer, SyncTracker\n"
+    "service = CniService(sys.argv[1], **json.loads(sys.argv[2]))\n"
+    "service.start()\n"
+    "registry = CollectorRegistry()\n"
+    "tracker = SyncTracker(registry)\n"
+    "tracker.watch_cni_service(service)\n"
+    "health, metrics = HealthServer('127.0.0.1:0', tracker), MetricsServer('127.0.0.1:0', registry)\n"
+    "health.start()\n"
+    "metrics.start()\n"
+    "print('ready', health.port, metrics.port, flush=True)\n"
     "threading.Event().wait()\n"
 )
 
@@ -67,6 +78,7 @@ class CniNode:
         ifname: str = "eth0",
         plugin: list[str] | None = None,
         env: dict[str, str] | None = None,
+        timeout: float = 120,
     ) -> Outcome:
         full_env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_PATH": REFERENCE_PLUGINS}
         if container_id:
@@ -80,7 +92,7 @@ class CniNode:
             input=stdin,
             env=full_env,
             capture_output=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
         return Outcome(done.returncode, done.stdout, done.stderr)
@@ -115,18 +127,48 @@ def make_node(make_netns, tmp_path, plugin: list[str] | None = None) -> CniNode:
     return CniNode(make_netns("node"), data_dir, plugin or [FALLBACK_PLUGIN])
 
 
+@dataclass
+class RunningService:
+    """A CniService process in a node netns, with the agent's /healthz and /metrics watching it."""
+
+    process: subprocess.Popen
+    node: str
+    healthz_port: int
+    metrics_port: int
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        status, body = self._get(self.healthz_port, "/healthz")
+        return status, json.loads(body)
+
+    def metrics(self) -> str:
+        return self._get(self.metrics_port, "/metrics")[1].decode()
+
+    def _get(self, port: int, path: str) -> tuple[int, bytes]:
+        with netns.entered(netns.path(self.node)):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+
+
 @contextlib.contextmanager
-def running_service(node: str, socket_path: str, cwd: str = REPO) -> Iterator[subprocess.Popen]:
-    """A CniService in its own process inside the node netns (as the agent would run it)."""
+def running_service(
+    node: str, socket_path: str, cwd: str = REPO, **options: float
+) -> Iterator[RunningService]:
+    """A CniService(socket_path, **options) in its own process inside the node netns (as the agent
+    would run it), with `cwd` as its working directory."""
     proc = subprocess.Popen(
-        netns.exec_argv(node, [sys.executable, "-c", SERVICE_HARNESS, socket_path]),
+        netns.exec_argv(node, [sys.executable, "-c", SERVICE_HARNESS, socket_path, json.dumps(options)]),
         cwd=cwd,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield proc
+        assert proc.stdout is not None
+        ready, healthz_port, metrics_port = proc.stdout.readline().split()
+        assert ready == "ready"
+        yield RunningService(proc, node, int(healthz_port), int(metrics_port))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

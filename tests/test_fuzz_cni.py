@@ -633,7 +633,7 @@ def test_shim_and_agent_service_answer_every_generated_input_by_the_spec_and_lea
     with running_service(fixtures.node, socket_path, cwd=fixtures.cwd) as service:
         tally = run_fuzz("cni shim + agent service", fixtures, call, scaled(0.1, 120), make_netns,
                          env_limit=SHIM_ENV_LIMIT)
-        if service.poll() is not None:
-            tally.violation("the CNI service process died", f"exit {service.returncode}")
+        if service.process.poll() is not None:
+            tally.violation("the CNI service process died", f"exit {service.process.returncode}")
     tally.finish()
 
