@@ -228,6 +228,60 @@ def test_malformed_objects_are_refused_with_clear_statuses_and_the_server_keeps_
     assert cluster.core.create_namespaced_service("default", service("good")).spec.cluster_ip
 
 
+SERVICES = "/api/v1/namespaces/default/services"
+
+
+@pytest.mark.parametrize("spec, field, cause", [
+    ({"clusterIP": "999.1.1.1"}, "spec.clusterIPs[0]", "FieldValueInvalid"),
+    ({"clusterIP": "fd00::1"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # a family the cluster lacks
+    ({"clusterIP": 5}, "spec.clusterIP", "FieldValueInvalid"),
+    ({"clusterIPs": "10.96.0.50"}, "spec.clusterIPs", "FieldValueInvalid"),
+    ({"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.51"]}, "spec.clusterIPs[0]", "FieldValueInvalid"),
+    ({"clusterIP": "10.1.2.3"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # outside the service CIDR
+    ({"clusterIP": "10.96.0.0"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # its network address
+    ({"clusterIP": "10.96.255.255"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # its broadcast address
+    ({"ports": [{"name": "http", "port": 80}, {"name": "http", "port": 81}]}, "spec.ports[1].name",
+     "FieldValueDuplicate"),
+    ({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}, "spec.ports[1]",
+     "FieldValueDuplicate"),
+    ({"ports": [{"port": 80}, {"port": 81}]}, "spec.ports[0].name", "FieldValueRequired"),
+    ({"ports": [{"name": "Not_A_Label", "port": 80}]}, "spec.ports[0].name", "FieldValueInvalid"),
+    ({"ports": [{"name": 5, "port": [80]}]}, "spec.ports[0].port", "FieldValueInvalid"),
+])
+def test_services_the_real_api_server_refuses_are_422_invalid_naming_the_field(cluster, spec, field, cause):
+    body = {"metadata": {"name": "bad"}, "spec": {"ports": [{"name": "http", "port": 80}], **spec}}
+    code, status = raw_request(cluster, "POST", SERVICES, json.dumps(body).encode())
+
+    assert (code, status["kind"], status["reason"], status["code"]) == (422, "Status", "Invalid", 422)
+    assert status["message"].startswith('Service "bad" is invalid: ')
+    assert status["details"]["kind"] == "Service" and status["details"]["name"] == "bad"
+    assert {"field": field, "reason": cause} in [
+        {"field": c["field"], "reason": c["reason"]} for c in status["details"]["causes"]]
+    assert cluster.core.list_namespaced_service("default").items == []
+
+
+def test_an_endpoint_slice_over_the_apis_size_limits_is_422_too_many(cluster):
+    ports = [{"name": f"p{i}", "port": 1000 + i, "protocol": "TCP"} for i in range(101)]
+    body = {"metadata": {"name": "wide"}, "addressType": "IPv4", "ports": ports, "endpoints": []}
+    code, status = raw_request(cluster, "POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+                               json.dumps(body).encode())
+
+    assert (code, status["reason"]) == (422, "Invalid")
+    assert status["details"]["causes"] == [
+        {"field": "ports", "reason": "FieldValueTooMany",
+         "message": "Too many: 101: must have at most 100 items"}]
+    body["ports"] = ports[:100]
+    assert raw_request(cluster, "POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+                       json.dumps(body).encode())[0] == 201
+
+
+def test_the_first_and_last_usable_addresses_of_the_service_cidr_are_accepted(cluster):
+    for name, ip in (("low", "10.96.0.1"), ("high", "10.96.255.254")):
+        body = service(name)
+        body["spec"]["clusterIP"] = ip
+        assert cluster.core.create_namespaced_service("default", body).spec.cluster_ip == ip
+
+
 def test_objects_in_a_missing_namespace_are_refused_with_404(cluster):
     with pytest.raises(ApiException) as missing:
         cluster.core.create_namespaced_pod("nowhere", pod("a", None))
