@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -51,6 +52,10 @@ class Cluster:
         self.core = client.CoreV1Api(api_client)
         self.discovery = client.DiscoveryV1Api(api_client)
         return self
+
+    def headers(self) -> dict[str, str]:
+        """What a request to the server carries besides its body."""
+        return {"Content-Type": "application/json"}
 
     def stop(self) -> None:
         if self.server:
@@ -280,6 +285,34 @@ def test_the_first_and_last_usable_addresses_of_the_service_cidr_are_accepted(cl
         body = service(name)
         body["spec"]["clusterIP"] = ip
         assert cluster.core.create_namespaced_service("default", body).spec.cluster_ip == ip
+
+
+def test_a_burst_of_a_thousand_creates_on_as_many_connections_all_get_answers(cluster):
+    """Each request on its own connection, all released at once: the listen backlog must hold them
+    (a backlog of 5 got a third of them reset)."""
+    host, port = cluster.server.url.removeprefix("http://").rsplit(":", 1)
+    answers: list[object] = []
+    release = threading.Barrier(1000)
+
+    def create(i: int) -> None:
+        body = json.dumps({"metadata": {"name": f"burst-{i}"}})
+        release.wait()
+        try:
+            connection = http.client.HTTPConnection(host, int(port), timeout=60)
+            connection.request("POST", "/api/v1/nodes", body, cluster.headers())
+            answers.append(connection.getresponse().status)
+            connection.close()
+        except OSError as e:
+            answers.append(type(e).__name__)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(1000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(answers, key=str) == [201] * 1000
+    assert len(cluster.core.list_node().items) == 1000
 
 
 def test_objects_in_a_missing_namespace_are_refused_with_404(cluster):

@@ -204,6 +204,10 @@ class Handler(BaseHTTPRequestHandler):
 class LabHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # listen()'s backlog: socketserver's default of 5 overflows under a burst of connections (1,000
+    # creates at once), and the kernel then resets the ones it completed with SYN cookies. The kernel
+    # caps this at net.core.somaxconn.
+    request_queue_size = 4096
     api: Api
 
     def handle_error(self, request: object, client_address: tuple) -> None:
