@@ -25,6 +25,7 @@ from netns_lab.processes import ProcRef
 from netns_lab.state import Lab, LabError, LabState, NodeInfo
 
 from nodekit import netns
+from nodekit.files import atomic_write
 
 CLUSTER_CIDR = ipaddress.ip_network("10.244.0.0/16")
 SERVICE_CIDR = "10.96.0.0/16"
@@ -153,10 +154,15 @@ def _register_nodes(lab: Lab, state: LabState) -> None:
 
 
 def _spawn_apiserver(lab: Lab, state: LabState) -> None:
+    """The API server, with a new bearer token that only root can read (the token file, 0600, and
+    the kubeconfigs made from it): anonymous clients get 401."""
+    from netns_lab.apiserver.server import new_token
+
+    atomic_write(lab.api_token, new_token() + "\n", mode=0o600)
     argv = _python_module(
         "netns_lab.apiserver", "--data", lab.api_data, "--listen", "127.0.0.1:0",
         "--listen-netns", f"{lab.underlay_netns}={topology.UNDERLAY_GATEWAY}:{API_PORT}",
-        "--service-cidr", SERVICE_CIDR, "--ready-file", lab.api_ready,
+        "--service-cidr", SERVICE_CIDR, "--ready-file", lab.api_ready, "--token-file", lab.api_token,
     )
     state.apiserver = processes.spawn(argv, lab.api_log)
     lab.save(state)
@@ -164,7 +170,7 @@ def _spawn_apiserver(lab: Lab, state: LabState) -> None:
 
 def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
     """Until its ready file appears; then write the kubeconfigs for the host and for each node."""
-    from netns_lab.apiserver.server import write_kubeconfig
+    from netns_lab.apiserver.server import Credentials, write_kubeconfig
 
     assert state.apiserver is not None
     deadline = time.monotonic() + timeout
@@ -174,20 +180,17 @@ def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise LabError(f"the API server was not ready within {timeout:g}s:\n{log_tail(lab.api_log)}")
         time.sleep(0.05)
-    state.api_url = _read_api_url(lab.api_ready)
-    state.api_internal_url = f"http://{topology.UNDERLAY_GATEWAY}:{API_PORT}"
-    write_kubeconfig(lab.kubeconfig, state.api_url)
-    for node in state.nodes.values():
-        write_kubeconfig(node.kubeconfig, state.api_internal_url)
-
-
-def _read_api_url(ready_file: str) -> str:
-    """The host-side URL from the API server's ready file ({"url": ..., "port": ..., "pid": ...})."""
     try:
-        with open(ready_file) as f:
-            return json.load(f)["url"]
-    except (OSError, ValueError, KeyError) as e:
-        raise LabError(f"unreadable API server ready file {ready_file}: {e}") from None
+        with open(lab.api_ready) as f:
+            ready = json.load(f)  # {"url": ..., "port": ..., "pid": ..., "ca": certificate path}
+        state.api_url = ready["url"]
+        credentials = Credentials.read(lab.api_token, ready["ca"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LabError(f"unreadable API server ready file {lab.api_ready} or token: {e}") from None
+    state.api_internal_url = f"https://{topology.UNDERLAY_GATEWAY}:{API_PORT}"
+    write_kubeconfig(lab.kubeconfig, state.api_url, credentials)
+    for node in state.nodes.values():
+        write_kubeconfig(node.kubeconfig, state.api_internal_url, credentials)
 
 
 def _start_cni_install(state: LabState) -> list[tuple[NodeInfo, subprocess.Popen]]:

@@ -139,6 +139,7 @@ class Lab:
         self.api_data = os.path.join(self.dir, "apiserver.json")
         self.api_log = os.path.join(self.dir, "apiserver.log")
         self.api_ready = os.path.join(self.dir, "apiserver.ready")
+        self.api_token = os.path.join(self.dir, "apiserver.token")
         self.underlay_netns = f"{name}-ul"
 
     def node_netns(self, node: str) -> str:

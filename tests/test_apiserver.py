@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from typing import TypeVar
 import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
-from netns_lab.apiserver.server import LabApiServer, write_kubeconfig
+from netns_lab.apiserver.server import Credentials, LabApiServer, new_token, write_kubeconfig
 
 from nodekit import netns
 
@@ -47,7 +48,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.server = LabApiServer(self.data, **self.server_args).start()
-        write_kubeconfig(self.kubeconfig, self.server.url)
+        write_kubeconfig(self.kubeconfig, self.server.url, self.server.credentials)
         api_client = config.new_client_from_config(self.kubeconfig)
         self.core = client.CoreV1Api(api_client)
         self.discovery = client.DiscoveryV1Api(api_client)
@@ -55,7 +56,8 @@ class Cluster:
 
     def headers(self) -> dict[str, str]:
         """What a request to the server carries besides its body."""
-        return {"Content-Type": "application/json"}
+        assert self.server is not None
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {self.server.token}"}
 
     def stop(self) -> None:
         if self.server:
@@ -210,7 +212,7 @@ def test_list_filters_pods_by_label_selector_and_spec_node_name(cluster):
 def raw_request(cluster: Cluster, method: str, path: str, body: bytes) -> tuple[int, dict]:
     """A request the typed client would refuse to send (it validates bodies itself)."""
     response = cluster.core.api_client.rest_client.pool_manager.request(
-        method, cluster.server.url + path, body=body, headers={"Content-Type": "application/json"}
+        method, cluster.server.url + path, body=body, headers=cluster.headers()
     )
     return response.status, json.loads(response.data)
 
@@ -290,7 +292,8 @@ def test_the_first_and_last_usable_addresses_of_the_service_cidr_are_accepted(cl
 def test_a_burst_of_a_thousand_creates_on_as_many_connections_all_get_answers(cluster):
     """Each request on its own connection, all released at once: the listen backlog must hold them
     (a backlog of 5 got a third of them reset)."""
-    host, port = cluster.server.url.removeprefix("http://").rsplit(":", 1)
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
     answers: list[object] = []
     release = threading.Barrier(1000)
 
@@ -298,7 +301,7 @@ def test_a_burst_of_a_thousand_creates_on_as_many_connections_all_get_answers(cl
         body = json.dumps({"metadata": {"name": f"burst-{i}"}})
         release.wait()
         try:
-            connection = http.client.HTTPConnection(host, int(port), timeout=60)
+            connection = http.client.HTTPSConnection(host, int(port), timeout=60, context=tls)
             connection.request("POST", "/api/v1/nodes", body, cluster.headers())
             answers.append(connection.getresponse().status)
             connection.close()
@@ -319,6 +322,57 @@ def test_objects_in_a_missing_namespace_are_refused_with_404(cluster):
     with pytest.raises(ApiException) as missing:
         cluster.core.create_namespaced_pod("nowhere", pod("a", None))
     assert missing.value.status == 404
+
+
+# ------------------------------------------------------------------------------------------ authentication
+
+
+def anonymous(cluster: Cluster, method: str, path: str, token: str | None = None) -> tuple[int, dict | bytes]:
+    """A request over https that trusts the server's certificate, with `token` or no credentials."""
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
+    connection = http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT, context=tls)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    body = json.dumps(node("intruder")) if method == "POST" else None
+    connection.request(method, path, body, headers)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    is_json = response.getheader("Content-Type") == "application/json"
+    return response.status, json.loads(data) if is_json else data
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/api/v1/nodes"), ("GET", "/api/v1/nodes"), ("GET", "/api/v1/nodes?watch=true"),
+    ("GET", "/api"), ("GET", "/apis"), ("DELETE", "/api/v1/namespaces/default"),
+])
+@pytest.mark.parametrize("token", [None, "not-the-token"])
+def test_requests_without_the_kubeconfigs_token_are_401_unauthorized(cluster, method, path, token):
+    code, status = anonymous(cluster, method, path, token)
+
+    assert code == 401
+    assert (status["kind"], status["status"], status["reason"], status["code"]) == (
+        "Status", "Failure", "Unauthorized", 401)
+    assert cluster.core.list_node().items == []  # the kubeconfig's client gets in; nothing was written
+
+
+def test_health_and_version_are_open_to_anyone_as_on_a_real_api_server(cluster):
+    for path in ("/healthz", "/readyz", "/livez", "/version"):
+        assert anonymous(cluster, "GET", path)[0] == 200, path
+
+
+def test_the_kubeconfig_carries_the_token_and_trusts_only_the_servers_certificate(cluster, tmp_path):
+    assert os.stat(cluster.kubeconfig).st_mode & 0o777 == 0o600
+    assert cluster.core.create_node(node("n1")).metadata.name == "n1"
+    assert anonymous(cluster, "GET", "/api/v1/nodes", cluster.server.token)[0] == 200
+
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    with pytest.raises(ssl.SSLCertVerificationError):  # a client trusting the system's CAs only
+        http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT).request("GET", "/healthz")
+    plain = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):  # no plain http at all
+        plain.request("GET", "/api/v1/nodes")
+        plain.getresponse()
 
 
 # ------------------------------------------------------------------------------------------ watch
@@ -621,6 +675,9 @@ def start_cli_server(tmp_path, *extra: str) -> tuple[subprocess.Popen, dict]:
     """`python -m netns_lab.apiserver` as the lab runs it; returns the process and its ready file."""
     ready = tmp_path / "ready.json"
     ready.unlink(missing_ok=True)
+    token = tmp_path / "token"
+    if not token.exists():  # kept across restarts, as clients keep their kubeconfig
+        token.write_text(new_token())
     argv = [
         sys.executable,
         "-m",
@@ -631,12 +688,15 @@ def start_cli_server(tmp_path, *extra: str) -> tuple[subprocess.Popen, dict]:
         "127.0.0.1:0",
         "--ready-file",
         str(ready),
+        "--token-file",
+        str(token),
         *extra,
     ]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     eventually(lambda: ready.exists() or process.poll() is not None)
     assert process.poll() is None, process.communicate()[0]
-    return process, json.loads(ready.read_text())
+    info = json.loads(ready.read_text())
+    return process, {**info, "credentials": Credentials.read(str(token), info["ca"])}
 
 
 def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_veth(tmp_path, make_netns):
@@ -649,14 +709,14 @@ def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_ve
         netns.run(ns, ["ip", "link", "set", "eth0", "up"])
     process, info = start_cli_server(tmp_path, "--listen-netns", f"{server_ns}=10.123.0.1:6443")
     try:
-        assert info["url"] == f"http://127.0.0.1:{info['port']}" and info["pid"] == process.pid
+        assert info["url"] == f"https://127.0.0.1:{info['port']}" and info["pid"] == process.pid
 
         host_kubeconfig = str(tmp_path / "host.kubeconfig")
-        write_kubeconfig(host_kubeconfig, info["url"])
+        write_kubeconfig(host_kubeconfig, info["url"], info["credentials"])
         client.CoreV1Api(config.new_client_from_config(host_kubeconfig)).create_node(node("n1"))
 
         node_kubeconfig = str(tmp_path / "node.kubeconfig")
-        write_kubeconfig(node_kubeconfig, "http://10.123.0.1:6443")
+        write_kubeconfig(node_kubeconfig, "https://10.123.0.1:6443", info["credentials"])
         with netns.entered(netns.path(node_ns)):  # the client's socket is made in the node's netns
             nodes = client.CoreV1Api(config.new_client_from_config(node_kubeconfig)).list_node(
                 _request_timeout=10
@@ -673,7 +733,7 @@ def test_a_killed_server_restarts_with_every_acknowledged_write(tmp_path):
     kubeconfig = str(tmp_path / "kubeconfig")
     process, info = start_cli_server(tmp_path)
     try:
-        write_kubeconfig(kubeconfig, info["url"])
+        write_kubeconfig(kubeconfig, info["url"], info["credentials"])
         core = client.CoreV1Api(config.new_client_from_config(kubeconfig))
         for i in range(20):
             last = core.create_node(node(f"n{i}")).metadata.resource_version
@@ -683,7 +743,7 @@ def test_a_killed_server_restarts_with_every_acknowledged_write(tmp_path):
 
     process, info = start_cli_server(tmp_path)
     try:
-        write_kubeconfig(kubeconfig, info["url"])
+        write_kubeconfig(kubeconfig, info["url"], info["credentials"])
         core = client.CoreV1Api(config.new_client_from_config(kubeconfig))
         assert len(core.list_node().items) == 20
         assert int(core.create_node(node("after")).metadata.resource_version) > int(last)

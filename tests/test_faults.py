@@ -412,7 +412,7 @@ def test_nodes_keep_forwarding_while_the_api_server_is_down_and_catch_up_when_it
 
         server.start()
         kubeconfig = str(cluster.tmp_path / "returned-kubeconfig")
-        apiserver.write_kubeconfig(kubeconfig, server.url)
+        apiserver.write_kubeconfig(kubeconfig, server.url, server.credentials)
         core = client.CoreV1Api(load_api_client(kubeconfig))
         core.delete_node(third.name)  # changes made once it is back
         late_ip = echo_service(core, "late", 82)

@@ -3,30 +3,40 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import logging
+import secrets
 import select
 import socket
+import ssl
 import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 from netns_lab.apiserver.allocator import DEFAULT_SERVICE_CIDR, ServiceAllocator
 from netns_lab.apiserver.api import Api, Target
-from netns_lab.apiserver.api_errors import bad_request, status_object
+from netns_lab.apiserver.api_errors import bad_request, status_object, unauthorized
 from netns_lab.apiserver.discovery import DISCOVERY
 from netns_lab.apiserver.endpoints_controller import EndpointsController
 from netns_lab.apiserver.resources import BY_PATH
 from netns_lab.apiserver.store import ApiError, ObjectStore
 from netns_lab.apiserver.tables import as_table
+from netns_lab.apiserver.tls import HANDSHAKE_TIMEOUT, Certificate, server_certificate
 
 from nodekit import netns
 from nodekit.files import atomic_write
 
 log = logging.getLogger("netns_lab.apiserver")
+
+# What anyone may read without credentials, as the real apiserver's system:public-info-viewer role
+# allows: health and version. Everything else, discovery included, needs the token.
+PUBLIC_PATHS = ("/healthz", "/readyz", "/livez", "/version")
 
 
 def parse_target(path: str) -> Target | None:
@@ -87,6 +97,8 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
             body = self._read_body()
+            if not (method == "GET" and url.path.rstrip("/") in PUBLIC_PATHS) and not self._authenticated():
+                raise unauthorized()
             if method == "GET" and url.path.rstrip("/") in DISCOVERY:
                 return self._send(200, DISCOVERY[url.path.rstrip("/")])
             if method == "GET" and url.path in ("/healthz", "/readyz", "/livez"):
@@ -140,6 +152,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, api.delete(t, options))
         raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on {self.path}")
 
+    def _authenticated(self) -> bool:
+        """The request carries the server's bearer token (compared in constant time)."""
+        scheme, _, credential = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credential.strip().encode(), self.server.token.encode())
+
     def _wants_table(self) -> bool:
         return "as=Table" in self.headers.get("Accept", "")
 
@@ -192,11 +210,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _client_gone(self) -> bool:
-        """True once the client closed its end (a readable socket with nothing to read)."""
-        sock = self.connection
+        """True once the client closed its end (a readable socket with nothing to read). Peeks at the
+        TCP stream under TLS through a duplicate of the descriptor: an SSL socket cannot peek."""
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            with socket.fromfd(self.connection.fileno(), self.connection.family, socket.SOCK_STREAM) as raw:
+                return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
         except OSError:
             return True
 
@@ -209,34 +232,68 @@ class LabHTTPServer(ThreadingHTTPServer):
     # caps this at net.core.somaxconn.
     request_queue_size = 4096
     api: Api
+    token: str
+    tls: ssl.SSLContext
+
+    def finish_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
+        """The TLS handshake, in the connection's own thread (a slow client never holds up accept),
+        then the requests; the TLS socket is closed here, as socketserver only knows the raw one."""
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        with self.tls.wrap_socket(request, server_side=True) as connection:
+            connection.settimeout(None)
+            super().finish_request(connection, client_address)
 
     def handle_error(self, request: object, client_address: tuple) -> None:
-        """A client that hangs up is normal (watchers stop, kubectl exits): one debug line, no traceback."""
+        """A client that hangs up is normal (watchers stop, kubectl exits), and so is one that does not
+        speak TLS or trust the certificate: one debug line, no traceback."""
         error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError):
+        if isinstance(error, ConnectionError | ssl.SSLError | TimeoutError):
             log.debug("%s: %s", client_address, error)
         else:
             log.exception("connection from %s failed", client_address)
 
 
-def _listener(address: str, api: Api) -> LabHTTPServer:
-    """An HTTP server bound to ADDR:PORT or [ADDR6]:PORT (in the calling thread's netns)."""
+def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
         raise ValueError(f"listen address {address!r}: expected ADDR:PORT")
+    return host, int(port)
+
+
+def _listener(address: str, api: Api, token: str, tls: ssl.SSLContext) -> LabHTTPServer:
+    """An HTTPS server bound to ADDR:PORT or [ADDR6]:PORT (in the calling thread's netns)."""
+    host, port = _split_address(address)
     server_class = (
         type("LabHTTPServer6", (LabHTTPServer,), {"address_family": socket.AF_INET6})
         if ":" in host
         else LabHTTPServer
     )
-    server = server_class((host, int(port)), Handler)
-    server.api = api
+    server = server_class((host, port), Handler)
+    server.api, server.token, server.tls = api, token, tls
     return server
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What a client needs to talk to a lab API server: its bearer token and the certificate to trust."""
+
+    token: str
+    ca_pem: str
+
+    @classmethod
+    def read(cls, token_path: str, certificate_path: str) -> Credentials:
+        """Those of a server process: its --token-file and the certificate its ready file names."""
+        with open(certificate_path) as f:
+            return cls(read_token(token_path), f.read())
+
+
 class LabApiServer:
-    """The lab API server in this process: start() binds and serves, stop() ends watches and saves."""
+    """The lab API server in this process: start() binds and serves, stop() ends watches and saves.
+
+    It speaks https with a certificate kept beside the data file (tls.py), and every request but health
+    and version must carry `token` as a bearer token (a random one unless given);
+    write_kubeconfig(path, server.url, server.credentials) gives a client both."""
 
     def __init__(
         self,
@@ -246,8 +303,10 @@ class LabApiServer:
         service_cidrs: list[str] | None = None,
         history_size: int = 5000,
         bookmark_interval: float = 30.0,
+        token: str | None = None,
     ) -> None:
         self.data_path = data_path
+        self.token = token or new_token()
         self.listen = listen
         self.netns_listen = netns_listen or {}
         self.service_cidrs = service_cidrs or [DEFAULT_SERVICE_CIDR]
@@ -258,22 +317,31 @@ class LabApiServer:
         self.store: ObjectStore | None = None
         self.api: Api | None = None
         self.controller: EndpointsController | None = None
+        self.certificate: Certificate | None = None
 
     @property
     def url(self) -> str:
         host, port = self._servers[0].server_address[:2]
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+
+    @property
+    def credentials(self) -> Credentials:
+        assert self.certificate is not None, "start() the server first"
+        return Credentials(self.token, self.certificate.pem())
 
     def start(self) -> LabApiServer:
+        hosts = [_split_address(a)[0] for a in (self.listen, *self.netns_listen.values())]
+        self.certificate = server_certificate(self.data_path, hosts)
+        tls = self.certificate.server_context()
         self.store = ObjectStore(self.data_path, self.history_size)
         try:
             allocator = ServiceAllocator(self.service_cidrs)
             self.api = Api(self.store, allocator, self.bookmark_interval)
             self.controller = EndpointsController(self.store)
-            self._servers.append(_listener(self.listen, self.api))
+            self._servers.append(_listener(self.listen, self.api, self.token, tls))
             for name, address in self.netns_listen.items():
                 with netns.entered(netns.path(name)):
-                    self._servers.append(_listener(address, self.api))
+                    self._servers.append(_listener(address, self.api, self.token, tls))
         except BaseException:
             self.stop()
             raise
@@ -309,15 +377,34 @@ class LabApiServer:
         self.stop()
 
 
-def write_kubeconfig(path: str, server_url: str, name: str = "netagent-lab") -> None:
-    """A kubeconfig pointing kubectl and the `kubernetes` client at `server_url` (plain http, no auth)."""
+def new_token() -> str:
+    """A bearer token no one guesses: 256 random bits."""
+    return secrets.token_urlsafe(32)
+
+
+def read_token(path: str) -> str:
+    """The token in `path` (one line); refused when empty, so a torn write never means "no auth"."""
+    with open(path) as f:
+        token = f.read().strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"{path} holds no token (one line, no spaces)")
+    return token
+
+
+def write_kubeconfig(
+    path: str, server_url: str, credentials: Credentials, name: str = "netagent-lab"
+) -> None:
+    """A kubeconfig pointing kubectl and the `kubernetes` client at `server_url` (https), trusting the
+    server's certificate and carrying its bearer token; mode 0600, as it holds the token."""
+    ca_data = base64.b64encode(credentials.ca_pem.encode()).decode()
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": name, "cluster": {"server": server_url}}],
-        "users": [{"name": name, "user": {}}],
+        "clusters": [
+            {"name": name, "cluster": {"server": server_url, "certificate-authority-data": ca_data}}
+        ],
+        "users": [{"name": name, "user": {"token": credentials.token}}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": "default"}}],
         "current-context": name,
     }
     atomic_write(path, yaml.safe_dump(config, sort_keys=False), mode=0o600)
-
