@@ -71,7 +71,8 @@ def _make(cert: Certificate, alt_names: str) -> None:
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise OSError(f"openssl could not make the API server's certificate: {result.stderr.strip()}")
-        os.chmod(tmp_key, 0o600)  # openssl creates it so already; this says it is required
+        for path in (tmp_key, tmp_cert):  # the key must be; the certificate is only 0600 as all lab state
+            os.chmod(path, 0o600)
         os.replace(tmp_key, cert.key_path)
         os.replace(tmp_cert, cert.cert_path)
     finally:
