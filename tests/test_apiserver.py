@@ -375,6 +375,20 @@ def test_the_kubeconfig_carries_the_token_and_trusts_only_the_servers_certificat
         plain.getresponse()
 
 
+def test_a_body_over_the_real_servers_3_mib_limit_is_413_unread_and_the_server_keeps_serving(cluster):
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
+    connection = http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT, context=tls)
+    connection.putrequest("POST", "/api/v1/nodes")
+    for header, value in {**cluster.headers(), "Content-Length": str(3 * 1024 * 1024 + 1)}.items():
+        connection.putheader(header, value)
+    connection.endheaders()  # and no body: the server must not wait for 3 MiB
+    response = connection.getresponse()
+
+    assert (response.status, json.loads(response.read())["reason"]) == (413, "RequestEntityTooLarge")
+    assert cluster.core.create_node(node("n1")).metadata.name == "n1"
+
+
 # ------------------------------------------------------------------------------------------ watch
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger("netns_lab.apiserver")
 # What anyone may read without credentials, as the real apiserver's system:public-info-viewer role
 # allows: health and version. Everything else, discovery included, needs the token.
 PUBLIC_PATHS = ("/healthz", "/readyz", "/livez", "/version")
+MAX_BODY = 3 * 1024 * 1024
 
 
 def parse_target(path: str) -> Target | None:
@@ -96,9 +97,10 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
-            body = self._read_body()
+            raw_body = self._read_raw_body()  # read even when refused, so the connection stays usable
             if not (method == "GET" and url.path.rstrip("/") in PUBLIC_PATHS) and not self._authenticated():
                 raise unauthorized()
+            body = self._parse_body(raw_body)
             if method == "GET" and url.path.rstrip("/") in DISCOVERY:
                 return self._send(200, DISCOVERY[url.path.rstrip("/")])
             if method == "GET" and url.path in ("/healthz", "/readyz", "/livez"):
@@ -161,14 +163,21 @@ class Handler(BaseHTTPRequestHandler):
     def _wants_table(self) -> bool:
         return "as=Table" in self.headers.get("Accept", "")
 
-    def _read_body(self) -> object:
+    def _read_raw_body(self) -> bytes:
+        """The body's bytes, at most MAX_BODY of them (the real apiserver's limit); a body that cannot
+        be read whole ends the connection, as the next request's start is unknown."""
         length = self.headers.get("Content-Length") or "0"
         if not length.isdigit():
+            self.close_connection = True
             raise bad_request(f"bad Content-Length {length!r}")
-        length = int(length)
-        if not length:
+        if int(length) > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, "RequestEntityTooLarge", f"the request body is over {MAX_BODY} bytes")
+        return self.rfile.read(int(length))
+
+    def _parse_body(self, raw: bytes) -> object:
+        if not raw:
             return None
-        raw = self.rfile.read(length)
         try:
             if "yaml" in self.headers.get("Content-Type", ""):
                 return yaml.safe_load(raw)
