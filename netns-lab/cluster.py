@@ -386,18 +386,21 @@ def agent_health(state: LabState) -> list[AgentHealth]:
         status = read_status(node.agent_status)
         supervised = node.supervisor is not None and node.supervisor.alive()
         restarts, detail = (status.restarts, status.last_exit) if status else (0, "")
+        running = status is not None and status.agent is not None and status.agent.alive()
         if agent_ready(node, status):
             agent = "ready"
-        elif status is not None and status.state == "running" and status.agent and status.agent.alive():
+        elif running:
             agent = "starting"
         elif supervised and status is not None and status.state == "waiting" and status.next_start:
             agent = "restarting"
-            detail = f"{detail}; starts again in {max(0.0, status.next_start - time.time()):.0f}s"
+            detail = "; ".join(filter(None, [detail, f"starts again in "
+                                             f"{max(0.0, status.next_start - time.time()):.0f}s"]))
         elif supervised:
             agent = "starting"
         else:
             agent = "NOT RUNNING"
-            detail = f"{detail}; no supervisor to restart it" if detail else "no supervisor to restart it"
+        if not supervised:  # as with a node whose kubelet is down: nothing restarts the agent
+            detail = "; ".join(filter(None, [detail, "no supervisor: not restarted if it dies"]))
         try:
             answer = probe.http_get(node.netns, node.ip, HEALTHZ_PORT, "/healthz", timeout=1.0)
         except OSError as e:

@@ -239,7 +239,13 @@ def test_an_agent_killed_with_sigkill_comes_back_as_a_daemonset_pod_would_and_st
     assert row["RESTARTS"].startswith("2 (killed by SIGKILL; starts again in ")
     wait_until(lambda: agent_row(lab_name)["AGENT"] == "ready", "the agent ready after its back-off", 60)
 
-    lab_cmd(lab_name, "down")  # the supervisor goes too, and starts nothing while being stopped
+    supervisor = Lab(lab_name).load().nodes["n1"].supervisor
+    os.kill(supervisor.pid, signal.SIGKILL)  # as a node whose kubelet died: the agent runs on, unguarded
+    wait_until(lambda: not supervisor.alive(), "the supervisor gone")
+    row = agent_row(lab_name)
+    assert row["AGENT"] == "ready" and "no supervisor: not restarted if it dies" in row["RESTARTS"]
+
+    lab_cmd(lab_name, "down")  # supervisors first, so none starts an agent while they are stopped
     assert residue(lab_name) == []
 
 
