@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -459,6 +460,33 @@ def test_expired_watch_is_an_error_event_with_a_410_status_on_the_wire(cluster):
     assert event["type"] == "ERROR"
     assert event["object"]["kind"] == "Status"
     assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+
+
+def test_a_watch_ends_on_the_server_once_its_client_closes_even_with_a_tls_close_notify(cluster):
+    """Go clients (kubectl) say close_notify before closing: the server must not take that for data
+    and keep the watch's thread until its timeout."""
+    def serving() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
+    before = serving()
+    watches = []
+    for polite in (True, False):
+        connection = http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT, context=tls)
+        connection.request("GET", "/api/v1/nodes?watch=true", headers=cluster.headers())
+        response = connection.getresponse()
+        assert response.status == 200
+        watches.append((connection, response, polite))
+    eventually(lambda: serving() == before + 2)
+    for connection, response, polite in watches:
+        if polite:
+            connection.sock.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                connection.sock.unwrap()  # sends close_notify (then waits for the server's, in vain)
+        response.close()
+        connection.close()
+    eventually(lambda: serving() == before, timeout=10)
 
 
 def test_watch_sends_bookmarks_with_the_current_resource_version_when_allowed(cluster):

@@ -38,6 +38,8 @@ log = logging.getLogger("netns_lab.apiserver")
 # allows: health and version. Everything else, discovery included, needs the token.
 PUBLIC_PATHS = ("/healthz", "/readyz", "/livez", "/version")
 MAX_BODY = 3 * 1024 * 1024
+# A client that went away: over TLS a write after its close_notify is an SSLError, not a ConnectionError.
+HUNG_UP = (ConnectionError, ssl.SSLError)
 
 
 def parse_target(path: str) -> Target | None:
@@ -113,7 +115,7 @@ class Handler(BaseHTTPRequestHandler):
             self._dispatch(method, target, query, body)
         except ApiError as e:
             self._send(e.code, status_object(e.code, e.reason, e.message, e.details))
-        except (BrokenPipeError, ConnectionResetError):
+        except HUNG_UP:
             self.close_connection = True
         except Exception as e:  # a bug here must not take the server down; the client gets a Status
             log.exception("%s %s failed", method, self.path)
@@ -205,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for event in events:
                 self._chunk(event)
-        except ConnectionError:
+        except HUNG_UP:
             raise
         except Exception:  # too late for an error response: end the stream, the client will re-watch
             log.exception("watch %s failed", self.path)
@@ -219,16 +221,21 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _client_gone(self) -> bool:
-        """True once the client closed its end (a readable socket with nothing to read). Peeks at the
-        TCP stream under TLS through a duplicate of the descriptor: an SSL socket cannot peek."""
+        """True once the client closed its end of a watch: TLS close_notify (Go clients such as kubectl
+        send it) or the TCP stream's end both read as b"". A watch client sends nothing else, so reading
+        (not peeking, which TLS cannot) loses nothing."""
+        sock = self.connection
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            readable, _, _ = select.select([sock], [], [], 0)
             if not readable:
                 return False
-            with socket.fromfd(self.connection.fileno(), self.connection.family, socket.SOCK_STREAM) as raw:
-                return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
+            sock.setblocking(False)
+            try:
+                return sock.recv(1) == b""
+            finally:
+                sock.setblocking(True)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False  # part of a TLS record only
         except OSError:
             return True
 
@@ -256,7 +263,7 @@ class LabHTTPServer(ThreadingHTTPServer):
         """A client that hangs up is normal (watchers stop, kubectl exits), and so is one that does not
         speak TLS or trust the certificate: one debug line, no traceback."""
         error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError | ssl.SSLError | TimeoutError):
+        if isinstance(error, HUNG_UP | TimeoutError):
             log.debug("%s: %s", client_address, error)
         else:
             log.exception("connection from %s failed", client_address)
