@@ -263,7 +263,7 @@ class LabHTTPServer(ThreadingHTTPServer):
         """A client that hangs up is normal (watchers stop, kubectl exits), and so is one that does not
         speak TLS or trust the certificate: one debug line, no traceback."""
         error = sys.exc_info()[1]
-        if isinstance(error, HUNG_UP | TimeoutError):
+        if isinstance(error, (*HUNG_UP, TimeoutError)):
             log.debug("%s: %s", client_address, error)
         else:
             log.exception("connection from %s failed", client_address)
