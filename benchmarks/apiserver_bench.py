@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import ssl
 import statistics
 import tempfile
 import threading
@@ -42,14 +43,16 @@ def main() -> None:
 
 def run(server: LabApiServer, tmp: str, services: int) -> None:
     url = urllib.parse.urlsplit(server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port)
+    tls = ssl.create_default_context(cadata=server.credentials.ca_pem)
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=tls)
+    auth = {"Authorization": f"Bearer {server.token}"}
 
     def request(method: str, path: str, body: dict | None = None) -> bytes:
         conn.request(
             method,
             path,
             body=json.dumps(body) if body else None,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **auth},
         )
         response = conn.getresponse()
         data = response.read()
@@ -85,7 +88,7 @@ def run(server: LabApiServer, tmp: str, services: int) -> None:
     request("GET", "/api/v1/services")
     list_raw = time.perf_counter() - started
     kubeconfig = f"{tmp}/kubeconfig"
-    write_kubeconfig(kubeconfig, server.url)
+    write_kubeconfig(kubeconfig, server.url, server.credentials)
     core = client.CoreV1Api(config.new_client_from_config(kubeconfig))
     started = time.perf_counter()
     core.list_service_for_all_namespaces()
@@ -97,17 +100,17 @@ def run(server: LabApiServer, tmp: str, services: int) -> None:
 
     def watcher() -> None:
         rv = json.loads(request_other("GET", "/api/v1/nodes"))["metadata"]["resourceVersion"]
-        other.request("GET", f"/api/v1/nodes?watch=true&resourceVersion={rv}&timeoutSeconds=60")
+        other.request("GET", f"/api/v1/nodes?watch=true&resourceVersion={rv}&timeoutSeconds=60", headers=auth)
         response = other.getresponse()
         watching.set()
         while len(seen) < 200:
             event = json.loads(response.readline())
             seen[event["object"]["metadata"]["annotations"]["i"]] = time.perf_counter()
 
-    other = http.client.HTTPConnection(url.hostname, url.port)
+    other = http.client.HTTPSConnection(url.hostname, url.port, context=tls)
 
     def request_other(method: str, path: str) -> bytes:
-        other.request(method, path)
+        other.request(method, path, headers=auth)
         return other.getresponse().read()
 
     thread = threading.Thread(target=watcher, daemon=True)
@@ -120,7 +123,7 @@ def run(server: LabApiServer, tmp: str, services: int) -> None:
             "PATCH",
             "/api/v1/nodes/n1",
             body=json.dumps({"metadata": {"annotations": {"i": str(i)}}}),
-            headers={"Content-Type": "application/merge-patch+json"},
+            headers={"Content-Type": "application/merge-patch+json", **auth},
         )
         conn.getresponse().read()
         while str(i) not in seen:

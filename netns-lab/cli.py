@@ -96,11 +96,11 @@ def status_cmd(name: str) -> None:
     click.echo(f"lab {name}: {state.phase}, network {state.network}{fast_path}, proxy {state.proxy}, "
                f"API server {state.api_url or '(not started)'}")
     health = {h.node: h for h in cluster.agent_health(state)}
-    rows = [("NODE", "NETNS", "IP", "POD CIDR", "AGENT", "HEALTHZ")]
+    rows = [("NODE", "NETNS", "IP", "POD CIDR", "AGENT", "RESTARTS", "HEALTHZ")]
     for node in state.nodes.values():
         h = health[node.name]
-        agent = ("ready" if h.ready else "starting") if h.running else "NOT RUNNING"
-        rows.append((node.name, node.netns, node.ip, node.pod_cidr, agent, h.healthz))
+        restarts = f"{h.restarts} ({h.detail})" if h.detail else str(h.restarts)
+        rows.append((node.name, node.netns, node.ip, node.pod_cidr, h.state, restarts, h.healthz))
     click.echo(_table(rows))
     from netagent.gc.state import read_state
 

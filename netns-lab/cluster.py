@@ -9,6 +9,7 @@ directory), so even an `up` killed with SIGKILL half-way is cleaned up completel
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ipaddress
 import json
 import os
@@ -20,11 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from netns_lab import processes, topology
+from netns_lab import processes, supervisor, topology
 from netns_lab.processes import ProcRef
-from netns_lab.state import Lab, LabError, LabState, NodeInfo
+from netns_lab.state import LAB_ROOT, Lab, LabError, LabState, NodeInfo, private_dir
+from netns_lab.supervisor import AgentStatus, read_status
 
 from nodekit import netns
+from nodekit.files import atomic_write
 
 CLUSTER_CIDR = ipaddress.ip_network("10.244.0.0/16")
 SERVICE_CIDR = "10.96.0.0/16"
@@ -97,7 +100,7 @@ def _build(lab: Lab, count: int, network: str, proxy: str, fast_path: bool, time
     progress(f"Nodes registered, CNI plugin installed on {', '.join(state.nodes)}")
 
     for node in state.nodes.values():
-        node.agent = _start_agent(state, node)
+        node.supervisor = _start_agent(state, node)
         lab.save(state)
     progress(f"agents started (network {network}, proxy {proxy}); waiting for them to be ready")
     _wait_for_agents(state, timeout, progress)
@@ -115,11 +118,14 @@ def _preload_kubernetes_client() -> None:
 def _plan(lab: Lab, count: int, network: str, proxy: str, fast_path: bool) -> LabState:
     """The lab's state before anything exists: node names, IPs, pod CIDRs, directories."""
     state = LabState(name=lab.name, network=network, proxy=proxy, fast_path=fast_path)
+    for path in (LAB_ROOT, lab.dir):
+        private_dir(path)
     for index in range(1, count + 1):
         node = f"n{index}"
         state.nodes[node] = NodeInfo(name=node, netns=lab.node_netns(node), ip=topology.node_ip(index),
                                      pod_cidr=node_pod_cidr(index), dir=lab.node_dir(node))
-        os.makedirs(state.nodes[node].state_dir)
+        private_dir(state.nodes[node].dir)
+        private_dir(state.nodes[node].state_dir)
     lab.save(state)
     return state
 
@@ -153,10 +159,15 @@ def _register_nodes(lab: Lab, state: LabState) -> None:
 
 
 def _spawn_apiserver(lab: Lab, state: LabState) -> None:
+    """The API server, with a new bearer token that only root can read (the token file, 0600, and
+    the kubeconfigs made from it): anonymous clients get 401."""
+    from netns_lab.apiserver.server import new_token
+
+    atomic_write(lab.api_token, new_token() + "\n", mode=0o600)
     argv = _python_module(
         "netns_lab.apiserver", "--data", lab.api_data, "--listen", "127.0.0.1:0",
         "--listen-netns", f"{lab.underlay_netns}={topology.UNDERLAY_GATEWAY}:{API_PORT}",
-        "--service-cidr", SERVICE_CIDR, "--ready-file", lab.api_ready,
+        "--service-cidr", SERVICE_CIDR, "--ready-file", lab.api_ready, "--token-file", lab.api_token,
     )
     state.apiserver = processes.spawn(argv, lab.api_log)
     lab.save(state)
@@ -164,7 +175,7 @@ def _spawn_apiserver(lab: Lab, state: LabState) -> None:
 
 def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
     """Until its ready file appears; then write the kubeconfigs for the host and for each node."""
-    from netns_lab.apiserver.server import write_kubeconfig
+    from netns_lab.apiserver.server import Credentials, write_kubeconfig
 
     assert state.apiserver is not None
     deadline = time.monotonic() + timeout
@@ -174,20 +185,17 @@ def _wait_for_apiserver(lab: Lab, state: LabState, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise LabError(f"the API server was not ready within {timeout:g}s:\n{log_tail(lab.api_log)}")
         time.sleep(0.05)
-    state.api_url = _read_api_url(lab.api_ready)
-    state.api_internal_url = f"http://{topology.UNDERLAY_GATEWAY}:{API_PORT}"
-    write_kubeconfig(lab.kubeconfig, state.api_url)
-    for node in state.nodes.values():
-        write_kubeconfig(node.kubeconfig, state.api_internal_url)
-
-
-def _read_api_url(ready_file: str) -> str:
-    """The host-side URL from the API server's ready file ({"url": ..., "port": ..., "pid": ...})."""
     try:
-        with open(ready_file) as f:
-            return json.load(f)["url"]
-    except (OSError, ValueError, KeyError) as e:
-        raise LabError(f"unreadable API server ready file {ready_file}: {e}") from None
+        with open(lab.api_ready) as f:
+            ready = json.load(f)  # {"url": ..., "port": ..., "pid": ..., "ca": certificate path}
+        state.api_url = ready["url"]
+        credentials = Credentials.read(lab.api_token, ready["ca"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LabError(f"unreadable API server ready file {lab.api_ready} or token: {e}") from None
+    state.api_internal_url = f"https://{topology.UNDERLAY_GATEWAY}:{API_PORT}"
+    write_kubeconfig(lab.kubeconfig, state.api_url, credentials)
+    for node in state.nodes.values():
+        write_kubeconfig(node.kubeconfig, state.api_internal_url, credentials)
 
 
 def _start_cni_install(state: LabState) -> list[tuple[NodeInfo, subprocess.Popen]]:
@@ -214,20 +222,33 @@ def _finish_cni_install(running: list[tuple[NodeInfo, subprocess.Popen]]) -> Non
 
 
 def restart_agent(name: str, node_name: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Stop one node's agent (SIGTERM: it leaves the kernel state in place) and start a new one, as a
-    DaemonSet rollout does; returns once the new agent is ready."""
+    """Stop one node's agent (SIGTERM: it leaves the kernel state in place) and start a new one with
+    the lab's current settings, as a DaemonSet rollout does (a new pod: its restart count starts at 0);
+    returns once the new agent is ready, never on the old one's readiness."""
     lab = Lab(name)
     with lab.update() as state:
         if node_name not in state.nodes:
             raise LabError(f"lab {name!r} has no node {node_name!r}")
         node = state.nodes[node_name]
-        if node.agent is not None:
-            processes.stop([node.agent], grace=10)
-        node.agent = _start_agent(state, node)
+        _stop_agent(node)
+        node.supervisor = _start_agent(state, node)
     _wait_for_agents(replace(state, nodes={node_name: node}), timeout, lambda _msg: None)
 
 
+def _stop_agent(node: NodeInfo) -> None:
+    """Its supervisor stops it (SIGTERM, SIGKILL after the grace); an agent left by a supervisor that
+    is gone gets the same; the old ready marker goes with it."""
+    if node.supervisor is not None:
+        processes.stop([node.supervisor], grace=supervisor.STOP_GRACE + 5)
+    status = read_status(node.agent_status)
+    if status is not None and status.agent is not None:
+        processes.stop([status.agent], grace=supervisor.STOP_GRACE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(node.ready_marker)
+
+
 def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
+    """The node's agent under its supervisor (which the returned ProcRef names)."""
     argv = _python_module(
         "netagent.cli", "run", "--node-name", node.name, "--kubeconfig", node.kubeconfig,
         "--state-dir", node.state_dir, "--network", state.network, "--underlay-iface", topology.NODE_IFACE,
@@ -235,20 +256,43 @@ def _start_agent(state: LabState, node: NodeInfo) -> ProcRef:
         "--healthz-bind", f"{node.ip}:{HEALTHZ_PORT}", "--metrics-bind", f"{node.ip}:{METRICS_PORT}",
         "--cni-data-dir", node.ipam_dir, *(["--fast-path"] if state.fast_path else []),
     )
-    return processes.spawn(netns.exec_argv(node.netns, argv), node.agent_log)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(node.agent_status)  # a new supervisor: no restarts yet
+    return processes.spawn(
+        _python_module("netns_lab.supervisor", "--status", node.agent_status, "--ready-marker",
+                       node.ready_marker, "--log", node.agent_log, "--", *netns.exec_argv(node.netns, argv)),
+        node.supervisor_log)
+
+
+def agent_ready(node: NodeInfo, status: AgentStatus | None) -> bool:
+    """The agent running now wrote the ready marker: it holds that process's pid (a marker left by an
+    agent that died, or by the one before a restart, does not count)."""
+    if status is None or status.state != "running" or status.agent is None or not status.agent.alive():
+        return False
+    try:
+        with open(node.ready_marker) as f:
+            return f.read().strip() == str(status.pid)
+    except OSError:
+        return False
 
 
 def _wait_for_agents(state: LabState, timeout: float, progress: Progress) -> None:
+    """Until every agent is ready; an agent that exits meanwhile (its supervisor counted a restart)
+    or a supervisor that is gone fails at once, with the log."""
     deadline = time.monotonic() + timeout
     waiting = dict(state.nodes)
     while waiting:
         for name, node in list(waiting.items()):
-            if os.path.exists(os.path.join(node.state_dir, "ready")):
+            status = read_status(node.agent_status)
+            if agent_ready(node, status):
                 progress(f"agent on {name} ready")
                 del waiting[name]
-            elif node.agent is None or not node.agent.alive():
-                raise LabError(f"the agent on {name} exited; its log ({node.agent_log}):\n"
-                               f"{log_tail(node.agent_log)}")
+            elif node.supervisor is None or not node.supervisor.alive():
+                raise LabError(f"the agent's supervisor on {name} exited; its log "
+                               f"({node.supervisor_log}):\n{log_tail(node.supervisor_log)}")
+            elif status is not None and status.restarts > 0:
+                raise LabError(f"the agent on {name} exited ({status.last_exit}); its log "
+                               f"({node.agent_log}):\n{log_tail(node.agent_log)}")
         if waiting and time.monotonic() > deadline:
             node = next(iter(waiting.values()))
             raise LabError(f"agent(s) on {', '.join(waiting)} not ready within {timeout:g}s; "
@@ -270,7 +314,10 @@ def down(name: str, progress: Progress = print) -> None:
     lab = Lab(name)
     lab_netns = [n for n in netns.names(f"{name}-") if lab.owns_netns(n)]
     recorded = _recorded_processes(lab)
-    stopped: set[ProcRef] = set()
+    # Supervisors first, so that none starts an agent again while the agents are being stopped.
+    supervisors = [p for p in set(recorded) | set(_lab_processes(lab, lab_netns)) if _is_supervisor(p)]
+    processes.stop(supervisors, grace=0)
+    stopped: set[ProcRef] = set(supervisors)
     for _ in range(5):  # processes may spawn children while being stopped: sweep until none is left
         found = (set(recorded) | set(_lab_processes(lab, lab_netns))) - stopped
         recorded = []
@@ -292,9 +339,16 @@ def _recorded_processes(lab: Lab) -> list[ProcRef]:
         state = lab.load()
     except (LabError, ValueError, KeyError, TypeError):  # absent, or torn by a killed `up`
         return []
-    refs = [state.apiserver] + [p for n in state.nodes.values() for p in (n.agent, n.responder)]
+    refs = [state.apiserver] + [p for n in state.nodes.values() for p in (n.supervisor, n.responder)]
     refs += [pod.server for pod in state.pods.values()]
     return [r for r in refs if r is not None]
+
+
+def _is_supervisor(proc: ProcRef) -> bool:
+    try:
+        return "netns_lab.supervisor" in processes.cmdline(proc.pid)
+    except OSError:
+        return False
 
 
 def _lab_processes(lab: Lab, lab_netns: list[str]) -> list[ProcRef]:
@@ -315,9 +369,12 @@ def _lab_processes(lab: Lab, lab_netns: list[str]) -> list[ProcRef]:
 
 @dataclass(frozen=True)
 class AgentHealth:
+    """A node's agent as `lab status` shows it, from its supervisor's status file and the processes."""
+
     node: str
-    running: bool
-    ready: bool
+    state: str  # "ready", "starting", "restarting" (waiting for its back-off), "NOT RUNNING"
+    restarts: int
+    detail: str  # how it last exited, when it starts again
     healthz: str
 
 
@@ -326,11 +383,27 @@ def agent_health(state: LabState) -> list[AgentHealth]:
 
     health = []
     for node in state.nodes.values():
-        running = node.agent is not None and node.agent.alive()
+        status = read_status(node.agent_status)
+        supervised = node.supervisor is not None and node.supervisor.alive()
+        restarts, detail = (status.restarts, status.last_exit) if status else (0, "")
+        running = status is not None and status.agent is not None and status.agent.alive()
+        if agent_ready(node, status):
+            agent = "ready"
+        elif running:
+            agent = "starting"
+        elif supervised and status is not None and status.state == "waiting" and status.next_start:
+            agent = "restarting"
+            detail = "; ".join(filter(None, [detail, f"starts again in "
+                                             f"{max(0.0, status.next_start - time.time()):.0f}s"]))
+        elif supervised:
+            agent = "starting"
+        else:
+            agent = "NOT RUNNING"
+        if not supervised:  # as with a node whose kubelet is down: nothing restarts the agent
+            detail = "; ".join(filter(None, [detail, "no supervisor: not restarted if it dies"]))
         try:
             answer = probe.http_get(node.netns, node.ip, HEALTHZ_PORT, "/healthz", timeout=1.0)
         except OSError as e:
             answer = f"unreachable ({e.strerror or type(e).__name__})"
-        ready = os.path.exists(os.path.join(node.state_dir, "ready"))
-        health.append(AgentHealth(node.name, running, ready, answer))
+        health.append(AgentHealth(node.name, agent, restarts, detail, answer))
     return health

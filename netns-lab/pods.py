@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from netns_lab import cni_exec, probe, processes
 from netns_lab.cni_exec import Attachment
 from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
-from netns_lab.state import Lab, LabError, LabState, PodInfo, check_pod_name
+from netns_lab.state import Lab, LabError, LabState, PodInfo, check_pod_name, private_dir
 
 from nodekit import netns
 
@@ -64,7 +64,7 @@ def _start(lab: Lab, state: LabState, pod: PodInfo) -> None:
     pod.ips = [ip["address"].split("/")[0] for ip in pod.cni_result.get("ips", [])]
     if not pod.ips:
         raise LabError(f"the CNI plugin gave pod {pod.name} no IP address")
-    os.makedirs(os.path.join(lab.dir, "pods"), exist_ok=True)
+    private_dir(os.path.join(lab.dir, "pods"))
     pod.server = processes.spawn(
         netns.exec_argv(pod.netns, [sys.executable, "-m", "netns_lab.responder", "--name", pod.name]),
         os.path.join(lab.dir, "pods", f"{pod.name}.log"))

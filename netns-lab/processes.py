@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 KILL_WAIT = 5.0  # seconds a SIGKILLed process may take to disappear
 
@@ -49,18 +50,35 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def spawn(argv: Sequence[str], log_path: str, env: dict[str, str] | None = None) -> ProcRef:
-    """Start argv detached (own session, stdin closed, output appended to log_path)."""
-    with open(log_path, "ab") as log:
+    """Start argv detached (own session, stdin closed, output appended to log_path, made 0600: logs
+    name pods, addresses and paths that are nobody else's business)."""
+    with open_log(log_path) as log:
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, env=env,
         )
-    for _ in range(100):  # the start time exists as soon as the kernel created the task
-        stat = _stat_fields(proc.pid)
+    ref = proc_ref(proc.pid)
+    if ref is None:
+        raise RuntimeError(f"could not read the start time of {argv[0]} (pid {proc.pid})")
+    return ref
+
+
+def open_log(path: str) -> BinaryIO:
+    """`path` opened for appending, created (or left) readable by root only."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+def proc_ref(pid: int) -> ProcRef | None:
+    """The ProcRef of a child just started (its start time is there as soon as the kernel made the
+    task, but give it a moment); None if it cannot be read."""
+    for _ in range(100):
+        stat = _stat_fields(pid)
         if stat is not None:
-            return ProcRef(proc.pid, int(stat[20]))
+            return ProcRef(pid, int(stat[20]))
         time.sleep(0.01)
-    raise RuntimeError(f"could not read the start time of {argv[0]} (pid {proc.pid})")
+    return None
 
 
 def stop(procs: Iterable[ProcRef], grace: float = 3.0) -> None:

@@ -4,8 +4,11 @@ Layout of lab NAME:
   netns NAME-ul      the underlay: bridge br0 holding 172.18.0.1/24, where the API server listens
   netns NAME-nI      node I: eth0 = 172.18.0.(10+I)/24 on br0; runs `netagent run`
   netns NAME-p-POD   one per pod
-  /run/netagent-lab/NAME/         lab.json, the API server's data, log and the host kubeconfig
-  /run/netagent-lab/NAME/nI/      the node's agent state dir, CNI bin/conf dirs, IPAM dir, logs
+  /run/netagent-lab/NAME/         lab.json, the API server's data, log, token, certificate and the
+                                  host kubeconfig
+  /run/netagent-lab/NAME/nI/      the node's agent state dir, CNI bin/conf dirs, IPAM dir, logs, and
+                                  the agent's supervisor status (agent.status.json)
+Directories are 0700 and files 0600: they hold the API token and name every pod.
 
 Lab names are short lowercase alphanumerics without '-', so "NAME-ul", "NAME-n<digits>" and
 "NAME-p-*" belong to exactly one lab: `lab down` relies on that to sweep what a killed `up` left
@@ -35,6 +38,13 @@ _NODE_NETNS_RE = re.compile(r"^n[0-9]+$")
 _POD_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 
+def private_dir(path: str) -> str:
+    """`path` and its missing parents, made (or left) 0700."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 class LabError(Exception):
     """A failure to report to the user as one clear line (never a traceback)."""
 
@@ -52,7 +62,7 @@ class NodeInfo:
     ip: str
     pod_cidr: str
     dir: str
-    agent: ProcRef | None = None
+    supervisor: ProcRef | None = None  # restarts the agent when it dies (supervisor.py)
     responder: ProcRef | None = None
 
     @property
@@ -78,6 +88,19 @@ class NodeInfo:
     @property
     def agent_log(self) -> str:
         return os.path.join(self.dir, "agent.log")
+
+    @property
+    def agent_status(self) -> str:
+        return os.path.join(self.dir, "agent.status.json")
+
+    @property
+    def supervisor_log(self) -> str:
+        return os.path.join(self.dir, "supervisor.log")
+
+    @property
+    def ready_marker(self) -> str:
+        """The agent writes it (holding its pid) once its first sync is done."""
+        return os.path.join(self.state_dir, "ready")
 
 
 @dataclass
@@ -112,7 +135,7 @@ class LabState:
     def from_json(cls, text: str) -> LabState:
         data = json.loads(text)
         data["apiserver"] = _proc(data["apiserver"])
-        data["nodes"] = {name: NodeInfo(**{**node, "agent": _proc(node["agent"]),
+        data["nodes"] = {name: NodeInfo(**{**node, "supervisor": _proc(node["supervisor"]),
                                             "responder": _proc(node["responder"])})
                          for name, node in data["nodes"].items()}
         data["pods"] = {name: PodInfo(**{**pod, "server": _proc(pod["server"])})
@@ -139,6 +162,7 @@ class Lab:
         self.api_data = os.path.join(self.dir, "apiserver.json")
         self.api_log = os.path.join(self.dir, "apiserver.log")
         self.api_ready = os.path.join(self.dir, "apiserver.ready")
+        self.api_token = os.path.join(self.dir, "apiserver.token")
         self.underlay_netns = f"{name}-ul"
 
     def node_netns(self, node: str) -> str:
@@ -164,7 +188,7 @@ class Lab:
             raise LabError(f"no lab named {self.name!r} (start one with `netagent lab up`)") from None
 
     def save(self, state: LabState) -> None:
-        atomic_write(self.state_path, state.to_json() + "\n")
+        atomic_write(self.state_path, state.to_json() + "\n", mode=0o600)
 
     @contextlib.contextmanager
     def update(self) -> Iterator[LabState]:

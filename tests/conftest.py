@@ -78,5 +78,5 @@ def core(api_server, tmp_path):
     from netagent.kube import load_api_client
 
     kubeconfig = str(tmp_path / "kubeconfig")
-    write_kubeconfig(kubeconfig, api_server.url)
+    write_kubeconfig(kubeconfig, api_server.url, api_server.credentials)
     return client.CoreV1Api(load_api_client(kubeconfig))

@@ -359,11 +359,16 @@ class ApiServerProcess:
         self.tmp_path = tmp_path
         ready = tmp_path / "api-ready.json"
         ready.unlink(missing_ok=True)
+        token_file = tmp_path / "api-token"  # kept across restarts, as clients keep their kubeconfig
+        if not token_file.exists():
+            token_file.write_text(apiserver.new_token())
         self.proc = subprocess.Popen([sys.executable, "-m", "netns_lab.apiserver", "--data",
                                       str(tmp_path / "api.json"), "--listen", f"127.0.0.1:{port}",
-                                      "--ready-file", str(ready)], stderr=subprocess.DEVNULL)
+                                      "--ready-file", str(ready), "--token-file", str(token_file)],
+                                     stderr=subprocess.DEVNULL)
         wait_for(ready.exists, 60, "the API server process to listen")
-        self.url = json.loads(ready.read_text())["url"]
+        info = json.loads(ready.read_text())
+        self.url, self.credentials = info["url"], apiserver.Credentials.read(str(token_file), info["ca"])
 
     @property
     def port(self) -> int:
@@ -377,7 +382,7 @@ class ApiServerProcess:
 def test_informer_recovers_after_the_api_server_crashes_and_returns(tmp_path):
     server = ApiServerProcess(tmp_path)
     kubeconfig = str(tmp_path / "kubeconfig")
-    apiserver.write_kubeconfig(kubeconfig, server.url)
+    apiserver.write_kubeconfig(kubeconfig, server.url, server.credentials)
     core = client.CoreV1Api(load_api_client(kubeconfig))
     core.create_node(node_body("before"))
     informer = Informer("nodes", core.list_node)
@@ -461,10 +466,10 @@ class Cluster:
         self.tmp_path = tmp_path
         self.agents = agents
         kubeconfig = str(tmp_path / "host-kubeconfig")
-        apiserver.write_kubeconfig(kubeconfig, server.url)
+        apiserver.write_kubeconfig(kubeconfig, server.url, server.credentials)
         self.core = client.CoreV1Api(load_api_client(kubeconfig))
         self.node_kubeconfig = str(tmp_path / "node-kubeconfig")
-        apiserver.write_kubeconfig(self.node_kubeconfig, f"http://{API_ADDRESS}")
+        apiserver.write_kubeconfig(self.node_kubeconfig, f"https://{API_ADDRESS}", server.credentials)
 
     def register(self, node: Node) -> None:
         self.core.create_node(node_body(node.name, node.pod_cidr, node.node_ip))

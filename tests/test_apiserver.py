@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,7 +19,7 @@ from typing import TypeVar
 import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
-from netns_lab.apiserver.server import LabApiServer, write_kubeconfig
+from netns_lab.apiserver.server import Credentials, LabApiServer, new_token, write_kubeconfig
 
 from nodekit import netns
 
@@ -46,11 +49,16 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.server = LabApiServer(self.data, **self.server_args).start()
-        write_kubeconfig(self.kubeconfig, self.server.url)
+        write_kubeconfig(self.kubeconfig, self.server.url, self.server.credentials)
         api_client = config.new_client_from_config(self.kubeconfig)
         self.core = client.CoreV1Api(api_client)
         self.discovery = client.DiscoveryV1Api(api_client)
         return self
+
+    def headers(self) -> dict[str, str]:
+        """What a request to the server carries besides its body."""
+        assert self.server is not None
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {self.server.token}"}
 
     def stop(self) -> None:
         if self.server:
@@ -205,7 +213,7 @@ def test_list_filters_pods_by_label_selector_and_spec_node_name(cluster):
 def raw_request(cluster: Cluster, method: str, path: str, body: bytes) -> tuple[int, dict]:
     """A request the typed client would refuse to send (it validates bodies itself)."""
     response = cluster.core.api_client.rest_client.pool_manager.request(
-        method, cluster.server.url + path, body=body, headers={"Content-Type": "application/json"}
+        method, cluster.server.url + path, body=body, headers=cluster.headers()
     )
     return response.status, json.loads(response.data)
 
@@ -228,10 +236,158 @@ def test_malformed_objects_are_refused_with_clear_statuses_and_the_server_keeps_
     assert cluster.core.create_namespaced_service("default", service("good")).spec.cluster_ip
 
 
+SERVICES = "/api/v1/namespaces/default/services"
+
+
+@pytest.mark.parametrize("spec, field, cause", [
+    ({"clusterIP": "999.1.1.1"}, "spec.clusterIPs[0]", "FieldValueInvalid"),
+    ({"clusterIP": "fd00::1"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # a family the cluster lacks
+    ({"clusterIP": 5}, "spec.clusterIP", "FieldValueInvalid"),
+    ({"clusterIPs": "10.96.0.50"}, "spec.clusterIPs", "FieldValueInvalid"),
+    ({"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.51"]}, "spec.clusterIPs[0]", "FieldValueInvalid"),
+    ({"clusterIP": "10.1.2.3"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # outside the service CIDR
+    ({"clusterIP": "10.96.0.0"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # its network address
+    ({"clusterIP": "10.96.255.255"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # its broadcast address
+    ({"ports": [{"name": "http", "port": 80}, {"name": "http", "port": 81}]}, "spec.ports[1].name",
+     "FieldValueDuplicate"),
+    ({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}, "spec.ports[1]",
+     "FieldValueDuplicate"),
+    ({"ports": [{"port": 80}, {"port": 81}]}, "spec.ports[0].name", "FieldValueRequired"),
+    ({"ports": [{"name": "Not_A_Label", "port": 80}]}, "spec.ports[0].name", "FieldValueInvalid"),
+    ({"ports": [{"name": 5, "port": [80]}]}, "spec.ports[0].port", "FieldValueInvalid"),
+])
+def test_services_the_real_api_server_refuses_are_422_invalid_naming_the_field(cluster, spec, field, cause):
+    body = {"metadata": {"name": "bad"}, "spec": {"ports": [{"name": "http", "port": 80}], **spec}}
+    code, status = raw_request(cluster, "POST", SERVICES, json.dumps(body).encode())
+
+    assert (code, status["kind"], status["reason"], status["code"]) == (422, "Status", "Invalid", 422)
+    assert status["message"].startswith('Service "bad" is invalid: ')
+    assert status["details"]["kind"] == "Service" and status["details"]["name"] == "bad"
+    assert {"field": field, "reason": cause} in [
+        {"field": c["field"], "reason": c["reason"]} for c in status["details"]["causes"]]
+    assert cluster.core.list_namespaced_service("default").items == []
+
+
+def test_an_endpoint_slice_over_the_apis_size_limits_is_422_too_many(cluster):
+    ports = [{"name": f"p{i}", "port": 1000 + i, "protocol": "TCP"} for i in range(101)]
+    body = {"metadata": {"name": "wide"}, "addressType": "IPv4", "ports": ports, "endpoints": []}
+    code, status = raw_request(cluster, "POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+                               json.dumps(body).encode())
+
+    assert (code, status["reason"]) == (422, "Invalid")
+    assert status["details"]["causes"] == [
+        {"field": "ports", "reason": "FieldValueTooMany",
+         "message": "Too many: 101: must have at most 100 items"}]
+    body["ports"] = ports[:100]
+    assert raw_request(cluster, "POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+                       json.dumps(body).encode())[0] == 201
+
+
+def test_the_first_and_last_usable_addresses_of_the_service_cidr_are_accepted(cluster):
+    for name, ip in (("low", "10.96.0.1"), ("high", "10.96.255.254")):
+        body = service(name)
+        body["spec"]["clusterIP"] = ip
+        assert cluster.core.create_namespaced_service("default", body).spec.cluster_ip == ip
+
+
+def test_a_burst_of_a_thousand_creates_on_as_many_connections_all_get_answers(cluster):
+    """Each request on its own connection, all released at once: the listen backlog must hold them
+    (a backlog of 5 got a third of them reset)."""
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
+    answers: list[object] = []
+    release = threading.Barrier(1000)
+
+    def create(i: int) -> None:
+        body = json.dumps({"metadata": {"name": f"burst-{i}"}})
+        release.wait()
+        try:
+            connection = http.client.HTTPSConnection(host, int(port), timeout=60, context=tls)
+            connection.request("POST", "/api/v1/nodes", body, cluster.headers())
+            answers.append(connection.getresponse().status)
+            connection.close()
+        except OSError as e:
+            answers.append(type(e).__name__)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(1000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(answers, key=str) == [201] * 1000
+    assert len(cluster.core.list_node().items) == 1000
+
+
 def test_objects_in_a_missing_namespace_are_refused_with_404(cluster):
     with pytest.raises(ApiException) as missing:
         cluster.core.create_namespaced_pod("nowhere", pod("a", None))
     assert missing.value.status == 404
+
+
+# ------------------------------------------------------------------------------------------ authentication
+
+
+def anonymous(cluster: Cluster, method: str, path: str, token: str | None = None) -> tuple[int, dict | bytes]:
+    """A request over https that trusts the server's certificate, with `token` or no credentials."""
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
+    connection = http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT, context=tls)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    body = json.dumps(node("intruder")) if method == "POST" else None
+    connection.request(method, path, body, headers)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    is_json = response.getheader("Content-Type") == "application/json"
+    return response.status, json.loads(data) if is_json else data
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/api/v1/nodes"), ("GET", "/api/v1/nodes"), ("GET", "/api/v1/nodes?watch=true"),
+    ("GET", "/api"), ("GET", "/apis"), ("DELETE", "/api/v1/namespaces/default"),
+])
+@pytest.mark.parametrize("token", [None, "not-the-token"])
+def test_requests_without_the_kubeconfigs_token_are_401_unauthorized(cluster, method, path, token):
+    code, status = anonymous(cluster, method, path, token)
+
+    assert code == 401
+    assert (status["kind"], status["status"], status["reason"], status["code"]) == (
+        "Status", "Failure", "Unauthorized", 401)
+    assert cluster.core.list_node().items == []  # the kubeconfig's client gets in; nothing was written
+
+
+def test_health_and_version_are_open_to_anyone_as_on_a_real_api_server(cluster):
+    for path in ("/healthz", "/readyz", "/livez", "/version"):
+        assert anonymous(cluster, "GET", path)[0] == 200, path
+
+
+def test_the_kubeconfig_carries_the_token_and_trusts_only_the_servers_certificate(cluster, tmp_path):
+    assert os.stat(cluster.kubeconfig).st_mode & 0o777 == 0o600
+    assert cluster.core.create_node(node("n1")).metadata.name == "n1"
+    assert anonymous(cluster, "GET", "/api/v1/nodes", cluster.server.token)[0] == 200
+
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    with pytest.raises(ssl.SSLCertVerificationError):  # a client trusting the system's CAs only
+        http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT).request("GET", "/healthz")
+    plain = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):  # no plain http at all
+        plain.request("GET", "/api/v1/nodes")
+        plain.getresponse()
+
+
+def test_a_body_over_the_real_servers_3_mib_limit_is_413_unread_and_the_server_keeps_serving(cluster):
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
+    connection = http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT, context=tls)
+    connection.putrequest("POST", "/api/v1/nodes")
+    for header, value in {**cluster.headers(), "Content-Length": str(3 * 1024 * 1024 + 1)}.items():
+        connection.putheader(header, value)
+    connection.endheaders()  # and no body: the server must not wait for 3 MiB
+    response = connection.getresponse()
+
+    assert (response.status, json.loads(response.read())["reason"]) == (413, "RequestEntityTooLarge")
+    assert cluster.core.create_node(node("n1")).metadata.name == "n1"
 
 
 # ------------------------------------------------------------------------------------------ watch
@@ -304,6 +460,33 @@ def test_expired_watch_is_an_error_event_with_a_410_status_on_the_wire(cluster):
     assert event["type"] == "ERROR"
     assert event["object"]["kind"] == "Status"
     assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+
+
+def test_a_watch_ends_on_the_server_once_its_client_closes_even_with_a_tls_close_notify(cluster):
+    """Go clients (kubectl) say close_notify before closing: the server must not take that for data
+    and keep the watch's thread until its timeout."""
+    def serving() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    host, port = cluster.server.url.removeprefix("https://").rsplit(":", 1)
+    tls = ssl.create_default_context(cadata=cluster.server.credentials.ca_pem)
+    before = serving()
+    watches = []
+    for polite in (True, False):
+        connection = http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT, context=tls)
+        connection.request("GET", "/api/v1/nodes?watch=true", headers=cluster.headers())
+        response = connection.getresponse()
+        assert response.status == 200
+        watches.append((connection, response, polite))
+    eventually(lambda: serving() == before + 2)
+    for connection, response, polite in watches:
+        if polite:
+            connection.sock.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                connection.sock.unwrap()  # sends close_notify (then waits for the server's, in vain)
+        response.close()
+        connection.close()
+    eventually(lambda: serving() == before, timeout=10)
 
 
 def test_watch_sends_bookmarks_with_the_current_resource_version_when_allowed(cluster):
@@ -534,6 +717,9 @@ def start_cli_server(tmp_path, *extra: str) -> tuple[subprocess.Popen, dict]:
     """`python -m netns_lab.apiserver` as the lab runs it; returns the process and its ready file."""
     ready = tmp_path / "ready.json"
     ready.unlink(missing_ok=True)
+    token = tmp_path / "token"
+    if not token.exists():  # kept across restarts, as clients keep their kubeconfig
+        token.write_text(new_token())
     argv = [
         sys.executable,
         "-m",
@@ -544,12 +730,15 @@ def start_cli_server(tmp_path, *extra: str) -> tuple[subprocess.Popen, dict]:
         "127.0.0.1:0",
         "--ready-file",
         str(ready),
+        "--token-file",
+        str(token),
         *extra,
     ]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     eventually(lambda: ready.exists() or process.poll() is not None)
     assert process.poll() is None, process.communicate()[0]
-    return process, json.loads(ready.read_text())
+    info = json.loads(ready.read_text())
+    return process, {**info, "credentials": Credentials.read(str(token), info["ca"])}
 
 
 def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_veth(tmp_path, make_netns):
@@ -562,14 +751,14 @@ def test_module_cli_serves_on_loopback_and_inside_a_node_netns_reached_over_a_ve
         netns.run(ns, ["ip", "link", "set", "eth0", "up"])
     process, info = start_cli_server(tmp_path, "--listen-netns", f"{server_ns}=10.123.0.1:6443")
     try:
-        assert info["url"] == f"http://127.0.0.1:{info['port']}" and info["pid"] == process.pid
+        assert info["url"] == f"https://127.0.0.1:{info['port']}" and info["pid"] == process.pid
 
         host_kubeconfig = str(tmp_path / "host.kubeconfig")
-        write_kubeconfig(host_kubeconfig, info["url"])
+        write_kubeconfig(host_kubeconfig, info["url"], info["credentials"])
         client.CoreV1Api(config.new_client_from_config(host_kubeconfig)).create_node(node("n1"))
 
         node_kubeconfig = str(tmp_path / "node.kubeconfig")
-        write_kubeconfig(node_kubeconfig, "http://10.123.0.1:6443")
+        write_kubeconfig(node_kubeconfig, "https://10.123.0.1:6443", info["credentials"])
         with netns.entered(netns.path(node_ns)):  # the client's socket is made in the node's netns
             nodes = client.CoreV1Api(config.new_client_from_config(node_kubeconfig)).list_node(
                 _request_timeout=10
@@ -586,7 +775,7 @@ def test_a_killed_server_restarts_with_every_acknowledged_write(tmp_path):
     kubeconfig = str(tmp_path / "kubeconfig")
     process, info = start_cli_server(tmp_path)
     try:
-        write_kubeconfig(kubeconfig, info["url"])
+        write_kubeconfig(kubeconfig, info["url"], info["credentials"])
         core = client.CoreV1Api(config.new_client_from_config(kubeconfig))
         for i in range(20):
             last = core.create_node(node(f"n{i}")).metadata.resource_version
@@ -596,7 +785,7 @@ def test_a_killed_server_restarts_with_every_acknowledged_write(tmp_path):
 
     process, info = start_cli_server(tmp_path)
     try:
-        write_kubeconfig(kubeconfig, info["url"])
+        write_kubeconfig(kubeconfig, info["url"], info["credentials"])
         core = client.CoreV1Api(config.new_client_from_config(kubeconfig))
         assert len(core.list_node().items) == 20
         assert int(core.create_node(node("after")).metadata.resource_version) > int(last)

@@ -357,8 +357,13 @@ class ApiServerProcess:
             self.argv += ["--listen-netns", f"{each.ns}={API_ADDRESS}"]
         self.ready_file = str(work_dir / "apiserver.ready")
         self.log_path = str(work_dir / "apiserver.log")
+        self.token_file = str(work_dir / "apiserver.token")  # the same token after a restart
+        with open(self.token_file, "w") as f:
+            f.write(apiserver.new_token())
+        self.argv += ["--token-file", self.token_file]
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.credentials: apiserver.Credentials | None = None
 
     def start(self) -> ApiServerProcess:
         with contextlib.suppress(FileNotFoundError):
@@ -368,7 +373,8 @@ class ApiServerProcess:
                                          stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.exists(self.ready_file) or self.proc.poll() is not None, 60, "API server")
         with open(self.ready_file) as f:
-            self.url = json.load(f)["url"]
+            ready = json.load(f)
+        self.url, self.credentials = ready["url"], apiserver.Credentials.read(self.token_file, ready["ca"])
         return self
 
     def kill(self) -> None:
@@ -412,7 +418,7 @@ def test_nodes_keep_forwarding_while_the_api_server_is_down_and_catch_up_when_it
 
         server.start()
         kubeconfig = str(cluster.tmp_path / "returned-kubeconfig")
-        apiserver.write_kubeconfig(kubeconfig, server.url)
+        apiserver.write_kubeconfig(kubeconfig, server.url, server.credentials)
         core = client.CoreV1Api(load_api_client(kubeconfig))
         core.delete_node(third.name)  # changes made once it is back
         late_ip = echo_service(core, "late", 82)

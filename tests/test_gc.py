@@ -98,9 +98,9 @@ class Node:
         self.data_dir = str(tmp_path / "ipam")
         self.state_dir = str(tmp_path / "state")
         self.kubeconfig = str(tmp_path / "node-kubeconfig")
-        apiserver.write_kubeconfig(self.kubeconfig, f"http://{API_ADDRESS}")
+        apiserver.write_kubeconfig(self.kubeconfig, f"https://{API_ADDRESS}", server.credentials)
         host_kubeconfig = str(tmp_path / "host-kubeconfig")
-        apiserver.write_kubeconfig(host_kubeconfig, server.url)
+        apiserver.write_kubeconfig(host_kubeconfig, server.url, server.credentials)
         self.core = client.CoreV1Api(load_api_client(host_kubeconfig))
         self.conf = {"cniVersion": "1.1.0", "name": NETWORK, "type": "netagent", "bridge": "na0",
                      "ipam": {"subnet": SUBNET, "dataDir": self.data_dir}}

@@ -126,7 +126,8 @@ def test_a_list_the_server_keeps_refusing_fails_healthz_and_shows_in_metrics(cor
 def test_an_api_server_outage_shows_in_metrics_but_leaves_healthz_alone(tmp_path):
     """Every node would fail its health check at once and a load balancer would drain them all."""
     kubeconfig = str(tmp_path / "kubeconfig")
-    apiserver.write_kubeconfig(kubeconfig, "http://127.0.0.1:9")  # nothing listens on the discard port
+    nowhere = apiserver.Credentials(apiserver.new_token(), "")
+    apiserver.write_kubeconfig(kubeconfig, "https://127.0.0.1:9", nowhere)  # nothing listens on port 9
     registry = CollectorRegistry()
     tracker = SyncTracker(registry, timeout=0.5)
     informer = Informer("nodes", client.CoreV1Api(load_api_client(kubeconfig)).list_node)

@@ -4,20 +4,25 @@ is torn down even when the test fails; "zero residue" is checked by looking, not
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from netns_lab import cluster, probe, processes
 from netns_lab.pods import parse_labels
 from netns_lab.processes import ProcRef
 from netns_lab.responder import DEFAULT_PORT
 from netns_lab.state import Lab, LabError, LabState, NodeInfo, PodInfo
+from netns_lab.supervisor import RESET_AFTER, Backoff, read_status
 
 from nodekit import netns
 
@@ -182,7 +187,7 @@ def test_a_lab_owns_only_its_own_namespaces():
 def test_lab_state_reads_back_exactly_what_was_written():
     state = LabState("demo", "vxlan", "iptables", phase="ready", apiserver=ProcRef(10, 99),
                      nodes={"n1": NodeInfo("n1", "demo-n1", "172.18.0.11", "10.244.1.0/24", "/x/n1",
-                                           agent=ProcRef(11, 100))},
+                                           supervisor=ProcRef(11, 100))},
                      pods={"a": PodInfo("a", "n1", "demo-p-a", "c0ffee", ["10.244.1.2"], {"app": "web"},
                                         {"cniVersion": "1.0.0"}, server=ProcRef(12, 101))})
     assert LabState.from_json(state.to_json()) == state
@@ -193,3 +198,129 @@ def test_pod_labels_are_parsed_from_k_v_lists_and_malformed_ones_rejected():
     for bad in ("app", "=web", "app=web,oops"):
         with pytest.raises(LabError):
             parse_labels(bad)
+
+
+def agent_row(name: str) -> dict[str, str]:
+    """n1's row of `lab status`: AGENT, RESTARTS and HEALTHZ as printed."""
+    header, row = lab_cmd(name, "status").stdout.splitlines()[1:3]
+    titles = ("AGENT", "RESTARTS", "HEALTHZ")
+    columns = [header.index(title) for title in titles] + [len(row)]
+    spans = zip(titles, columns, columns[1:], strict=False)
+    return {title: row[start:end].strip() for title, start, end in spans}
+
+
+def running_agent(node: NodeInfo) -> int:
+    """The pid of the node's agent process now (from its supervisor's status file)."""
+    with open(node.agent_status) as f:
+        return json.load(f)["pid"]
+
+
+def wait_until(check, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.2)
+    return result
+
+
+def test_an_agent_killed_with_sigkill_comes_back_as_a_daemonset_pod_would_and_status_says_so(lab_name):
+    lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    n1 = Lab(lab_name).load().nodes["n1"]
+    first = running_agent(n1)
+
+    os.kill(first, signal.SIGKILL)
+    row = wait_until(lambda: (r := agent_row(lab_name))["AGENT"] == "ready" and r, "the agent ready again")
+    assert row["RESTARTS"] == "1 (killed by SIGKILL)" and row["HEALTHZ"] == "200 OK"
+    second = running_agent(n1)
+    assert second != first
+
+    os.kill(second, signal.SIGKILL)  # dying again: the kubelet's back-off (10 s) before the next start
+    row = wait_until(lambda: (r := agent_row(lab_name))["AGENT"] == "restarting" and r, "a back-off shown")
+    assert row["RESTARTS"].startswith("2 (killed by SIGKILL; starts again in ")
+    wait_until(lambda: agent_row(lab_name)["AGENT"] == "ready", "the agent ready after its back-off", 60)
+
+    supervisor = Lab(lab_name).load().nodes["n1"].supervisor
+    os.kill(supervisor.pid, signal.SIGKILL)  # as a node whose kubelet died: the agent runs on, unguarded
+    wait_until(lambda: not supervisor.alive(), "the supervisor gone")
+    row = agent_row(lab_name)
+    assert row["AGENT"] == "ready" and "no supervisor: not restarted if it dies" in row["RESTARTS"]
+
+    lab_cmd(lab_name, "down")  # supervisors first, so none starts an agent while they are stopped
+    assert residue(lab_name) == []
+
+
+def test_restart_agent_returns_once_the_new_agent_is_ready_not_on_a_dead_ones_marker(lab_name):
+    lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    n1 = Lab(lab_name).load().nodes["n1"]
+    os.kill(running_agent(n1), signal.SIGKILL)  # dies without removing its ready marker
+
+    cluster.restart_agent(lab_name, "n1")
+
+    agent = running_agent(n1)
+    with open(n1.ready_marker) as f:
+        assert f.read().strip() == str(agent)  # the marker is the new agent's
+    assert probe.http_get(n1.netns, n1.ip, cluster.HEALTHZ_PORT, "/healthz", timeout=5) == "200 OK"
+    assert agent_row(lab_name)["RESTARTS"] == "0"  # a new pod, as a rollout makes
+
+
+def test_lab_state_is_readable_by_root_only_and_its_api_refuses_anonymous_clients(lab_name):
+    lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    lab_cmd(lab_name, "pod", "p1", "--node", "n1")
+    lab = Lab(lab_name)
+    state = lab.load()
+
+    n1 = state.nodes["n1"]
+    for directory in (lab.dir, n1.dir, n1.state_dir, os.path.join(lab.dir, "pods")):
+        assert os.stat(directory).st_mode & 0o777 == 0o700, directory
+    for directory in (lab.dir, n1.dir, os.path.join(lab.dir, "pods")):
+        for entry in os.scandir(directory):
+            if entry.is_file():
+                assert entry.stat().st_mode & 0o777 == 0o600, entry.path
+
+    host, port = state.api_url.removeprefix("https://").rsplit(":", 1)
+    with open(lab.kubeconfig) as f:
+        cluster_entry = yaml.safe_load(f)["clusters"][0]["cluster"]
+    ca = base64.b64decode(cluster_entry["certificate-authority-data"]).decode()
+    connection = http.client.HTTPSConnection(host, int(port), timeout=10,
+                                             context=ssl.create_default_context(cadata=ca))
+    connection.request("GET", "/api/v1/namespaces/default/pods")
+    response = connection.getresponse()
+    assert response.status == 401 and json.loads(response.read())["reason"] == "Unauthorized"
+    assert "p1" in lab_cmd(lab_name, "status").stdout  # the lab's own commands get in
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def test_restart_back_off_is_the_kubelets_immediate_then_doubling_from_10s_to_5min_reset_by_a_long_run():
+    backoff = Backoff()
+    assert [backoff.after_run(1.0) for _ in range(8)] == [0, 10, 20, 40, 80, 160, 300, 300]
+    assert [backoff.after_run(RESET_AFTER), backoff.after_run(1.0)] == [0, 10]
+
+
+def test_a_stopped_supervisor_stops_its_agent_and_no_ready_marker_outlives_it(tmp_path):
+    marker, status_file, log = (str(tmp_path / name) for name in ("ready", "status.json", "agent.log"))
+    with open(marker, "w") as f:
+        f.write("1\n")  # stale: an agent before this one died without removing it
+    agent = ("import os, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+             f"open({marker!r}, 'w').write(f'{{os.getpid()}}\\n')\n"
+             "time.sleep(600)\n")
+    supervisor = subprocess.Popen([sys.executable, "-m", "netns_lab.supervisor", "--status", status_file,
+                                   "--ready-marker", marker, "--log", log, "--", sys.executable, "-c", agent])
+    try:
+        status = wait_until(lambda: (s := read_status(status_file)) and s.state == "running" and s, "a start")
+        wait_until(lambda: read_text(marker) == f"{status.pid}\n", "the new agent's marker")
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(15) == 0
+    finally:
+        supervisor.kill()
+    final = read_status(status_file)
+    assert (final.state, final.restarts, final.last_exit, final.pid) == ("stopped", 0, "exit code 0", None)
+    assert not os.path.exists(marker) and not ProcRef(status.pid, status.start_time).alive()
+    assert os.stat(status_file).st_mode & 0o777 == 0o600

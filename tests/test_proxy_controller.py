@@ -34,7 +34,7 @@ class Api:
     def __init__(self, tmp_path) -> None:
         self.server = LabApiServer(str(tmp_path / "apiserver.json")).start()
         kubeconfig = str(tmp_path / "kubeconfig")
-        write_kubeconfig(kubeconfig, self.server.url)
+        write_kubeconfig(kubeconfig, self.server.url, self.server.credentials)
         self.client = config.new_client_from_config(kubeconfig)
         self.core = client.CoreV1Api(self.client)
         self.discovery = client.DiscoveryV1Api(self.client)

@@ -15,7 +15,7 @@ import sys
 import threading
 
 from netns_lab.apiserver.allocator import DEFAULT_SERVICE_CIDR
-from netns_lab.apiserver.server import LabApiServer, write_kubeconfig
+from netns_lab.apiserver.server import LabApiServer, read_token, write_kubeconfig
 
 from nodekit.files import atomic_write
 
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-cidr", default=DEFAULT_SERVICE_CIDR, help="CIDR[,CIDR] for ClusterIPs")
     parser.add_argument("--ready-file", help="write {url, port, pid} here as JSON once listening")
     parser.add_argument("--kubeconfig", help="write a kubeconfig for the host-side listener here")
+    parser.add_argument(
+        "--token-file",
+        help="the bearer token clients must present, read from this file (never on the command line, "
+        "which every user can read); without it a random token is made: see --kubeconfig",
+    )
     parser.add_argument("--history", type=int, default=5000, help="watch history window, in events")
     parser.add_argument("--bookmark-interval", type=float, default=30.0, help="seconds between BOOKMARKs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
@@ -49,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         netns_listen = dict(item.split("=", 1) for item in args.listen_netns)
     except ValueError:
         parser.error("--listen-netns takes NETNS=ADDR:PORT")
+    try:
+        token = read_token(args.token_file) if args.token_file else None
+    except (OSError, ValueError) as e:
+        print(f"lab apiserver: cannot start: --token-file: {e}", file=sys.stderr)
+        return 1
     server = LabApiServer(
         args.data,
         args.listen,
@@ -56,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args.service_cidr.split(","),
         args.history,
         args.bookmark_interval,
+        token,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if args.kubeconfig:
-            write_kubeconfig(args.kubeconfig, server.url)
+            write_kubeconfig(args.kubeconfig, server.url, server.credentials)
         if args.ready_file:
             port = int(server.url.rsplit(":", 1)[1])
-            atomic_write(args.ready_file, json.dumps({"url": server.url, "port": port, "pid": os.getpid()}))
+            assert server.certificate is not None
+            ready = {"url": server.url, "port": port, "pid": os.getpid(), "ca": server.certificate.cert_path}
+            atomic_write(args.ready_file, json.dumps(ready), mode=0o600)
         log.info("serving on %s%s", server.url, "".join(f", {n}={a}" for n, a in netns_listen.items()))
         stop.wait()
     finally:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from netns_lab.apiserver.api_errors import invalid
+from netns_lab.apiserver.api_errors import FieldError, invalid, invalid_object
 from netns_lab.apiserver.store import ApiError, Event
-from netns_lab.apiserver.validation import validate_service_spec
+from netns_lab.apiserver.validation import validate_service
 
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 NODE_PORT_RANGE = range(30000, 32768)
@@ -59,7 +59,7 @@ class ServiceAllocator:
         """Fill in a Service's defaults and allocations in place; Invalid if what it asks for is taken."""
         owner = (svc["metadata"]["namespace"], svc["metadata"]["name"])
         spec = svc.setdefault("spec", {})
-        validate_service_spec(spec)
+        validate_service(svc)
         old_spec = (old or {}).get("spec") or {}
         spec.setdefault("type", "ClusterIP")
         spec.setdefault("sessionAffinity", "None")
@@ -97,6 +97,16 @@ class ServiceAllocator:
             spec.setdefault("ipFamilies", [f"IPv{self.networks[0].version}"])
             return
         families = [n.version for n in self.networks]
+        if len(ips) > 1 and policy == "SingleStack":
+            raise self._invalid(owner, FieldError.invalid(
+                "spec.ipFamilyPolicy", policy, "must be RequireDualStack or PreferDualStack when multiple "
+                "cluster IPs are specified"))
+        for i, ip in enumerate(ips):
+            version = ipaddress.ip_address(ip).version
+            if version not in families:
+                raise self._invalid(owner, FieldError.invalid(
+                    f"spec.clusterIPs[{i}]", ip, f"IPv{version} is not configured on this cluster "
+                    f"(service CIDRs: {', '.join(map(str, self.networks))})"))
         if ips:
             first = ipaddress.ip_address(ips[0]).version
             families = [first] + [v for v in families if v != first]
@@ -109,23 +119,28 @@ class ServiceAllocator:
         for index, version in enumerate(families):
             network = next(n for n in self.networks if n.version == version)
             if index < len(ips):
-                self._check_ip(ips[index], network, owner)
+                self._check_ip(index, ips[index], network, owner)
             else:
                 ips.append(self._free_ip(network))
         spec["clusterIP"], spec["clusterIPs"] = ips[0], ips
         spec["ipFamilies"] = [f"IPv{ipaddress.ip_address(ip).version}" for ip in ips]
 
-    def _check_ip(self, ip: str, network: ipaddress._BaseNetwork, owner: tuple[str, str]) -> None:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            raise invalid(f"spec.clusterIPs: Invalid value: {ip!r}: must be a valid IP address") from None
-        if address not in network:
-            raise invalid(
-                f"spec.clusterIPs: Invalid value: {ip!r}: provided IP is not in the valid range {network}"
-            )
+    def _check_ip(self, index: int, ip: str, network: ipaddress._BaseNetwork, owner: tuple[str, str]) -> None:
+        """An asked-for address: inside the range, not its network address (nor, in IPv4, its broadcast
+        address: the real allocator never hands those out), and not another Service's."""
+        address = ipaddress.ip_address(ip)
+        edges = {network.network_address} | ({network.broadcast_address} if network.version == 4 else set())
+        if address not in network or address in edges:
+            raise self._invalid(owner, FieldError.invalid(
+                f"spec.clusterIPs[{index}]", ip,
+                f"provided IP is not in the valid range. The range of valid IPs is {network}"))
         if self.ips.get(ip, owner) != owner:
-            raise invalid(f"spec.clusterIPs: Invalid value: {ip!r}: provided IP is already allocated")
+            raise self._invalid(owner, FieldError.invalid(
+                f"spec.clusterIPs[{index}]", ip, "provided IP is already allocated"))
+
+    @staticmethod
+    def _invalid(owner: tuple[str, str], error: FieldError) -> ApiError:
+        return invalid_object("Service", owner[1], [error])
 
     def _free_ip(self, network: ipaddress._BaseNetwork) -> str:
         """The next free address after the last one handed out, wrapping around (O(1) when not full).

@@ -18,7 +18,7 @@ from netns_lab.apiserver.object_selectors import object_filter
 from netns_lab.apiserver.patches import PATCHERS
 from netns_lab.apiserver.resources import Resource
 from netns_lab.apiserver.store import ApiError, Event, ObjectStore, not_found
-from netns_lab.apiserver.validation import validate_metadata
+from netns_lab.apiserver.validation import validate_endpoint_slice, validate_metadata
 
 DEFAULT_WATCH_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system")
@@ -237,6 +237,8 @@ class Api:
     def _admit(self, resource: Resource, obj: dict, old: dict | None) -> None:
         if resource.name == "services":
             self.allocator.admit(obj, old)
+        elif resource.name == "endpointslices":
+            validate_endpoint_slice(obj)
         elif resource.name == "namespaces":
             obj.setdefault("status", {"phase": "Active"})
 

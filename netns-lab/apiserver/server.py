@@ -3,30 +3,43 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import logging
+import secrets
 import select
 import socket
+import ssl
 import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 from netns_lab.apiserver.allocator import DEFAULT_SERVICE_CIDR, ServiceAllocator
 from netns_lab.apiserver.api import Api, Target
-from netns_lab.apiserver.api_errors import bad_request, status_object
+from netns_lab.apiserver.api_errors import bad_request, status_object, unauthorized
 from netns_lab.apiserver.discovery import DISCOVERY
 from netns_lab.apiserver.endpoints_controller import EndpointsController
 from netns_lab.apiserver.resources import BY_PATH
 from netns_lab.apiserver.store import ApiError, ObjectStore
 from netns_lab.apiserver.tables import as_table
+from netns_lab.apiserver.tls import HANDSHAKE_TIMEOUT, Certificate, server_certificate
 
 from nodekit import netns
 from nodekit.files import atomic_write
 
 log = logging.getLogger("netns_lab.apiserver")
+
+# What anyone may read without credentials, as the real apiserver's system:public-info-viewer role
+# allows: health and version. Everything else, discovery included, needs the token.
+PUBLIC_PATHS = ("/healthz", "/readyz", "/livez", "/version")
+MAX_BODY = 3 * 1024 * 1024
+# A client that went away: over TLS a write after its close_notify is an SSLError, not a ConnectionError.
+HUNG_UP = (ConnectionError, ssl.SSLError)
 
 
 def parse_target(path: str) -> Target | None:
@@ -86,7 +99,10 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
-            body = self._read_body()
+            raw_body = self._read_raw_body()  # read even when refused, so the connection stays usable
+            if not (method == "GET" and url.path.rstrip("/") in PUBLIC_PATHS) and not self._authenticated():
+                raise unauthorized()
+            body = self._parse_body(raw_body)
             if method == "GET" and url.path.rstrip("/") in DISCOVERY:
                 return self._send(200, DISCOVERY[url.path.rstrip("/")])
             if method == "GET" and url.path in ("/healthz", "/readyz", "/livez"):
@@ -99,7 +115,7 @@ class Handler(BaseHTTPRequestHandler):
             self._dispatch(method, target, query, body)
         except ApiError as e:
             self._send(e.code, status_object(e.code, e.reason, e.message, e.details))
-        except (BrokenPipeError, ConnectionResetError):
+        except HUNG_UP:
             self.close_connection = True
         except Exception as e:  # a bug here must not take the server down; the client gets a Status
             log.exception("%s %s failed", method, self.path)
@@ -140,17 +156,30 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, api.delete(t, options))
         raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on {self.path}")
 
+    def _authenticated(self) -> bool:
+        """The request carries the server's bearer token (compared in constant time)."""
+        scheme, _, credential = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credential.strip().encode(), self.server.token.encode())
+
     def _wants_table(self) -> bool:
         return "as=Table" in self.headers.get("Accept", "")
 
-    def _read_body(self) -> object:
+    def _read_raw_body(self) -> bytes:
+        """The body's bytes, at most MAX_BODY of them (the real apiserver's limit); a body that cannot
+        be read whole ends the connection, as the next request's start is unknown."""
         length = self.headers.get("Content-Length") or "0"
         if not length.isdigit():
+            self.close_connection = True
             raise bad_request(f"bad Content-Length {length!r}")
-        length = int(length)
-        if not length:
+        if int(length) > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, "RequestEntityTooLarge", f"the request body is over {MAX_BODY} bytes")
+        return self.rfile.read(int(length))
+
+    def _parse_body(self, raw: bytes) -> object:
+        if not raw:
             return None
-        raw = self.rfile.read(length)
         try:
             if "yaml" in self.headers.get("Content-Type", ""):
                 return yaml.safe_load(raw)
@@ -178,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for event in events:
                 self._chunk(event)
-        except ConnectionError:
+        except HUNG_UP:
             raise
         except Exception:  # too late for an error response: end the stream, the client will re-watch
             log.exception("watch %s failed", self.path)
@@ -192,11 +221,21 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _client_gone(self) -> bool:
-        """True once the client closed its end (a readable socket with nothing to read)."""
+        """True once the client closed its end of a watch: TLS close_notify (Go clients such as kubectl
+        send it) or the TCP stream's end both read as b"". A watch client sends nothing else, so reading
+        (not peeking, which TLS cannot) loses nothing."""
         sock = self.connection
         try:
             readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            if not readable:
+                return False
+            sock.setblocking(False)
+            try:
+                return sock.recv(1) == b""
+            finally:
+                sock.setblocking(True)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False  # part of a TLS record only
         except OSError:
             return True
 
@@ -204,35 +243,73 @@ class Handler(BaseHTTPRequestHandler):
 class LabHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # listen()'s backlog: socketserver's default of 5 overflows under a burst of connections (1,000
+    # creates at once), and the kernel then resets the ones it completed with SYN cookies. The kernel
+    # caps this at net.core.somaxconn.
+    request_queue_size = 4096
     api: Api
+    token: str
+    tls: ssl.SSLContext
+
+    def finish_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
+        """The TLS handshake, in the connection's own thread (a slow client never holds up accept),
+        then the requests; the TLS socket is closed here, as socketserver only knows the raw one."""
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        with self.tls.wrap_socket(request, server_side=True) as connection:
+            connection.settimeout(None)
+            super().finish_request(connection, client_address)
 
     def handle_error(self, request: object, client_address: tuple) -> None:
-        """A client that hangs up is normal (watchers stop, kubectl exits): one debug line, no traceback."""
+        """A client that hangs up is normal (watchers stop, kubectl exits), and so is one that does not
+        speak TLS or trust the certificate: one debug line, no traceback."""
         error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError):
+        if isinstance(error, (*HUNG_UP, TimeoutError)):
             log.debug("%s: %s", client_address, error)
         else:
             log.exception("connection from %s failed", client_address)
 
 
-def _listener(address: str, api: Api) -> LabHTTPServer:
-    """An HTTP server bound to ADDR:PORT or [ADDR6]:PORT (in the calling thread's netns)."""
+def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
         raise ValueError(f"listen address {address!r}: expected ADDR:PORT")
+    return host, int(port)
+
+
+def _listener(address: str, api: Api, token: str, tls: ssl.SSLContext) -> LabHTTPServer:
+    """An HTTPS server bound to ADDR:PORT or [ADDR6]:PORT (in the calling thread's netns)."""
+    host, port = _split_address(address)
     server_class = (
         type("LabHTTPServer6", (LabHTTPServer,), {"address_family": socket.AF_INET6})
         if ":" in host
         else LabHTTPServer
     )
-    server = server_class((host, int(port)), Handler)
-    server.api = api
+    server = server_class((host, port), Handler)
+    server.api, server.token, server.tls = api, token, tls
     return server
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What a client needs to talk to a lab API server: its bearer token and the certificate to trust."""
+
+    token: str
+    ca_pem: str
+
+    @classmethod
+    def read(cls, token_path: str, certificate_path: str) -> Credentials:
+        """Those of a server process: its --token-file and the certificate its ready file names."""
+        with open(certificate_path) as f:
+            return cls(read_token(token_path), f.read())
+
+
 class LabApiServer:
-    """The lab API server in this process: start() binds and serves, stop() ends watches and saves."""
+    """The lab API server in this process: start() binds and serves, stop() ends watches and saves.
+
+    It speaks https with a certificate kept beside the data file (tls.py), and every request but health
+    and version must carry `token` as a bearer token (a random one unless given);
+    write_kubeconfig(path, server.url, server.credentials) gives a client both."""
 
     def __init__(
         self,
@@ -242,8 +319,10 @@ class LabApiServer:
         service_cidrs: list[str] | None = None,
         history_size: int = 5000,
         bookmark_interval: float = 30.0,
+        token: str | None = None,
     ) -> None:
         self.data_path = data_path
+        self.token = token or new_token()
         self.listen = listen
         self.netns_listen = netns_listen or {}
         self.service_cidrs = service_cidrs or [DEFAULT_SERVICE_CIDR]
@@ -254,22 +333,31 @@ class LabApiServer:
         self.store: ObjectStore | None = None
         self.api: Api | None = None
         self.controller: EndpointsController | None = None
+        self.certificate: Certificate | None = None
 
     @property
     def url(self) -> str:
         host, port = self._servers[0].server_address[:2]
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+
+    @property
+    def credentials(self) -> Credentials:
+        assert self.certificate is not None, "start() the server first"
+        return Credentials(self.token, self.certificate.pem())
 
     def start(self) -> LabApiServer:
+        hosts = [_split_address(a)[0] for a in (self.listen, *self.netns_listen.values())]
+        self.certificate = server_certificate(self.data_path, hosts)
+        tls = self.certificate.server_context()
         self.store = ObjectStore(self.data_path, self.history_size)
         try:
             allocator = ServiceAllocator(self.service_cidrs)
             self.api = Api(self.store, allocator, self.bookmark_interval)
             self.controller = EndpointsController(self.store)
-            self._servers.append(_listener(self.listen, self.api))
+            self._servers.append(_listener(self.listen, self.api, self.token, tls))
             for name, address in self.netns_listen.items():
                 with netns.entered(netns.path(name)):
-                    self._servers.append(_listener(address, self.api))
+                    self._servers.append(_listener(address, self.api, self.token, tls))
         except BaseException:
             self.stop()
             raise
@@ -305,15 +393,34 @@ class LabApiServer:
         self.stop()
 
 
-def write_kubeconfig(path: str, server_url: str, name: str = "netagent-lab") -> None:
-    """A kubeconfig pointing kubectl and the `kubernetes` client at `server_url` (plain http, no auth)."""
+def new_token() -> str:
+    """A bearer token no one guesses: 256 random bits."""
+    return secrets.token_urlsafe(32)
+
+
+def read_token(path: str) -> str:
+    """The token in `path` (one line); refused when empty, so a torn write never means "no auth"."""
+    with open(path) as f:
+        token = f.read().strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"{path} holds no token (one line, no spaces)")
+    return token
+
+
+def write_kubeconfig(
+    path: str, server_url: str, credentials: Credentials, name: str = "netagent-lab"
+) -> None:
+    """A kubeconfig pointing kubectl and the `kubernetes` client at `server_url` (https), trusting the
+    server's certificate and carrying its bearer token; mode 0600, as it holds the token."""
+    ca_data = base64.b64encode(credentials.ca_pem.encode()).decode()
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": name, "cluster": {"server": server_url}}],
-        "users": [{"name": name, "user": {}}],
+        "clusters": [
+            {"name": name, "cluster": {"server": server_url, "certificate-authority-data": ca_data}}
+        ],
+        "users": [{"name": name, "user": {"token": credentials.token}}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": "default"}}],
         "current-context": name,
     }
     atomic_write(path, yaml.safe_dump(config, sort_keys=False), mode=0o600)
-
