@@ -192,8 +192,8 @@ class AgentFuzz:
                 "endpointslices": "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"}[resource]
         config = self.api.client.configuration
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if config.api_key.get("authorization"):
-            headers["Authorization"] = config.api_key["authorization"]
+        for auth in config.auth_settings().values():  # the kubeconfig's bearer token, as the client sends it
+            headers[auth["key"]] = auth["value"]
         answer = self.api.client.rest_client.pool_manager.request(
             "POST", config.host + path, body=json.dumps(body).encode(), headers=headers, timeout=30)
         if answer.status >= 300:

@@ -39,13 +39,16 @@ class ServiceAllocator:
 
     def _track(self, svc: dict, add: bool) -> None:
         owner = (svc["metadata"].get("namespace", ""), svc["metadata"]["name"])
-        spec = svc.get("spec") or {}
-        for ip in spec.get("clusterIPs") or []:
-            self._claim(self.ips, ip, owner, add)
-        for port in spec.get("ports") or []:
-            if port.get("nodePort"):
+        spec = svc.get("spec")
+        if not isinstance(spec, dict):  # only a Service written straight into the store can be this odd
+            return
+        for ip in _list(spec.get("clusterIPs")):
+            if isinstance(ip, str):
+                self._claim(self.ips, ip, owner, add)
+        for port in _list(spec.get("ports")):
+            if isinstance(port, dict) and isinstance(port.get("nodePort"), int) and port["nodePort"]:
                 self._claim(self.node_ports, port["nodePort"], owner, add)
-        if spec.get("healthCheckNodePort"):
+        if isinstance(spec.get("healthCheckNodePort"), int) and spec["healthCheckNodePort"]:
             self._claim(self.node_ports, spec["healthCheckNodePort"], owner, add)
 
     @staticmethod
@@ -184,3 +187,7 @@ class ServiceAllocator:
             if port not in self.node_ports and port not in taken:
                 return port
         raise ApiError(500, "InternalError", "range is full: no nodePort left")
+
+
+def _list(value: object) -> list:
+    return value if isinstance(value, list) else []

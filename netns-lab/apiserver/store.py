@@ -19,6 +19,7 @@ import copy
 import datetime
 import itertools
 import json
+import logging
 import os
 import secrets
 import threading
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodekit.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, str, str]  # (resource, namespace or "", name)
 
@@ -260,7 +263,12 @@ class ObjectStore:
         event = Event(self.rv, type_, resource, obj, old)
         self._history.append(event)
         for listener in self._listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception as e:  # an odd stored object must not keep watchers asleep, nor other listeners
+                log.error("store listener %s failed on %s %s %s/%s: %s: %s",
+                          getattr(listener, "__qualname__", listener), type_, resource, key[1], key[2],
+                          type(e).__name__, e)
         self.changed.notify_all()
         return obj
 
