@@ -1,8 +1,9 @@
 """The CNI plugin entry point: one `handle()` used both by the exec'd plugin and the agent's CNI service.
 
 `handle` never raises: every outcome is an exit code plus the bytes the runtime must see on stdout
-(a result, or the spec's error object). Unexpected exceptions become error code 999 with the
-traceback logged to stderr only, so no Python traceback ever reaches the runtime's stdout.
+(a result, or the spec's error object). Bad input is refused where it is decoded (config.decode,
+config.parse_*, result.parse_prev_result) with the spec's code, so it never gets this far; what is
+left, a bug of ours, becomes error code 999 with the traceback logged to stderr only.
 """
 
 from __future__ import annotations
