@@ -371,3 +371,12 @@ def test_subnets_that_cannot_hold_pods_are_refused_before_anything_is_made(exec_
 def test_a_range_holding_only_the_gateway_is_refused(exec_node, make_netns):
     ipam = {"subnet": "10.76.0.0/24", "rangeStart": "10.76.0.1", "rangeEnd": "10.76.0.1"}
     assert_cni_error(exec_node.call("ADD", exec_node.conf(ipam=ipam), "ctr-a", make_netns("a")), 7)
+
+
+@pytest.mark.parametrize("command", ["DEL", "STATUS"])
+def test_del_and_status_of_a_network_never_added_create_nothing(exec_node, make_netns, command):
+    conf = exec_node.conf(["10.76.0.0/24"])
+    outcome = exec_node.call(command, conf, "ctr-a" if command == "DEL" else "", make_netns("a"))
+
+    assert outcome.code == 0, outcome
+    assert not os.path.exists(exec_node.data_dir)

@@ -269,3 +269,16 @@ def seen_source(client_ns: str, server_ns: str, address: str, port: int = 8081) 
             return None
         conn.close()
         return peer[0]
+
+
+def test_ipam_files_are_readable_by_root_only_and_an_old_open_directory_is_tightened(exec_node, make_netns):
+    directory = os.path.join(exec_node.data_dir, "testnet")
+    os.makedirs(directory, mode=0o755)
+    os.chmod(directory, 0o755)  # as an earlier version left it
+
+    exec_node.add(exec_node.conf([V4, V6]), "ctr-a", make_netns("a"))
+
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    modes = {name: os.stat(os.path.join(directory, name)).st_mode & 0o777 for name in os.listdir(directory)}
+    assert len(modes) >= 5  # two allocations, their owner index entries, lock, last reserved
+    assert set(modes.values()) == {0o600}, modes
