@@ -1,7 +1,8 @@
 """ADD, DEL and CHECK of one attachment: a (container id, ifname) pair plugged into the bridge.
 
 ADD keeps an undo list of what it created and unwinds it on any failure, so a failed ADD leaves no
-veth, no pod address and no allocation behind. DEL needs neither the pod netns nor the node state:
+veth, no pod address, no allocation, and no bridge or gateway address that only it needed behind.
+DEL needs neither the pod netns nor the node state:
 the host veth name is derived from the attachment key and deleting it removes the pod end too.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any, NoReturn
+
+from pyroute2 import IPRoute
 
 from cni import errors, ipam, links, masq
 from cni.config import NetConf, Network, Request
@@ -29,7 +32,9 @@ def add(request: Request, network: Network) -> dict[str, Any]:
             addresses = store.allocate(request.owner, network.ranges)
             undo.append(lambda: store.release(request.owner))
             gateways = [(r.gateway, r.subnet.prefixlen) for r in network.ranges]
-            bridge = links.ensure_bridge(node_ipr, conf.bridge, network.mtu, gateways)
+            made = links.ensure_bridge(node_ipr, conf.bridge, network.mtu, gateways)
+            undo.append(lambda: _unmake_bridge(store, request.owner, node_ipr, made))
+            bridge = made.link
             links.enable_forwarding([r.subnet for r in network.ranges])
             if links.local_index(host_name) is not None:  # the leftover of an ADD killed half-way
                 links.delete(node_ipr, host_name)
@@ -100,6 +105,14 @@ def check(request: Request, conf: NetConf) -> None:
 
 def _points_to(ip: PrevIp, prev: PrevResult, ifname: str) -> bool:
     return ip.interface < len(prev.interfaces) and prev.interfaces[ip.interface].name == ifname
+
+
+def _unmake_bridge(store: ipam.AllocationStore, owner: ipam.Owner, ipr: IPRoute, made: links.Bridge) -> None:
+    """Undo a failed ADD's bridge work, unless another attachment holds an address (and so needs the
+    bridge, or will build it again after this: it allocates first, under the same lock)."""
+    with store.locked():
+        if store.only(owner):
+            links.unmake_bridge(ipr, made)
 
 
 def _drift(msg: str) -> NoReturn:

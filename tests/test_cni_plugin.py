@@ -282,3 +282,52 @@ def test_ipam_files_are_readable_by_root_only_and_an_old_open_directory_is_tight
     modes = {name: os.stat(os.path.join(directory, name)).st_mode & 0o777 for name in os.listdir(directory)}
     assert len(modes) >= 5  # two allocations, their owner index entries, lock, last reserved
     assert set(modes.values()) == {0o600}, modes
+
+
+def test_a_first_add_that_fails_leaves_no_bridge_behind(node, make_netns):
+    pod = make_netns("a")
+    take_eth0(pod)
+
+    outcome = node.call("ADD", node.conf([V4, V6]), "ctr-a", pod)
+
+    assert outcome.code != 0 and outcome.result["code"] == 102
+    assert node.links() == ["lo"]
+    assert node.allocations() == {}
+
+
+def test_a_failed_add_removes_only_the_gateway_addresses_it_added(exec_node, make_netns):
+    """The bridge was there (an earlier pod came and went); the failed ADD added its gateways."""
+    pod = make_netns("a")
+    exec_node.add(exec_node.conf(["10.77.9.0/24"]), "ctr-old", pod)
+    assert exec_node.call("DEL", exec_node.conf(["10.77.9.0/24"]), "ctr-old", pod).code == 0
+    take_eth0(pod)
+
+    outcome = exec_node.call("ADD", exec_node.conf([V4]), "ctr-a", pod)
+
+    assert outcome.code != 0
+    assert exec_node.links() == ["lo", "na0"]
+    assert bridge_addresses(exec_node.name) == ["10.77.9.1/24"]
+
+
+def test_a_failed_add_keeps_the_bridge_another_pod_uses(exec_node, make_netns):
+    conf = exec_node.conf([V4])
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    ip_a = exec_node.add(conf, "ctr-a", pod_a)["ips"][0]["address"].split("/")[0]
+    take_eth0(pod_b)
+
+    assert exec_node.call("ADD", conf, "ctr-b", pod_b).code != 0
+
+    assert bridge_addresses(exec_node.name) == ["10.77.1.1/24"]
+    assert ping(pod_a, "10.77.1.1") and ping(exec_node.name, ip_a)
+
+
+def take_eth0(pod: str) -> None:
+    """Give the pod a link named eth0, so an ADD for eth0 fails after it made the bridge."""
+    netns.run(pod, ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
+
+
+def bridge_addresses(node_name: str) -> list[str]:
+    """The global addresses on the node's bridge, as address/prefixlen."""
+    done = netns.run(node_name, ["ip", "-j", "addr", "show", "dev", "na0", "scope", "global"])
+    infos = [a for link in json.loads(done.stdout) for a in link["addr_info"] if "local" in a]
+    return [f"{a['local']}/{a['prefixlen']}" for a in infos]
