@@ -60,9 +60,15 @@ def add(request: Request, network: Network) -> dict[str, Any]:
 
 
 def delete(request: Request, conf: NetConf) -> None:
+    """Remove the veth and free the addresses; the network's last DEL also removes its masquerade.
+
+    The bridge and its gateway addresses stay: the next pod needs them, and nothing routes through
+    them without a pod behind.
+    """
     with links.node_iproute() as node_ipr:
         links.delete(node_ipr, links.host_veth_name(request.container_id, request.ifname))
-    ipam.AllocationStore(conf.data_dir, conf.name).release(request.owner)
+    when_emptied = (lambda: masq.remove(conf.name)) if conf.ip_masq else None
+    ipam.AllocationStore(conf.data_dir, conf.name).release(request.owner, when_emptied)
 
 
 def check(request: Request, conf: NetConf) -> None:

@@ -78,6 +78,13 @@ def _gc(conf: NetConf) -> None:
         raise CniError(errors.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the network config")
     report = gc.collect(conf.name, conf.data_dir, conf.valid_attachments)
     log.info("GC %s released %s, deleted %s", conf.name, report.released, report.deleted_links)
+    if conf.ip_masq:  # as after the network's last DEL
+        from cni import ipam, masq
+
+        store = ipam.AllocationStore(conf.data_dir, conf.name)
+        with store.locked():
+            if not store.allocations():
+                masq.remove(conf.name)
 
 
 def _status(conf: NetConf) -> None:

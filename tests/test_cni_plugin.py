@@ -271,19 +271,6 @@ def seen_source(client_ns: str, server_ns: str, address: str, port: int = 8081) 
         return peer[0]
 
 
-def test_ipam_files_are_readable_by_root_only_and_an_old_open_directory_is_tightened(exec_node, make_netns):
-    directory = os.path.join(exec_node.data_dir, "testnet")
-    os.makedirs(directory, mode=0o755)
-    os.chmod(directory, 0o755)  # as an earlier version left it
-
-    exec_node.add(exec_node.conf([V4, V6]), "ctr-a", make_netns("a"))
-
-    assert os.stat(directory).st_mode & 0o777 == 0o700
-    modes = {name: os.stat(os.path.join(directory, name)).st_mode & 0o777 for name in os.listdir(directory)}
-    assert len(modes) >= 5  # two allocations, their owner index entries, lock, last reserved
-    assert set(modes.values()) == {0o600}, modes
-
-
 def test_a_first_add_that_fails_leaves_no_bridge_behind(node, make_netns):
     pod = make_netns("a")
     take_eth0(pod)
@@ -319,6 +306,51 @@ def test_a_failed_add_keeps_the_bridge_another_pod_uses(exec_node, make_netns):
 
     assert bridge_addresses(exec_node.name) == ["10.77.1.1/24"]
     assert ping(pod_a, "10.77.1.1") and ping(exec_node.name, ip_a)
+
+
+def test_the_masquerade_table_goes_with_the_last_attachment_of_its_network(exec_node, make_netns):
+    conf = exec_node.conf([V4], ipMasq=True, clusterCIDR="10.77.0.0/16")
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    exec_node.add(conf, "ctr-a", pod_a)
+    exec_node.add(conf, "ctr-b", pod_b)
+    table = ["nft", "list", "table", "inet", "netagent_testnet"]
+
+    assert exec_node.call("DEL", conf, "ctr-a", pod_a).code == 0
+    assert "masquerade" in netns.run(exec_node.name, table).stdout
+    assert exec_node.call("DEL", conf, "ctr-b", pod_b).code == 0
+    assert netns.run(exec_node.name, table, check=False).returncode != 0
+    assert exec_node.call("DEL", conf, "ctr-b", pod_b).code == 0  # still idempotent
+
+    exec_node.add(conf, "ctr-c", make_netns("c"))  # and the next pod brings it back
+    assert "masquerade" in netns.run(exec_node.name, table).stdout
+    gc_conf = {**conf, "cni.dev/valid-attachments": []}
+    assert exec_node.call("GC", gc_conf).code == 0
+    assert netns.run(exec_node.name, table, check=False).returncode != 0
+
+
+def test_networks_whose_names_spell_alike_have_their_own_masquerade_tables(exec_node, make_netns):
+    dotted = exec_node.conf([V4], name="net.a", bridge="na1", ipMasq=True)
+    underscored = exec_node.conf(["10.78.0.0/24"], name="net_a", bridge="na2", ipMasq=True)
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    exec_node.add(dotted, "ctr-a", pod_a)
+    exec_node.add(underscored, "ctr-b", pod_b)
+
+    assert exec_node.call("DEL", dotted, "ctr-a", pod_a).code == 0
+    tables = netns.run(exec_node.name, ["nft", "list", "tables"]).stdout.split()
+    assert "netagent_net_a" in tables and not any(t.startswith("netagent_net_a_") for t in tables)
+
+
+def test_ipam_files_are_readable_by_root_only_and_an_old_open_directory_is_tightened(exec_node, make_netns):
+    directory = os.path.join(exec_node.data_dir, "testnet")
+    os.makedirs(directory, mode=0o755)
+    os.chmod(directory, 0o755)  # as an earlier version left it
+
+    exec_node.add(exec_node.conf([V4, V6]), "ctr-a", make_netns("a"))
+
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    modes = {name: os.stat(os.path.join(directory, name)).st_mode & 0o777 for name in os.listdir(directory)}
+    assert len(modes) >= 5  # two allocations, their owner index entries, lock, last reserved
+    assert set(modes.values()) == {0o600}, modes
 
 
 def take_eth0(pod: str) -> None:
