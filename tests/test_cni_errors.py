@@ -3,6 +3,7 @@ the code says what went wrong. Driven through the exec'd plugin, as a runtime wo
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -442,13 +443,17 @@ def mutated(rng: random.Random) -> bytes:
         container, key = rng.choice(containers)
         action = rng.random()
         if action < 0.7:
-            container[key] = rng.choice(JUNK_VALUES)
+            container[key] = junk(rng)
         elif action < 0.85 and isinstance(container, dict):
             del container[key]
         elif isinstance(container, dict):
-            container[rng.choice(JUNK_NAMES) or "k"] = rng.choice(JUNK_VALUES)
+            container[rng.choice(JUNK_NAMES) or "k"] = junk(rng)
     text = json.dumps(doc)
     return text.replace(json.dumps(DEEP), "[" * 5000 + "]" * 5000).encode()
+
+
+def junk(rng: random.Random):
+    return copy.deepcopy(rng.choice(JUNK_VALUES))  # a shared [] or {} could end up inside itself
 
 
 def walk(value):
