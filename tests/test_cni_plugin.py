@@ -6,6 +6,7 @@ run twice: through the exec'd Python plugin and through the compiled shim talkin
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -363,3 +364,18 @@ def bridge_addresses(node_name: str) -> list[str]:
     done = netns.run(node_name, ["ip", "-j", "addr", "show", "dev", "na0", "scope", "global"])
     infos = [a for link in json.loads(done.stdout) for a in link["addr_info"] if "local" in a]
     return [f"{a['local']}/{a['prefixlen']}" for a in infos]
+
+
+def test_the_last_del_racing_an_add_never_takes_the_new_pods_masquerade(exec_node, make_netns):
+    conf = exec_node.conf([V4], ipMasq=True)
+    table = ["nft", "list", "table", "inet", "netagent_testnet"]
+    pods = [make_netns(f"p{i}") for i in range(2)]
+    exec_node.add(conf, "ctr-0", pods[0])
+    for round_ in range(1, 9):
+        leaving, coming = f"ctr-{round_ - 1}", f"ctr-{round_}"
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            deleted = pool.submit(exec_node.call, "DEL", conf, leaving, pods[(round_ - 1) % 2])
+            added = pool.submit(exec_node.call, "ADD", conf, coming, pods[round_ % 2])
+            assert deleted.result().code == 0 and added.result().code == 0, (deleted.result(), added.result())
+        assert len(exec_node.allocations()) == 1
+        assert "masquerade" in netns.run(exec_node.name, table).stdout, f"round {round_}"
