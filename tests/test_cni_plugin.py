@@ -379,3 +379,20 @@ def test_the_last_del_racing_an_add_never_takes_the_new_pods_masquerade(exec_nod
             assert deleted.result().code == 0 and added.result().code == 0, (deleted.result(), added.result())
         assert len(exec_node.allocations()) == 1
         assert "masquerade" in netns.run(exec_node.name, table).stdout, f"round {round_}"
+
+
+def test_malformed_configs_get_the_spec_error_through_the_shim_and_the_agent_too(node, make_netns):
+    pod = make_netns("a")
+    good = node.conf([V4])
+    cases = [
+        (json.dumps({**good, "bridge": None}).encode(), 7),
+        (json.dumps({**good, "ipam": {**good["ipam"], "dataDir": ""}}).encode(), 7),
+        (json.dumps({**good, "bridge": "\ud800"}).encode(), 6),
+        (json.dumps(good)[:-1].encode() + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 6),
+        (json.dumps({**good, "prevResult": {"ips": [1]}}).encode(), 7),
+    ]
+    for stdin, code in cases:
+        outcome = node.call("CHECK" if b"prevResult" in stdin else "ADD", stdin, "ctr-a", pod)
+        assert outcome.code != 0 and outcome.result["code"] == code, outcome
+    assert node.call("ADD", good, "ctr-a\n", pod).result["code"] == 4
+    assert node.links() == ["lo"] and node.allocations() == {}
