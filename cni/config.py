@@ -54,6 +54,7 @@ _NEVER_POD_ADDRESSES = tuple(
     )
 )
 _ABSENT = object()
+REQUIRED = object()  # typed()'s default for a field that must be present
 _JSON_TYPES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "a list"}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -176,25 +177,25 @@ def parse_netconf(raw: Mapping[str, Any]) -> NetConf:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise CniError(errors.INVALID_CONFIG, f"name is missing or invalid: {name!r}")
-    bridge = _typed(raw, "bridge", str, DEFAULT_BRIDGE)
+    bridge = typed(raw, "bridge", str, DEFAULT_BRIDGE)
     if not valid_ifname(bridge):
         raise CniError(errors.INVALID_CONFIG, f"bridge is not a valid interface name: {bridge!r}")
-    mtu = _typed(raw, "mtu", int, None)
+    mtu = typed(raw, "mtu", int, None)
     if mtu is not None and not 576 <= mtu <= 65535:
         raise CniError(errors.INVALID_CONFIG, f"mtu out of range: {mtu}")
-    ipam = _typed(raw, "ipam", dict, {})
-    ipam_type = _typed(ipam, "type", str, PLUGIN_TYPE, where="ipam.")
+    ipam = typed(raw, "ipam", dict, {})
+    ipam_type = typed(ipam, "type", str, PLUGIN_TYPE, where="ipam.")
     if ipam_type != PLUGIN_TYPE:
         msg = f"ipam.type {ipam_type!r} is not supported: netagent has its own IPAM"
         raise CniError(errors.UNSUPPORTED_FIELD, msg)
-    prev_result = _typed(raw, "prevResult", dict, None)
+    prev_result = typed(raw, "prevResult", dict, None)
     return NetConf(
         cni_version=version,
         name=name,
         bridge=bridge,
         mtu=mtu,
-        hairpin=_typed(raw, "hairpinMode", bool, True),
-        ip_masq=_typed(raw, "ipMasq", bool, False),
+        hairpin=typed(raw, "hairpinMode", bool, True),
+        ip_masq=typed(raw, "ipMasq", bool, False),
         cluster_cidrs=_cluster_cidrs(raw.get("clusterCIDR")),
         ranges=_ranges(ipam),
         node_state_file=_absolute_path(raw, "nodeStateFile", nodestate.DEFAULT_PATH),
@@ -236,13 +237,15 @@ def _read_node_state(path: str):
         raise CniError(errors.TRY_AGAIN_LATER, f"node state {path} is unreadable", repr(e)) from None
 
 
-def _typed(raw: Mapping[str, Any], key: str, kind: type, default: Any, where: str = "") -> Any:
+def typed(raw: Mapping[str, Any], key: str, kind: type, default: Any = REQUIRED, where: str = "") -> Any:
     """raw[key] if it is a `kind`, default if the key is absent, INVALID_CONFIG otherwise.
 
     JSON null stands for "absent" only where absent means no value (default None): `"bridge": null`
     is as wrong as `"bridge": 5`, rather than a value every later step would have to expect.
     """
     value = raw.get(key, _ABSENT)
+    if value is _ABSENT and default is REQUIRED:
+        raise CniError(errors.INVALID_CONFIG, f"{where}{key} is missing")
     if value is _ABSENT or (value is None and default is None):
         return default
     # bool is an int subclass: `"mtu": true` must not pass as 1
@@ -253,7 +256,7 @@ def _typed(raw: Mapping[str, Any], key: str, kind: type, default: Any, where: st
 
 def _absolute_path(raw: Mapping[str, Any], key: str, default: str, where: str = "") -> str:
     """A path the plugin writes or reads: relative ones ("" too) would depend on the caller's cwd."""
-    path = _typed(raw, key, str, default, where)
+    path = typed(raw, key, str, default, where)
     if not os.path.isabs(path) or "\0" in path:
         raise CniError(errors.INVALID_CONFIG, f"{where}{key} must be an absolute path, got {path!r}")
     return path

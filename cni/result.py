@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cni import errors
-from cni.config import IPAddress, IPNetwork, IpRange
+from cni.config import REQUIRED, IPAddress, IPNetwork, IpRange, typed
 from cni.errors import CniError
 from cni.links import Link, default_route
 
@@ -109,14 +109,7 @@ def _objects(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 
 def _field(item: dict[str, Any], where: str, key: str, kind: type, optional: bool = False) -> Any:
-    value = item.get(key)
-    if value is None and optional:
-        return None
-    # bool is an int subclass: `"interface": true` is no index
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        msg = f"prevResult {where}.{key} must be a {kind.__name__}, got {value!r}"
-        raise CniError(errors.INVALID_CONFIG, msg)
-    return value
+    return typed(item, key, kind, None if optional else REQUIRED, where=f"prevResult {where}.")
 
 
 def _parsed(
