@@ -1,21 +1,23 @@
 """ADD, DEL and CHECK of one attachment: a (container id, ifname) pair plugged into the bridge.
 
 ADD keeps an undo list of what it created and unwinds it on any failure, so a failed ADD leaves no
-veth, no pod address and no allocation behind. DEL needs neither the pod netns nor the node state:
+veth, no pod address, no allocation, and no bridge or gateway address that only it needed behind.
+DEL needs neither the pod netns nor the node state:
 the host veth name is derived from the attachment key and deleting it removes the pod end too.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from pyroute2 import IPRoute
+
 from cni import errors, ipam, links, masq
 from cni.config import NetConf, Network, Request
 from cni.errors import CniError
-from cni.result import POD, add_result
+from cni.result import PrevIp, PrevResult, add_result, parse_prev_result
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,9 @@ def add(request: Request, network: Network) -> dict[str, Any]:
             addresses = store.allocate(request.owner, network.ranges)
             undo.append(lambda: store.release(request.owner))
             gateways = [(r.gateway, r.subnet.prefixlen) for r in network.ranges]
-            bridge = links.ensure_bridge(node_ipr, conf.bridge, network.mtu, gateways)
+            made = links.ensure_bridge(node_ipr, conf.bridge, network.mtu, gateways)
+            undo.append(lambda: _unmake_bridge(store, request.owner, node_ipr, made))
+            bridge = made.link
             links.enable_forwarding([r.subnet for r in network.ranges])
             if links.local_index(host_name) is not None:  # the leftover of an ADD killed half-way
                 links.delete(node_ipr, host_name)
@@ -56,36 +60,41 @@ def add(request: Request, network: Network) -> dict[str, Any]:
 
 
 def delete(request: Request, conf: NetConf) -> None:
+    """Remove the veth and free the addresses; the network's last DEL also removes its masquerade.
+
+    The bridge and its gateway addresses stay: the next pod needs them, and nothing routes through
+    them without a pod behind.
+    """
     with links.node_iproute() as node_ipr:
         links.delete(node_ipr, links.host_veth_name(request.container_id, request.ifname))
-    ipam.AllocationStore(conf.data_dir, conf.name).release(request.owner)
+    when_emptied = (lambda: masq.remove(conf.name)) if conf.ip_masq else None
+    ipam.AllocationStore(conf.data_dir, conf.name).release(request.owner, when_emptied)
 
 
 def check(request: Request, conf: NetConf) -> None:
     """Fail with CHECK_FAILED when the attachment drifted from prevResult."""
-    prev = conf.prev_result
-    if prev is None:
+    if conf.prev_result is None:
         raise CniError(errors.INVALID_CONFIG, "CHECK needs prevResult in the network config")
-    interfaces = prev.get("interfaces", [])
-    expected_ips = [ip["address"] for ip in prev.get("ips", []) if _points_to(ip, interfaces, request)]
+    prev = parse_prev_result(conf.prev_result)
+    expected_ips = [ip.address for ip in prev.ips if _points_to(ip, prev, request.ifname)]
     host_name = links.host_veth_name(request.container_id, request.ifname)
     with links.open_pod(request.netns) as pod_ns, links.node_iproute() as node_ipr:
         pod_ipr = pod_ns.ipr
         pod = links.find(pod_ipr, request.ifname)
         if pod is None:
             _drift(f"{request.ifname} is missing from {request.netns}")
-        for interface in interfaces:
-            if interface.get("name") == request.ifname and interface.get("mac") not in (None, pod.mac):
-                _drift(f"{request.ifname} has MAC {pod.mac}, prevResult says {interface['mac']}")
+        for interface in prev.interfaces:
+            if interface.name == request.ifname and interface.mac not in (None, pod.mac):
+                _drift(f"{request.ifname} has MAC {pod.mac}, prevResult says {interface.mac}")
         present = links.addresses_of(pod_ipr, pod.index)
         for address in expected_ips:
-            if _normalized(address) not in present:
+            if address.with_prefixlen not in present:
                 _drift(f"address {address} is missing from {request.ifname}")
         routes = links.routes_of(pod_ipr, pod.index)
-        for route in prev.get("routes", []):
-            wanted = (str(ipaddress.ip_network(route["dst"], strict=False)), route.get("gw"))
-            if wanted not in routes and (wanted[0], None) not in routes:
-                _drift(f"route to {route['dst']} via {route.get('gw')} is missing")
+        for route in prev.routes:
+            gw = None if route.gw is None else str(route.gw)
+            if (str(route.dst), gw) not in routes and (str(route.dst), None) not in routes:
+                _drift(f"route to {route.dst} via {gw} is missing")
         host = links.find(node_ipr, host_name)
         bridge = links.find(node_ipr, conf.bridge)
         if host is None or bridge is None:
@@ -94,20 +103,22 @@ def check(request: Request, conf: NetConf) -> None:
             _drift(f"host veth {host_name} is not attached to {conf.bridge}")
     store = ipam.AllocationStore(conf.data_dir, conf.name)
     with store.locked():
-        held = {str(a) for a, owner in store.allocations().items() if owner == request.owner}
+        held = {a for a, owner in store.allocations().items() if owner == request.owner}
     for address in expected_ips:
-        if address.split("/")[0] not in held:
+        if address.ip not in held:
             _drift(f"address {address} is no longer allocated to this attachment")
 
 
-def _points_to(ip: dict[str, Any], interfaces: list[dict[str, Any]], request: Request) -> bool:
-    index = ip.get("interface", POD)
-    return 0 <= index < len(interfaces) and interfaces[index].get("name") == request.ifname
+def _points_to(ip: PrevIp, prev: PrevResult, ifname: str) -> bool:
+    return ip.interface < len(prev.interfaces) and prev.interfaces[ip.interface].name == ifname
 
 
-def _normalized(cidr: str) -> str:
-    interface = ipaddress.ip_interface(cidr)
-    return f"{interface.ip}/{interface.network.prefixlen}"
+def _unmake_bridge(store: ipam.AllocationStore, owner: ipam.Owner, ipr: IPRoute, made: links.Bridge) -> None:
+    """Undo a failed ADD's bridge work, unless another attachment holds an address (and so needs the
+    bridge, or will build it again after this: it allocates first, under the same lock)."""
+    with store.locked():
+        if store.only(owner):
+            links.unmake_bridge(ipr, made)
 
 
 def _drift(msg: str) -> NoReturn:

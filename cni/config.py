@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +31,31 @@ DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 RANGE_KEYS = ("subnet", "rangeStart", "rangeEnd", "gateway")
 
-# libcni's rule for network names and the spec's rule for container ids.
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-_IFNAME_FORBIDDEN = re.compile(r"[/:\s]")
-IFNAMSIZ = 15
+# The spec's rule for network names and container ids, matched with fullmatch: `$` would also
+# accept a trailing newline, and an id that is not the one DEL and GC are later given leaks its IP.
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+# the spec's forbidden characters, plus NUL and "%", which the kernel expands ("eth%d" -> "eth0")
+_IFNAME_FORBIDDEN = re.compile(r"[/:\s\0%]")
+IFNAMSIZ = 15  # bytes, not characters: the kernel's limit
+
+# Addresses no pod can have. A pod subnet holding any of them is refused: it is either meaningless
+# (a /0 makes the pod's own subnet its default route, so ADD can never finish) or shadows the node's
+# loopback, link-local or multicast traffic.
+_NEVER_POD_ADDRESSES = tuple(
+    ipaddress.ip_network(cidr)
+    for cidr in (
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/3",
+        "::/127",
+        "fe80::/10",
+        "ff00::/8",
+    )
+)
+_ABSENT = object()
+REQUIRED = object()  # typed()'s default for a field that must be present
+_JSON_TYPES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "a list"}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -100,7 +123,7 @@ def parse_request(env: Mapping[str, str]) -> Request:
     if command in COMMANDS_WITHOUT_CONTAINER:
         return Request(command=command, path=env.get("CNI_PATH", ""))
     container_id = env.get("CNI_CONTAINERID", "")
-    if not _NAME_RE.match(container_id):
+    if not _NAME_RE.fullmatch(container_id):
         raise CniError(errors.INVALID_ENV, f"CNI_CONTAINERID is missing or invalid: {container_id!r}")
     ifname = env.get("CNI_IFNAME", "")
     if not valid_ifname(ifname):
@@ -114,13 +137,22 @@ def parse_request(env: Mapping[str, str]) -> Request:
 
 
 def valid_ifname(name: str) -> bool:
-    return 0 < len(name) <= IFNAMSIZ and name not in (".", "..") and not _IFNAME_FORBIDDEN.search(name)
+    """The kernel's rule (dev_valid_name), which libcni applies too; the length counts UTF-8 bytes."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # a lone surrogate, as os.environ decodes a non-UTF-8 byte
+        return False
+    return 0 < size <= IFNAMSIZ and name not in (".", "..") and not _IFNAME_FORBIDDEN.search(name)
 
 
 def decode(stdin: bytes) -> dict[str, Any]:
+    """The network config as a dict, or DECODE_FAILURE: whatever the bytes are, nothing but a
+    CniError leaves here, and every string in the result can be encoded as UTF-8 again (a JSON
+    escape such as "\\ud800" decodes to a lone surrogate that no path or netlink name can carry)."""
     try:
         raw = json.loads(stdin)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        json.dumps(raw, ensure_ascii=False).encode()
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
         raise CniError(errors.DECODE_FAILURE, "network config is not valid JSON", str(e)) from None
     if not isinstance(raw, dict):
         raise CniError(errors.DECODE_FAILURE, "network config must be a JSON object")
@@ -143,30 +175,31 @@ def parse_netconf(raw: Mapping[str, Any]) -> NetConf:
     if raw.get("type") != PLUGIN_TYPE:
         raise CniError(errors.INVALID_CONFIG, f"type must be {PLUGIN_TYPE!r}, got {raw.get('type')!r}")
     name = raw.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise CniError(errors.INVALID_CONFIG, f"name is missing or invalid: {name!r}")
-    bridge = _typed(raw, "bridge", str, DEFAULT_BRIDGE)
+    bridge = typed(raw, "bridge", str, DEFAULT_BRIDGE)
     if not valid_ifname(bridge):
         raise CniError(errors.INVALID_CONFIG, f"bridge is not a valid interface name: {bridge!r}")
-    mtu = _typed(raw, "mtu", int, None)
+    mtu = typed(raw, "mtu", int, None)
     if mtu is not None and not 576 <= mtu <= 65535:
         raise CniError(errors.INVALID_CONFIG, f"mtu out of range: {mtu}")
-    ipam = _typed(raw, "ipam", dict, {})
-    if ipam.get("type", PLUGIN_TYPE) != PLUGIN_TYPE:
-        msg = f"ipam.type {ipam['type']!r} is not supported: netagent has its own IPAM"
+    ipam = typed(raw, "ipam", dict, {})
+    ipam_type = typed(ipam, "type", str, PLUGIN_TYPE, where="ipam.")
+    if ipam_type != PLUGIN_TYPE:
+        msg = f"ipam.type {ipam_type!r} is not supported: netagent has its own IPAM"
         raise CniError(errors.UNSUPPORTED_FIELD, msg)
-    prev_result = _typed(raw, "prevResult", dict, None)
+    prev_result = typed(raw, "prevResult", dict, None)
     return NetConf(
         cni_version=version,
         name=name,
         bridge=bridge,
         mtu=mtu,
-        hairpin=_typed(raw, "hairpinMode", bool, True),
-        ip_masq=_typed(raw, "ipMasq", bool, False),
+        hairpin=typed(raw, "hairpinMode", bool, True),
+        ip_masq=typed(raw, "ipMasq", bool, False),
         cluster_cidrs=_cluster_cidrs(raw.get("clusterCIDR")),
         ranges=_ranges(ipam),
-        node_state_file=_typed(raw, "nodeStateFile", str, nodestate.DEFAULT_PATH),
-        data_dir=_typed(ipam, "dataDir", str, DEFAULT_DATA_DIR, where="ipam."),
+        node_state_file=_absolute_path(raw, "nodeStateFile", nodestate.DEFAULT_PATH),
+        data_dir=_absolute_path(ipam, "dataDir", DEFAULT_DATA_DIR, where="ipam."),
         prev_result=prev_result,
         valid_attachments=_valid_attachments(raw),
     )
@@ -191,6 +224,8 @@ def resolve_network(conf: NetConf) -> Network:
 
 def _read_node_state(path: str):
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read for ever
+            raise CniError(errors.INVALID_CONFIG, f"node state {path} is not a regular file")
         return nodestate.read(path)
     except FileNotFoundError:
         raise CniError(
@@ -202,27 +237,55 @@ def _read_node_state(path: str):
         raise CniError(errors.TRY_AGAIN_LATER, f"node state {path} is unreadable", repr(e)) from None
 
 
-def _typed(raw: Mapping[str, Any], key: str, kind: type, default: Any, where: str = "") -> Any:
-    value = raw.get(key, default)
-    if value is None or value is default:
-        return value
+def typed(raw: Mapping[str, Any], key: str, kind: type, default: Any = REQUIRED, where: str = "") -> Any:
+    """raw[key] if it is a `kind`, default if the key is absent, INVALID_CONFIG otherwise.
+
+    JSON null stands for "absent" only where absent means no value (default None): `"bridge": null`
+    is as wrong as `"bridge": 5`, rather than a value every later step would have to expect.
+    """
+    value = raw.get(key, _ABSENT)
+    if value is _ABSENT and default is REQUIRED:
+        raise CniError(errors.INVALID_CONFIG, f"{where}{key} is missing")
+    if value is _ABSENT or (value is None and default is None):
+        return default
     # bool is an int subclass: `"mtu": true` must not pass as 1
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise CniError(errors.INVALID_CONFIG, f"{where}{key} must be a {kind.__name__}, got {value!r}")
+        raise CniError(errors.INVALID_CONFIG, f"{where}{key} must be {_JSON_TYPES[kind]}, got {value!r}")
     return value
+
+
+def _absolute_path(raw: Mapping[str, Any], key: str, default: str, where: str = "") -> str:
+    """A path the plugin writes or reads: relative ones ("" too) would depend on the caller's cwd."""
+    path = typed(raw, key, str, default, where)
+    if not os.path.isabs(path) or "\0" in path:
+        raise CniError(errors.INVALID_CONFIG, f"{where}{key} must be an absolute path, got {path!r}")
+    return path
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise CniError(errors.INVALID_CONFIG, f"{what} must be a string, got {value!r}")
+    return value
+
+
+def _unzoned(text: Any, what: str) -> str:
+    """Address text without an IPv6 zone ("fd00::1%eth0"), which ipaddress accepts and netlink not."""
+    if "%" in _text(text, what):
+        raise ValueError(text)
+    return text
 
 
 def _network(text: Any, what: str) -> IPNetwork:
     try:
-        return ipaddress.ip_network(text, strict=False)
-    except (TypeError, ValueError):
+        return ipaddress.ip_network(_unzoned(text, what), strict=False)
+    except ValueError:
         raise CniError(errors.INVALID_CONFIG, f"{what} is not a CIDR: {text!r}") from None
 
 
 def _address(text: Any, what: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(text)
-    except (TypeError, ValueError):
+    try:  # ip_address(5) would be 0.0.0.5: only text is an address here
+        return ipaddress.ip_address(_unzoned(text, what))
+    except ValueError:
         raise CniError(errors.INVALID_CONFIG, f"{what} is not an IP address: {text!r}") from None
 
 
@@ -233,7 +296,7 @@ def _cluster_cidrs(value: Any) -> tuple[IPNetwork, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list):
         raise CniError(errors.INVALID_CONFIG, f"clusterCIDR must be a string or a list, got {value!r}")
-    return tuple(_network(item.strip() if isinstance(item, str) else item, "clusterCIDR") for item in items)
+    return tuple(_network(_text(item, "clusterCIDR").strip(), "clusterCIDR") for item in items)
 
 
 def _ranges(ipam: Mapping[str, Any]) -> tuple[IpRange, ...]:
@@ -255,6 +318,10 @@ def _range_from(spec: Any, where: str) -> IpRange:
     subnet = _network(spec.get("subnet"), f"{where} subnet")
     if subnet.num_addresses < 4:
         raise CniError(errors.INVALID_CONFIG, f"{where} subnet {subnet} is too small for pods")
+    reserved = next((net for net in _NEVER_POD_ADDRESSES if subnet.overlaps(net)), None)
+    if reserved is not None:
+        msg = f"{where} subnet {subnet} cannot hold pods: it overlaps {reserved}"
+        raise CniError(errors.INVALID_CONFIG, msg)
     gateway = _address(spec["gateway"], "gateway") if "gateway" in spec else subnet.network_address + 1
     start = _address(spec["rangeStart"], "rangeStart") if "rangeStart" in spec else subnet.network_address + 1
     end = _address(spec["rangeEnd"], "rangeEnd") if "rangeEnd" in spec else subnet.broadcast_address - 1
@@ -263,6 +330,8 @@ def _range_from(spec: Any, where: str) -> IpRange:
             raise CniError(errors.INVALID_CONFIG, f"{label} {addr} is not a usable address of {subnet}")
     if start > end:
         raise CniError(errors.INVALID_CONFIG, f"rangeStart {start} is after rangeEnd {end}")
+    if start == end == gateway:
+        raise CniError(errors.INVALID_CONFIG, f"range {start}-{end} holds only the gateway, no pod")
     return IpRange(subnet, start, end, gateway)
 
 
@@ -278,7 +347,8 @@ def _valid_attachments(raw: Mapping[str, Any]) -> frozenset[tuple[str, str]] | N
         return None
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise CniError(errors.INVALID_CONFIG, f"{VALID_ATTACHMENTS_KEY} must be a list of objects")
-    try:
-        return frozenset((str(item["containerID"]), str(item["ifname"])) for item in items)
-    except KeyError as e:
-        raise CniError(errors.INVALID_CONFIG, f"{VALID_ATTACHMENTS_KEY} entry without {e}") from None
+    what = f"{VALID_ATTACHMENTS_KEY} entry"
+    return frozenset(
+        (_text(item.get("containerID"), f"{what} containerID"), _text(item.get("ifname"), f"{what} ifname"))
+        for item in items
+    )

@@ -5,6 +5,9 @@ Layout under <dataDir>/<network name>/:
     lock                flock()ed by whoever changes allocations (plugin processes and agent threads)
     last_reserved_ip.4  where the next search starts, so a freed address is not handed out again at once
 
+Privacy: the directory is 0700 and every file 0600, as the owners are container ids; a directory
+made by an older version with 0755 is tightened on its next use.
+
 Crash safety: an allocation file is written completely under a temporary name and then hard-linked
 to its address name. link() is atomic and fails if the name exists, so a kill -9 at any instant
 leaves either a complete allocation (which GC can reclaim) or none; a temporary file left behind is
@@ -18,7 +21,7 @@ import fcntl
 import hashlib
 import ipaddress
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from cni import errors
@@ -30,6 +33,8 @@ LOCK_FILE = "lock"
 TMP_PREFIX = ".tmp-"
 INDEX_PREFIX = "owner-"
 LAST_RESERVED_PREFIX = "last_reserved_ip."
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,19 @@ class AllocationStore:
     def __init__(self, data_dir: str, network_name: str) -> None:
         self.directory = os.path.join(data_dir, network_name)
 
+    def exists(self) -> bool:
+        """Whether any ADD ever wrote here: DEL and STATUS of a network without one create nothing."""
+        return os.path.isdir(self.directory)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the network's allocation lock (an flock: released by the kernel if the holder dies)."""
         try:
-            os.makedirs(self.directory, mode=0o755, exist_ok=True)
+            os.makedirs(self.directory, mode=DIRECTORY_MODE, exist_ok=True)
+            if os.stat(self.directory).st_mode & 0o777 != DIRECTORY_MODE:
+                os.chmod(self.directory, DIRECTORY_MODE)
             lock_path = os.path.join(self.directory, LOCK_FILE)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as e:
             raise CniError(errors.IO_FAILURE, f"cannot open IPAM store {self.directory}", str(e)) from None
         try:
@@ -105,17 +116,32 @@ class AllocationStore:
                 raise
         return allocated
 
-    def release(self, owner: Owner) -> list[IPAddress]:
-        """Free every address owner holds; an unknown owner is not an error (DEL is idempotent)."""
+    def release(self, owner: Owner, when_emptied: Callable[[], object] | None = None) -> list[IPAddress]:
+        """Free every address owner holds; an unknown owner is not an error (DEL is idempotent).
+
+        when_emptied runs, still under the lock, if the network holds no allocation afterwards: what it
+        tears down for the network as a whole cannot race an ADD, which allocates before it builds.
+        """
+        if not self.exists():
+            return []
         with self.locked():
-            freed = self._held_by(owner, self._scan())
+            scan = self._scan()
+            freed = self._held_by(owner, scan)
             for address in freed:
                 self._unlink(str(address))
                 self._unlink(_index_name(owner, address))
+            if when_emptied is not None and scan.inodes.keys() <= {str(address) for address in freed}:
+                when_emptied()
         return freed
+
+    def only(self, owner: Owner) -> bool:
+        """Whether owner holds every allocation of the network (caller holds the lock)."""
+        return all(holder == owner for holder in self.allocations().values())
 
     def exhausted(self, ranges: Iterable[IpRange]) -> list[IpRange]:
         """The ranges with no free address left."""
+        if not self.exists():
+            return []
         with self.locked():
             taken = [ipaddress.ip_address(text) for text in self._scan().inodes]
         return [pool for pool in ranges if _free_count(pool, taken) == 0]
@@ -150,13 +176,11 @@ class AllocationStore:
         address = self._next_free(pool, taken)
         tmp = os.path.join(self.directory, f"{TMP_PREFIX}{os.getpid()}-{address}")
         try:
-            with open(tmp, "w") as f:
-                f.write(f"{owner[0]}\n{owner[1]}\n")
+            _write(tmp, f"{owner[0]}\n{owner[1]}\n")
             os.link(tmp, os.path.join(self.directory, _index_name(owner, address)))
             os.link(tmp, self._path(address))
             os.unlink(tmp)
-            with open(os.path.join(self.directory, f"{LAST_RESERVED_PREFIX}{pool.subnet.version}"), "w") as f:
-                f.write(str(address))
+            _write(os.path.join(self.directory, f"{LAST_RESERVED_PREFIX}{pool.subnet.version}"), str(address))
         except OSError as e:
             raise CniError(errors.IO_FAILURE, f"cannot record allocation of {address}", str(e)) from None
         taken.add(str(address))
@@ -195,6 +219,13 @@ class AllocationStore:
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.directory, name))
+
+
+def _write(path: str, text: str) -> None:
+    """Create or replace a file's content, readable by root only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _owner_key(owner: Owner) -> str:

@@ -138,32 +138,65 @@ def find(ipr: IPRoute, name: str) -> Link | None:
     return None if message is None else _link(name, message)
 
 
-def ensure_bridge(ipr: IPRoute, name: str, mtu: int, gateways: list[tuple[IPAddress, int]]) -> Link:
+@dataclass(frozen=True)
+class Bridge:
+    """The node bridge as ensure_bridge left it, and what that call made (for a failed ADD to undo)."""
+
+    link: Link
+    created: bool
+    added: tuple[tuple[IPAddress, int], ...]  # gateway addresses this call assigned
+
+
+def ensure_bridge(ipr: IPRoute, name: str, mtu: int, gateways: list[tuple[IPAddress, int]]) -> Bridge:
     """Create the bridge if missing, bring it up and give it each gateway address (all idempotent).
 
     Runs on every ADD, so the common case (all in place) costs one netlink query plus a bind() per
-    gateway, which tells whether the address is already local without dumping addresses.
+    gateway, which tells whether the address is already local without dumping addresses. A failure
+    part-way undoes what this call made.
     """
     message = _get_link(ipr, name)
+    created = False
     if message is None:
         # a fixed MAC: otherwise the bridge takes its lowest port's MAC, which changes as pods come and go
-        with _kernel(f"create bridge {name}"), _unless_exists():  # a concurrent ADD may win the race
-            ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=random_mac())
+        with _kernel(f"create bridge {name}"):
+            try:
+                ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=random_mac())
+                created = True
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:  # a concurrent ADD may win the race
+                    raise
         message = _get_link(ipr, name)
         if message is None:
             raise CniError(errors.KERNEL_FAILURE, f"bridge {name} vanished right after creation")
     kind = message.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
     if kind != "bridge":
         raise CniError(errors.INVALID_CONFIG, f"{name} exists and is a {kind}, not a bridge")
-    bridge = _link(name, message)
-    with _kernel(f"configure bridge {name}"):
-        if not message["flags"] & IFF_UP:
-            ipr.link("set", index=bridge.index, state="up")
-        for address, prefixlen in gateways:
-            if not _is_local(address):
-                with _unless_exists():
-                    _add_address(ipr, bridge.index, address, prefixlen)
+    bridge = Bridge(_link(name, message), created, ())
+    try:
+        with _kernel(f"configure bridge {name}"):
+            if not message["flags"] & IFF_UP:
+                ipr.link("set", index=bridge.link.index, state="up")
+            for address, prefixlen in gateways:
+                if not _is_local(address):
+                    with _unless_exists():
+                        _add_address(ipr, bridge.link.index, address, prefixlen)
+                        bridge = Bridge(bridge.link, created, (*bridge.added, (address, prefixlen)))
+    except BaseException:
+        unmake_bridge(ipr, bridge)
+        raise
     return bridge
+
+
+def unmake_bridge(ipr: IPRoute, bridge: Bridge) -> None:
+    """Undo what ensure_bridge made, unless a port joined the bridge since (it serves a pod now)."""
+    if any(link.get_attr("IFLA_MASTER") == bridge.link.index for link in ipr.get_links()):
+        return
+    if bridge.created:
+        delete(ipr, bridge.link.name)
+        return
+    for address, prefixlen in bridge.added:
+        with contextlib.suppress(NetlinkError):  # already gone
+            ipr.addr("del", index=bridge.link.index, address=str(address), prefixlen=prefixlen)
 
 
 def create_veth(

@@ -1,8 +1,9 @@
 """The CNI plugin entry point: one `handle()` used both by the exec'd plugin and the agent's CNI service.
 
 `handle` never raises: every outcome is an exit code plus the bytes the runtime must see on stdout
-(a result, or the spec's error object). Unexpected exceptions become error code 999 with the
-traceback logged to stderr only, so no Python traceback ever reaches the runtime's stdout.
+(a result, or the spec's error object). Bad input is refused where it is decoded (config.decode,
+config.parse_*, result.parse_prev_result) with the spec's code, so it never gets this far; what is
+left, a bug of ours, becomes error code 999 with the traceback logged to stderr only.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def _gc(conf: NetConf) -> None:
         raise CniError(errors.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the network config")
     report = gc.collect(conf.name, conf.data_dir, conf.valid_attachments)
     log.info("GC %s released %s, deleted %s", conf.name, report.released, report.deleted_links)
+    if conf.ip_masq:  # as after the network's last DEL
+        from cni import ipam, masq
+
+        store = ipam.AllocationStore(conf.data_dir, conf.name)
+        with store.locked():
+            if not store.allocations():
+                masq.remove(conf.name)
 
 
 def _status(conf: NetConf) -> None:

@@ -1,11 +1,19 @@
-"""The ADD result object, shaped as the spec's version requested by the runtime."""
+"""The ADD result object, shaped as the spec's version requested by the runtime, and the same object
+read back as CHECK's prevResult."""
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from cni.config import IPAddress, IpRange
+from cni import errors
+from cni.config import REQUIRED, IPAddress, IPNetwork, IpRange, typed
+from cni.errors import CniError
 from cni.links import Link, default_route
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 POD = 2  # index of the pod's interface in "interfaces"
 
@@ -38,3 +46,81 @@ def add_result(
         "routes": [{"dst": default_route(pool.subnet.version), "gw": str(pool.gateway)} for pool in ranges],
         "dns": {},
     }
+
+
+@dataclass(frozen=True)
+class PrevInterface:
+    name: str
+    mac: str | None
+
+
+@dataclass(frozen=True)
+class PrevIp:
+    address: IPInterface
+    interface: int  # index into PrevResult.interfaces
+
+
+@dataclass(frozen=True)
+class PrevRoute:
+    dst: IPNetwork
+    gw: IPAddress | None
+
+
+@dataclass(frozen=True)
+class PrevResult:
+    """The parts of a prevResult that CHECK compares with the kernel, every field type-checked."""
+
+    interfaces: tuple[PrevInterface, ...]
+    ips: tuple[PrevIp, ...]
+    routes: tuple[PrevRoute, ...]
+
+
+def parse_prev_result(raw: dict[str, Any]) -> PrevResult:
+    """INVALID_CONFIG for anything not shaped as the spec's result: the runtime echoes back what an
+    ADD returned, so a malformed one is the config's fault and must not surface as an internal error."""
+    interfaces = tuple(
+        PrevInterface(
+            _field(item, "interfaces[]", "name", str), _field(item, "interfaces[]", "mac", str, optional=True)
+        )
+        for item in _objects(raw, "interfaces")
+    )
+    ips = []
+    for item in _objects(raw, "ips"):
+        address = _parsed(item, "ips[]", "address", ipaddress.ip_interface)
+        index = _field(item, "ips[]", "interface", int, optional=True)
+        if index is not None and not 0 <= index < len(interfaces):
+            raise CniError(errors.INVALID_CONFIG, f"prevResult ips[].interface {index} names no interface")
+        ips.append(PrevIp(address, POD if index is None else index))
+    routes = tuple(
+        PrevRoute(
+            _parsed(item, "routes[]", "dst", _network),
+            _parsed(item, "routes[]", "gw", ipaddress.ip_address, optional=True),
+        )
+        for item in _objects(raw, "routes")
+    )
+    return PrevResult(interfaces, tuple(ips), routes)
+
+
+def _objects(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    items = raw.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise CniError(errors.INVALID_CONFIG, f"prevResult {key} must be a list of objects, got {items!r}")
+    return items
+
+
+def _field(item: dict[str, Any], where: str, key: str, kind: type, optional: bool = False) -> Any:
+    return typed(item, key, kind, None if optional else REQUIRED, where=f"prevResult {where}.")
+
+
+def _parsed(
+    item: dict[str, Any], where: str, key: str, parse: Callable[[str], Any], optional: bool = False
+) -> Any:
+    text = _field(item, where, key, str, optional)
+    try:
+        return None if text is None else parse(text)
+    except ValueError:
+        raise CniError(errors.INVALID_CONFIG, f"prevResult {where}.{key} is not valid: {text!r}") from None
+
+
+def _network(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text, strict=False)

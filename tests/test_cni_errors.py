@@ -3,15 +3,20 @@ the code says what went wrong. Driven through the exec'd plugin, as a runtime wo
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import random
+import threading
 
 import pytest
-from test_cni_support import CniNode, make_node
+from test_cni_support import CniNode, Outcome, make_node
 
-from cni import attachment, plugin
+from cni import attachment, errors, plugin
 
 # every case below fails before IPAM; should one not, it fails on this directory instead of writing
-UNREACHABLE_DATA_DIR = "/nonexistent/netagent-test-ipam"
+# (under a file: even root cannot create it)
+UNREACHABLE_DATA_DIR = "/dev/null/netagent-test-ipam"
 GOOD = {
     "cniVersion": "1.1.0",
     "name": "testnet",
@@ -25,11 +30,14 @@ def exec_node(make_netns, tmp_path) -> CniNode:
     return make_node(make_netns, tmp_path)
 
 
+ERROR_KEYS = {"cniVersion", "code", "msg", "details"}
+
+
 def assert_cni_error(outcome, code: int) -> dict:
     assert outcome.code != 0
     assert b"Traceback" not in outcome.stdout
     error = json.loads(outcome.stdout)
-    assert set(error) == {"cniVersion", "code", "msg", "details"}
+    assert set(error) == ERROR_KEYS
     assert error["code"] == code, error
     assert error["msg"]
     return error
@@ -140,3 +148,358 @@ def test_an_unexpected_exception_becomes_an_error_object_not_a_traceback(monkeyp
     error = json.loads(stdout)
     assert error["code"] == 999 and "boom" in error["msg"]
     assert "Traceback" not in stdout.decode()
+
+
+# --- issue 11: bad input is refused with the spec's code, by the exec'd plugin and by handle() ---
+
+NOWHERE_NETNS = "/nonexistent/netagent-test-netns"  # handle() in this process must never reach the kernel
+
+
+@pytest.fixture(params=["exec", "handle"])
+def call(request, exec_node, make_netns):
+    """Invoke one command the two ways a runtime reaches the plugin: the exec'd plugin in a node
+    netns, and `plugin.handle` as the agent's CNI service calls it (here with a netns that cannot be
+    opened, so a config that wrongly passed would fail with code 3 instead of touching this netns)."""
+    pod = make_netns("a")
+
+    def invoke(command: str, stdin: bytes | dict, container_id: str = "ctr-a", ifname: str = "eth0"):
+        stdin = stdin if isinstance(stdin, bytes) else json.dumps(stdin).encode()
+        if request.param == "exec":
+            return exec_node.call(command, stdin, container_id, pod, ifname)
+        env = {"CNI_COMMAND": command, "CNI_PATH": "/x", "CNI_NETNS": NOWHERE_NETNS}
+        env.update(CNI_CONTAINERID=container_id, CNI_IFNAME=ifname)
+        code, stdout = plugin.handle(env, stdin)
+        return Outcome(code, stdout, b"")
+
+    return invoke
+
+
+def nested(depth: int) -> bytes:
+    return (
+        b'{"cniVersion": "1.1.0", "name": "testnet", "type": "netagent", "x": '
+        + b"[" * depth
+        + b"]" * depth
+        + b"}"
+    )
+
+
+def with_ipam(**fields) -> dict:
+    return {**GOOD, "ipam": {**GOOD["ipam"], **fields}}
+
+
+@pytest.mark.parametrize(
+    ("stdin", "code"),
+    [
+        (json.dumps({**GOOD, "bridge": None}).encode(), 7),
+        (json.dumps({**GOOD, "ipam": None}).encode(), 7),
+        (json.dumps(with_ipam(dataDir=None)).encode(), 7),
+        (json.dumps(with_ipam(type=None)).encode(), 7),
+        (json.dumps({**GOOD, "hairpinMode": None}).encode(), 7),
+        (json.dumps({**GOOD, "bridge": "\ud800"}).encode(), 6),  # json.dumps writes the escape "\ud800"
+        (json.dumps({**GOOD, "name": "testnet", "note": {"\udfff": 1}}).encode(), 6),
+        (nested(100_000), 6),
+        (b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, 6),
+        (b'{"cniVersion": "1.1.0", "mtu": 1' + b"0" * 5000 + b"}", 6),  # beyond Python's int digits
+        (json.dumps(with_ipam(subnet=5)).encode(), 7),  # ipaddress would read 5 as 0.0.0.5
+        (json.dumps(with_ipam(gateway=167_772_161)).encode(), 7),
+        (json.dumps(with_ipam(subnet="fd00::%eth0/64")).encode(), 7),
+        (json.dumps({**GOOD, "clusterCIDR": [10]}).encode(), 7),
+        (
+            json.dumps(
+                {**GOOD, "cni.dev/valid-attachments": [{"containerID": 1, "ifname": "eth0"}]}
+            ).encode(),
+            7,
+        ),
+    ],
+    ids=[
+        "bridge-null",
+        "ipam-null",
+        "data-dir-null",
+        "ipam-type-null",
+        "hairpin-null",
+        "lone-surrogate-value",
+        "lone-surrogate-key",
+        "100000-deep-array",
+        "100000-deep-object",
+        "huge-integer",
+        "subnet-a-number",
+        "gateway-a-number",
+        "subnet-with-zone",
+        "cluster-cidr-a-number",
+        "valid-attachment-id-a-number",
+    ],
+)
+def test_malformed_values_are_a_decoding_or_config_error_not_an_internal_one(call, stdin, code):
+    assert_cni_error(call("ADD", stdin), code)
+
+
+@pytest.mark.parametrize(
+    "prev_result",
+    [
+        {"interfaces": "abc"},
+        {"ips": [1]},
+        {"interfaces": [{"name": "eth0"}], "ips": [{"interface": 0}]},
+        {"interfaces": [{"name": "eth0"}], "ips": [{"address": "10.76.0.2/24", "interface": "0"}]},
+        {"interfaces": [{"name": "eth0"}], "ips": [{"address": "10.76.0.2/24", "interface": True}]},
+        {"interfaces": [{"name": "eth0"}], "ips": [{"address": "10.76.0.2/24", "interface": 7}]},
+        {"ips": [{"address": "not-an-ip"}]},
+        {"interfaces": [{"mac": "02:00:00:00:00:01"}]},
+        {"routes": [{"gw": "10.76.0.1"}]},
+        {"routes": [{"dst": "0.0.0.0/0", "gw": 5}]},
+        {"routes": "none"},
+    ],
+    ids=[
+        "interfaces-a-string",
+        "ip-a-number",
+        "ip-without-address",
+        "interface-index-a-string",
+        "interface-index-a-boolean",
+        "interface-index-out-of-range",
+        "address-not-an-ip",
+        "interface-without-name",
+        "route-without-dst",
+        "route-gateway-a-number",
+        "routes-a-string",
+    ],
+)
+def test_check_with_a_malformed_prev_result_is_an_invalid_config(call, prev_result):
+    assert_cni_error(call("CHECK", {**GOOD, "prevResult": prev_result}), 7)
+
+
+@pytest.mark.parametrize(
+    "container_id",
+    ["ctr-a\n", "ctr-a\r\n", "-ctr", ".ctr", "_ctr", "ctr a", "ctr/a", "ctr:a", "ctré"],
+    ids=[
+        "newline",
+        "crlf",
+        "leading-hyphen",
+        "leading-dot",
+        "leading-underscore",
+        "space",
+        "slash",
+        "colon",
+        "non-ascii",
+    ],
+)
+def test_container_ids_outside_the_spec_character_set_are_refused(call, container_id):
+    for command in ("ADD", "DEL", "CHECK"):
+        assert_cni_error(call(command, {**GOOD, "prevResult": {}}, container_id=container_id), 4)
+
+
+@pytest.mark.parametrize(
+    "ifname",
+    ["eth0\n", "\teth0", ".", "..", "eth:0", "é" * 8, "a" * 16, "eth%d"],
+    ids=["newline", "tab", "dot", "dot-dot", "colon", "16-utf8-bytes", "16-chars", "kernel-pattern"],
+)
+def test_interface_names_the_kernel_would_refuse_are_refused(call, ifname):
+    assert_cni_error(call("ADD", GOOD, ifname=ifname), 4)
+
+
+def test_an_interface_name_of_fifteen_bytes_is_accepted(call):
+    outcome = call("ADD", GOOD, ifname="é" * 7 + "x")  # 15 bytes: fails later, at the netns or the IPAM
+    assert json.loads(outcome.stdout)["code"] != 4
+
+
+def test_a_network_name_with_a_trailing_newline_is_refused(call):
+    assert_cni_error(call("ADD", {**GOOD, "name": "testnet\n"}), 7)
+
+
+def test_container_id_with_a_trailing_newline_allocates_nothing(exec_node, make_netns):
+    """Before: ADD succeeded, and DEL/GC (given the id without its newline) never found the owner."""
+    pod = make_netns("a")
+    outcome = exec_node.call("ADD", exec_node.conf(["10.76.0.0/24"]), "ctr-a\n", pod)
+
+    assert_cni_error(outcome, 4)
+    assert exec_node.allocations() == {}
+    assert exec_node.links() == ["lo"]
+
+
+def test_a_node_state_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = str(tmp_path / "node.json")
+    os.mkfifo(fifo)
+    conf = {**GOOD, "ipam": {"dataDir": UNREACHABLE_DATA_DIR}, "nodeStateFile": fifo}  # no subnet: read it
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}
+    env["CNI_NETNS"] = NOWHERE_NETNS
+    outcomes = []
+    caller = threading.Thread(target=lambda: outcomes.append(plugin.handle(env, json.dumps(conf).encode())))
+    caller.start()
+    caller.join(timeout=10)
+    if caller.is_alive():  # blocked in open(): a writer that closes at once lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        caller.join()
+        pytest.fail("reading the node state blocked on a FIFO")
+    code, stdout = outcomes[0]
+    assert_cni_error(Outcome(code, stdout, b""), 7)
+
+
+@pytest.mark.parametrize(
+    "data_dir", ["", "ipam", "./ipam", "ipam/../x"], ids=["empty", "bare", "dot", "dotdot"]
+)
+def test_a_relative_data_dir_is_refused_and_nothing_is_written_in_the_working_directory(
+    exec_node, make_netns, tmp_path, monkeypatch, data_dir
+):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # the exec'd plugin inherits it
+    outcome = exec_node.call(
+        "ADD", exec_node.conf(["10.76.0.0/24"], ipam={"dataDir": data_dir}), "ctr-a", make_netns("a")
+    )
+
+    assert_cni_error(outcome, 7)
+    assert list(cwd.iterdir()) == []
+    assert exec_node.links() == ["lo"]
+
+
+@pytest.mark.parametrize(
+    "subnet",
+    [
+        "0.0.0.0/0",
+        "::/0",
+        "0.0.0.0/1",
+        "128.0.0.0/1",
+        "127.0.0.0/24",
+        "224.0.0.0/24",
+        "169.254.0.0/24",
+        "fe80::/64",
+        "10.0.0.0/31",
+        "fd00::/127",
+    ],
+)
+def test_subnets_that_cannot_hold_pods_are_refused_before_anything_is_made(exec_node, make_netns, subnet):
+    outcome = exec_node.call("ADD", exec_node.conf([subnet]), "ctr-a", make_netns("a"))
+
+    assert_cni_error(outcome, 7)
+    assert exec_node.links() == ["lo"]
+    assert exec_node.allocations() == {}
+
+
+def test_a_range_holding_only_the_gateway_is_refused(exec_node, make_netns):
+    ipam = {"subnet": "10.76.0.0/24", "rangeStart": "10.76.0.1", "rangeEnd": "10.76.0.1"}
+    assert_cni_error(exec_node.call("ADD", exec_node.conf(ipam=ipam), "ctr-a", make_netns("a")), 7)
+
+
+@pytest.mark.parametrize("command", ["DEL", "STATUS"])
+def test_del_and_status_of_a_network_never_added_create_nothing(exec_node, make_netns, command):
+    conf = exec_node.conf(["10.76.0.0/24"])
+    outcome = exec_node.call(command, conf, "ctr-a" if command == "DEL" else "", make_netns("a"))
+
+    assert outcome.code == 0, outcome
+    assert not os.path.exists(exec_node.data_dir)
+
+
+# --- the general defence: generated bad input, the invariant every case must keep ---
+
+FUZZ_CASES = int(os.environ.get("NETAGENT_CNI_FUZZ_CASES", "2000"))  # a longer run: set it higher
+DEEP = "__deep__"  # spliced in as 5,000-deep nesting after json.dumps (which would recurse on it)
+JUNK_VALUES = [
+    None,
+    "",
+    "\ud800",
+    0,
+    -1,
+    2**70,
+    True,
+    1.5,
+    [],
+    {},
+    [1],
+    {"a": None},
+    "x" * 5000,
+    "../x",
+    "0.0.0.0/0",
+    "::/0",
+    "fd00::1%eth0/64",
+    "10.76.0.0/24",
+    "a\nb",
+    "eth%d",
+    DEEP,
+]
+JUNK_NAMES = ["", "a\n", "\ud800", "x" * 300, "é" * 8, "eth%d", "-x", ".", "a b", "ok"]
+FULL = {
+    **GOOD,
+    "bridge": "na0",
+    "mtu": 1400,
+    "ipMasq": False,
+    "hairpinMode": True,
+    "clusterCIDR": "10.76.0.0/16",
+    "nodeStateFile": "/dev/null/node.json",
+    "ipam": {**GOOD["ipam"], "rangeStart": "10.76.0.10", "gateway": "10.76.0.1", "subnets": ["fd76::/64"]},
+    "prevResult": {
+        "cniVersion": "1.1.0",
+        "interfaces": [{"name": "na0", "mac": "02:00:00:00:00:01"}, {"name": "eth0", "sandbox": "/x"}],
+        "ips": [{"address": "10.76.0.10/24", "gateway": "10.76.0.1", "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.76.0.1"}],
+        "dns": {},
+    },
+    "cni.dev/valid-attachments": [{"containerID": "c", "ifname": "eth0"}],
+}
+
+
+def mutated(rng: random.Random) -> bytes:
+    """FULL with one to three values replaced by junk, keys dropped or junk keys added."""
+    doc = json.loads(json.dumps(FULL))
+    for _ in range(rng.randint(1, 3)):
+        containers = list(walk(doc))
+        container, key = rng.choice(containers)
+        action = rng.random()
+        if action < 0.7:
+            container[key] = junk(rng)
+        elif action < 0.85 and isinstance(container, dict):
+            del container[key]
+        elif isinstance(container, dict):
+            container[rng.choice(JUNK_NAMES) or "k"] = junk(rng)
+    text = json.dumps(doc)
+    return text.replace(json.dumps(DEEP), "[" * 5000 + "]" * 5000).encode()
+
+
+def junk(rng: random.Random):
+    return copy.deepcopy(rng.choice(JUNK_VALUES))  # a shared [] or {} could end up inside itself
+
+
+def walk(value):
+    """(container, key) of every value in a JSON document, the document's own keys included."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield value, key
+        yield from walk(child)
+
+
+def test_generated_malformed_configs_and_environments_get_a_spec_error_never_an_internal_one(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # where a relative path would write
+    rng = random.Random(11)
+    violations = []
+    for case in range(FUZZ_CASES):
+        stdin = mutated(rng)
+        env = {"CNI_COMMAND": rng.choice(["ADD", "CHECK", "STATUS", "VERSION"]), "CNI_PATH": "/x"}
+        env.update(CNI_NETNS=NOWHERE_NETNS, CNI_CONTAINERID="c", CNI_IFNAME="eth0")
+        if rng.random() < 0.2:
+            env[rng.choice(["CNI_CONTAINERID", "CNI_IFNAME"])] = rng.choice(JUNK_NAMES)
+        code, stdout = plugin.handle(env, stdin)
+        body = json.loads(stdout) if stdout else {}
+        if code != 0 and (body.get("code") in (None, errors.INTERNAL_ERROR) or set(body) != ERROR_KEYS):
+            violations.append((case, env, stdin[:300], body))
+    assert violations == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generated_malformed_configs_through_the_exec_plugin_leave_nothing_behind(
+    exec_node, make_netns, tmp_path, monkeypatch
+):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # the exec'd plugin inherits it
+    rng = random.Random(12)
+    pod = make_netns("a")
+    for _ in range(max(FUZZ_CASES // 200, 10)):
+        stdin = mutated(rng).replace(UNREACHABLE_DATA_DIR.encode(), exec_node.data_dir.encode())
+        command = rng.choice(["ADD", "DEL", "CHECK", "GC", "STATUS"])
+        outcome = exec_node.call(command, stdin, "ctr-a", pod)
+        assert b"Traceback" not in outcome.stdout
+        if outcome.code != 0:
+            assert set(outcome.result) == ERROR_KEYS and outcome.result["code"] != errors.INTERNAL_ERROR
+        exec_node.call("DEL", exec_node.conf(["10.76.0.0/24"]), "ctr-a", pod)
+        assert exec_node.allocations() == {}
+        assert set(exec_node.links()) <= {"lo", "na0"}
+        assert list(cwd.iterdir()) == []

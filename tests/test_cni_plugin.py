@@ -6,6 +6,7 @@ run twice: through the exec'd Python plugin and through the compiled shim talkin
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -269,3 +270,129 @@ def seen_source(client_ns: str, server_ns: str, address: str, port: int = 8081) 
             return None
         conn.close()
         return peer[0]
+
+
+def test_a_first_add_that_fails_leaves_no_bridge_behind(node, make_netns):
+    pod = make_netns("a")
+    take_eth0(pod)
+
+    outcome = node.call("ADD", node.conf([V4, V6]), "ctr-a", pod)
+
+    assert outcome.code != 0 and outcome.result["code"] == 102
+    assert node.links() == ["lo"]
+    assert node.allocations() == {}
+
+
+def test_a_failed_add_removes_only_the_gateway_addresses_it_added(exec_node, make_netns):
+    """The bridge was there (an earlier pod came and went); the failed ADD added its gateways."""
+    pod = make_netns("a")
+    exec_node.add(exec_node.conf(["10.77.9.0/24"]), "ctr-old", pod)
+    assert exec_node.call("DEL", exec_node.conf(["10.77.9.0/24"]), "ctr-old", pod).code == 0
+    take_eth0(pod)
+
+    outcome = exec_node.call("ADD", exec_node.conf([V4]), "ctr-a", pod)
+
+    assert outcome.code != 0
+    assert exec_node.links() == ["lo", "na0"]
+    assert bridge_addresses(exec_node.name) == ["10.77.9.1/24"]
+
+
+def test_a_failed_add_keeps_the_bridge_another_pod_uses(exec_node, make_netns):
+    conf = exec_node.conf([V4])
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    ip_a = exec_node.add(conf, "ctr-a", pod_a)["ips"][0]["address"].split("/")[0]
+    take_eth0(pod_b)
+
+    assert exec_node.call("ADD", conf, "ctr-b", pod_b).code != 0
+
+    assert bridge_addresses(exec_node.name) == ["10.77.1.1/24"]
+    assert ping(pod_a, "10.77.1.1") and ping(exec_node.name, ip_a)
+
+
+def test_the_masquerade_table_goes_with_the_last_attachment_of_its_network(exec_node, make_netns):
+    conf = exec_node.conf([V4], ipMasq=True, clusterCIDR="10.77.0.0/16")
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    exec_node.add(conf, "ctr-a", pod_a)
+    exec_node.add(conf, "ctr-b", pod_b)
+    table = ["nft", "list", "table", "inet", "netagent_testnet"]
+
+    assert exec_node.call("DEL", conf, "ctr-a", pod_a).code == 0
+    assert "masquerade" in netns.run(exec_node.name, table).stdout
+    assert exec_node.call("DEL", conf, "ctr-b", pod_b).code == 0
+    assert netns.run(exec_node.name, table, check=False).returncode != 0
+    assert exec_node.call("DEL", conf, "ctr-b", pod_b).code == 0  # still idempotent
+
+    exec_node.add(conf, "ctr-c", make_netns("c"))  # and the next pod brings it back
+    assert "masquerade" in netns.run(exec_node.name, table).stdout
+    gc_conf = {**conf, "cni.dev/valid-attachments": []}
+    assert exec_node.call("GC", gc_conf).code == 0
+    assert netns.run(exec_node.name, table, check=False).returncode != 0
+
+
+def test_networks_whose_names_spell_alike_have_their_own_masquerade_tables(exec_node, make_netns):
+    dotted = exec_node.conf([V4], name="net.a", bridge="na1", ipMasq=True)
+    underscored = exec_node.conf(["10.78.0.0/24"], name="net_a", bridge="na2", ipMasq=True)
+    pod_a, pod_b = make_netns("a"), make_netns("b")
+    exec_node.add(dotted, "ctr-a", pod_a)
+    exec_node.add(underscored, "ctr-b", pod_b)
+
+    assert exec_node.call("DEL", dotted, "ctr-a", pod_a).code == 0
+    tables = netns.run(exec_node.name, ["nft", "list", "tables"]).stdout.split()
+    assert "netagent_net_a" in tables and not any(t.startswith("netagent_net_a_") for t in tables)
+
+
+def test_ipam_files_are_readable_by_root_only_and_an_old_open_directory_is_tightened(exec_node, make_netns):
+    directory = os.path.join(exec_node.data_dir, "testnet")
+    os.makedirs(directory, mode=0o755)
+    os.chmod(directory, 0o755)  # as an earlier version left it
+
+    exec_node.add(exec_node.conf([V4, V6]), "ctr-a", make_netns("a"))
+
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    modes = {name: os.stat(os.path.join(directory, name)).st_mode & 0o777 for name in os.listdir(directory)}
+    assert len(modes) >= 5  # two allocations, their owner index entries, lock, last reserved
+    assert set(modes.values()) == {0o600}, modes
+
+
+def take_eth0(pod: str) -> None:
+    """Give the pod a link named eth0, so an ADD for eth0 fails after it made the bridge."""
+    netns.run(pod, ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
+
+
+def bridge_addresses(node_name: str) -> list[str]:
+    """The global addresses on the node's bridge, as address/prefixlen."""
+    done = netns.run(node_name, ["ip", "-j", "addr", "show", "dev", "na0", "scope", "global"])
+    infos = [a for link in json.loads(done.stdout) for a in link["addr_info"] if "local" in a]
+    return [f"{a['local']}/{a['prefixlen']}" for a in infos]
+
+
+def test_the_last_del_racing_an_add_never_takes_the_new_pods_masquerade(exec_node, make_netns):
+    conf = exec_node.conf([V4], ipMasq=True)
+    table = ["nft", "list", "table", "inet", "netagent_testnet"]
+    pods = [make_netns(f"p{i}") for i in range(2)]
+    exec_node.add(conf, "ctr-0", pods[0])
+    for round_ in range(1, 9):
+        leaving, coming = f"ctr-{round_ - 1}", f"ctr-{round_}"
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            deleted = pool.submit(exec_node.call, "DEL", conf, leaving, pods[(round_ - 1) % 2])
+            added = pool.submit(exec_node.call, "ADD", conf, coming, pods[round_ % 2])
+            assert deleted.result().code == 0 and added.result().code == 0, (deleted.result(), added.result())
+        assert len(exec_node.allocations()) == 1
+        assert "masquerade" in netns.run(exec_node.name, table).stdout, f"round {round_}"
+
+
+def test_malformed_configs_get_the_spec_error_through_the_shim_and_the_agent_too(node, make_netns):
+    pod = make_netns("a")
+    good = node.conf([V4])
+    cases = [
+        (json.dumps({**good, "bridge": None}).encode(), 7),
+        (json.dumps({**good, "ipam": {**good["ipam"], "dataDir": ""}}).encode(), 7),
+        (json.dumps({**good, "bridge": "\ud800"}).encode(), 6),
+        (json.dumps(good)[:-1].encode() + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 6),
+        (json.dumps({**good, "prevResult": {"ips": [1]}}).encode(), 7),
+    ]
+    for stdin, code in cases:
+        outcome = node.call("CHECK" if b"prevResult" in stdin else "ADD", stdin, "ctr-a", pod)
+        assert outcome.code != 0 and outcome.result["code"] == code, outcome
+    assert node.call("ADD", good, "ctr-a\n", pod).result["code"] == 4
+    assert node.links() == ["lo"] and node.allocations() == {}
