@@ -102,7 +102,7 @@ def check(request: Request, conf: NetConf) -> None:
         if node_ipr.get_links(host.index)[0].get_attr("IFLA_MASTER") != bridge.index:
             _drift(f"host veth {host_name} is not attached to {conf.bridge}")
     store = ipam.AllocationStore(conf.data_dir, conf.name)
-    with store.locked():
+    with store.locked_if_exists():
         held = {a for a, owner in store.allocations().items() if owner == request.owner}
     for address in expected_ips:
         if address.ip not in held:

@@ -104,7 +104,7 @@ def sweep(
     store = ipam.AllocationStore(data_dir, network_name)
     releases: list[Release] = []
     with links.node_iproute() as ipr:
-        with store.locked():
+        with store.locked_if_exists():
             attachments = _attachments(store)
             veths = _veths(ipr, network_name, {a.veth_name for a in attachments})
             condemned = {a.owner: reason for a in attachments if (reason := judge_attachment(a)) is not None}

@@ -73,10 +73,21 @@ class AllocationStore:
         finally:
             os.close(fd)  # releases the flock
 
+    @contextlib.contextmanager
+    def locked_if_exists(self) -> Iterator[bool]:
+        """The lock for readers (CHECK, GC, STATUS): a network no ADD ever wrote is read as empty and
+        nothing is created for it. Yields whether the store exists."""
+        if not self.exists():
+            yield False
+            return
+        with self.locked():
+            yield True
+
     def allocations(self) -> dict[IPAddress, Owner]:
         """Every allocation of this network (caller holds the lock)."""
         found: dict[IPAddress, Owner] = {}
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.directory) as entries:
+        absent = (FileNotFoundError, NotADirectoryError)  # a network no ADD wrote reads as empty
+        with contextlib.suppress(*absent), os.scandir(self.directory) as entries:
             for entry in entries:
                 address = _address_or_none(entry.name)
                 if address is not None:
@@ -140,10 +151,8 @@ class AllocationStore:
 
     def exhausted(self, ranges: Iterable[IpRange]) -> list[IpRange]:
         """The ranges with no free address left."""
-        if not self.exists():
-            return []
-        with self.locked():
-            taken = [ipaddress.ip_address(text) for text in self._scan().inodes]
+        with self.locked_if_exists() as exists:
+            taken = [ipaddress.ip_address(text) for text in self._scan().inodes] if exists else []
         return [pool for pool in ranges if _free_count(pool, taken) == 0]
 
     def _scan(self) -> _Scan:

@@ -82,7 +82,7 @@ def _gc(conf: NetConf) -> None:
         from cni import ipam, masq
 
         store = ipam.AllocationStore(conf.data_dir, conf.name)
-        with store.locked():
+        with store.locked_if_exists():
             if not store.allocations():
                 masq.remove(conf.name)
 

@@ -37,7 +37,7 @@ ODD_STRINGS = (
     "", " ", "\n", "\ud800", "x\udfffy", "é", "\u202eevil", "𝔁𝔂", "a/b", "../..", "x" * 5000, "null",
     "-1", "1e400", "\t", "ＡＢ", "\ufeff", "%s%n", "$(reboot)",
 )
-ODD_NUMBERS = (0, -1, 1, 2**31, 2**63, 10**30, -(10**30), 1.5, float("inf"), float("nan"), 65536, 0.0)
+ODD_NUMBERS = (0, -1, 1, 2**31, 2**63, 2**70, 10**30, -(10**30), 1.5, float("inf"), float("nan"), 65536, 0.0)
 
 
 def odd_value(rng: random.Random, depth: int = 0) -> Any:

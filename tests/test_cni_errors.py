@@ -3,10 +3,8 @@ the code says what went wrong. Driven through the exec'd plugin, as a runtime wo
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import random
 import threading
 
 import pytest
@@ -378,128 +376,19 @@ def test_a_range_holding_only_the_gateway_is_refused(exec_node, make_netns):
     assert_cni_error(exec_node.call("ADD", exec_node.conf(ipam=ipam), "ctr-a", make_netns("a")), 7)
 
 
-@pytest.mark.parametrize("command", ["DEL", "STATUS"])
-def test_del_and_status_of_a_network_never_added_create_nothing(exec_node, make_netns, command):
+@pytest.mark.parametrize("command", ["DEL", "STATUS", "GC", "CHECK"])
+def test_calls_about_a_network_never_added_create_nothing(exec_node, make_netns, command):
+    """Only ADD writes a network's IPAM store: DEL, STATUS and GC of a network without one succeed and
+    CHECK reports the missing attachment, all without leaving a directory or lock file behind."""
     conf = exec_node.conf(["10.76.0.0/24"])
-    outcome = exec_node.call(command, conf, "ctr-a" if command == "DEL" else "", make_netns("a"))
+    conf["cni.dev/valid-attachments"] = []
+    conf["prevResult"] = {"cniVersion": conf["cniVersion"], "interfaces": [{"name": "eth0"}],
+                          "ips": [{"address": "10.76.0.5/24", "interface": 0}]}
+    container = "" if command in ("STATUS", "GC") else "ctr-a"
+    outcome = exec_node.call(command, conf, container, make_netns("a"))
 
-    assert outcome.code == 0, outcome
+    if command == "CHECK":
+        assert_cni_error(outcome, errors.CHECK_FAILED)
+    else:
+        assert outcome.code == 0, outcome
     assert not os.path.exists(exec_node.data_dir)
-
-
-# --- the general defence: generated bad input, the invariant every case must keep ---
-
-FUZZ_CASES = int(os.environ.get("NETAGENT_CNI_FUZZ_CASES", "2000"))  # a longer run: set it higher
-DEEP = "__deep__"  # spliced in as 5,000-deep nesting after json.dumps (which would recurse on it)
-JUNK_VALUES = [
-    None,
-    "",
-    "\ud800",
-    0,
-    -1,
-    2**70,
-    True,
-    1.5,
-    [],
-    {},
-    [1],
-    {"a": None},
-    "x" * 5000,
-    "../x",
-    "0.0.0.0/0",
-    "::/0",
-    "fd00::1%eth0/64",
-    "10.76.0.0/24",
-    "a\nb",
-    "eth%d",
-    DEEP,
-]
-JUNK_NAMES = ["", "a\n", "\ud800", "x" * 300, "é" * 8, "eth%d", "-x", ".", "a b", "ok"]
-FULL = {
-    **GOOD,
-    "bridge": "na0",
-    "mtu": 1400,
-    "ipMasq": False,
-    "hairpinMode": True,
-    "clusterCIDR": "10.76.0.0/16",
-    "nodeStateFile": "/dev/null/node.json",
-    "ipam": {**GOOD["ipam"], "rangeStart": "10.76.0.10", "gateway": "10.76.0.1", "subnets": ["fd76::/64"]},
-    "prevResult": {
-        "cniVersion": "1.1.0",
-        "interfaces": [{"name": "na0", "mac": "02:00:00:00:00:01"}, {"name": "eth0", "sandbox": "/x"}],
-        "ips": [{"address": "10.76.0.10/24", "gateway": "10.76.0.1", "interface": 1}],
-        "routes": [{"dst": "0.0.0.0/0", "gw": "10.76.0.1"}],
-        "dns": {},
-    },
-    "cni.dev/valid-attachments": [{"containerID": "c", "ifname": "eth0"}],
-}
-
-
-def mutated(rng: random.Random) -> bytes:
-    """FULL with one to three values replaced by junk, keys dropped or junk keys added."""
-    doc = json.loads(json.dumps(FULL))
-    for _ in range(rng.randint(1, 3)):
-        containers = list(walk(doc))
-        container, key = rng.choice(containers)
-        action = rng.random()
-        if action < 0.7:
-            container[key] = junk(rng)
-        elif action < 0.85 and isinstance(container, dict):
-            del container[key]
-        elif isinstance(container, dict):
-            container[rng.choice(JUNK_NAMES) or "k"] = junk(rng)
-    text = json.dumps(doc)
-    return text.replace(json.dumps(DEEP), "[" * 5000 + "]" * 5000).encode()
-
-
-def junk(rng: random.Random):
-    return copy.deepcopy(rng.choice(JUNK_VALUES))  # a shared [] or {} could end up inside itself
-
-
-def walk(value):
-    """(container, key) of every value in a JSON document, the document's own keys included."""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, child in items:
-        yield value, key
-        yield from walk(child)
-
-
-def test_generated_malformed_configs_and_environments_get_a_spec_error_never_an_internal_one(
-    tmp_path, monkeypatch
-):
-    monkeypatch.chdir(tmp_path)  # where a relative path would write
-    rng = random.Random(11)
-    violations = []
-    for case in range(FUZZ_CASES):
-        stdin = mutated(rng)
-        env = {"CNI_COMMAND": rng.choice(["ADD", "CHECK", "STATUS", "VERSION"]), "CNI_PATH": "/x"}
-        env.update(CNI_NETNS=NOWHERE_NETNS, CNI_CONTAINERID="c", CNI_IFNAME="eth0")
-        if rng.random() < 0.2:
-            env[rng.choice(["CNI_CONTAINERID", "CNI_IFNAME"])] = rng.choice(JUNK_NAMES)
-        code, stdout = plugin.handle(env, stdin)
-        body = json.loads(stdout) if stdout else {}
-        if code != 0 and (body.get("code") in (None, errors.INTERNAL_ERROR) or set(body) != ERROR_KEYS):
-            violations.append((case, env, stdin[:300], body))
-    assert violations == []
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_generated_malformed_configs_through_the_exec_plugin_leave_nothing_behind(
-    exec_node, make_netns, tmp_path, monkeypatch
-):
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)  # the exec'd plugin inherits it
-    rng = random.Random(12)
-    pod = make_netns("a")
-    for _ in range(max(FUZZ_CASES // 200, 10)):
-        stdin = mutated(rng).replace(UNREACHABLE_DATA_DIR.encode(), exec_node.data_dir.encode())
-        command = rng.choice(["ADD", "DEL", "CHECK", "GC", "STATUS"])
-        outcome = exec_node.call(command, stdin, "ctr-a", pod)
-        assert b"Traceback" not in outcome.stdout
-        if outcome.code != 0:
-            assert set(outcome.result) == ERROR_KEYS and outcome.result["code"] != errors.INTERNAL_ERROR
-        exec_node.call("DEL", exec_node.conf(["10.76.0.0/24"]), "ctr-a", pod)
-        assert exec_node.allocations() == {}
-        assert set(exec_node.links()) <= {"lo", "na0"}
-        assert list(cwd.iterdir()) == []
