@@ -50,7 +50,7 @@ class LabError(Exception):
 
 
 def check_pod_name(name: str) -> str:
-    if not _POD_NAME_RE.match(name):
+    if not _POD_NAME_RE.fullmatch(name):
         raise LabError(f"invalid pod name {name!r}: lowercase letters, digits and '-', at most 40 chars")
     return name
 
@@ -151,7 +151,7 @@ class Lab:
     """One lab's names and paths, and access to its persisted state."""
 
     def __init__(self, name: str = DEFAULT_NAME) -> None:
-        if not _LAB_NAME_RE.match(name):
+        if not _LAB_NAME_RE.fullmatch(name):
             raise LabError(
                 f"invalid lab name {name!r}: 1-12 lowercase letters and digits, starting with a letter"
             )
@@ -178,7 +178,7 @@ class Lab:
         head, sep, rest = netns_name.partition("-")
         if head != self.name or not sep:
             return False
-        return rest == "ul" or bool(_NODE_NETNS_RE.match(rest)) or rest.startswith("p-")
+        return rest == "ul" or bool(_NODE_NETNS_RE.fullmatch(rest)) or rest.startswith("p-")
 
     def load(self) -> LabState:
         try:

@@ -21,7 +21,7 @@ from netns_lab import cluster, probe, processes
 from netns_lab.pods import parse_labels
 from netns_lab.processes import ProcRef
 from netns_lab.responder import DEFAULT_PORT
-from netns_lab.state import Lab, LabError, LabState, NodeInfo, PodInfo
+from netns_lab.state import Lab, LabError, LabState, NodeInfo, PodInfo, check_pod_name
 from netns_lab.supervisor import RESET_AFTER, Backoff, read_status
 
 from nodekit import netns
@@ -172,16 +172,23 @@ def test_commands_on_a_missing_lab_or_pod_fail_with_one_clear_line(lab_name: str
         assert f"no lab named {lab_name!r}" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["", "Upper", "with-dash", "a" * 13, "9lives"])
+@pytest.mark.parametrize("name", ["", "Upper", "with-dash", "a" * 13, "9lives", "demo\n"])
 def test_lab_names_that_could_collide_or_overflow_are_rejected(name: str):
     with pytest.raises(LabError):
         Lab(name)
 
 
+@pytest.mark.parametrize("name", ["", "Web", "web_1", "web\n", "-web", "a" * 41])
+def test_pod_names_outside_a_dns_label_are_rejected(name: str):
+    with pytest.raises(LabError):
+        check_pod_name(name)
+
+
 def test_a_lab_owns_only_its_own_namespaces():
     lab = Lab("demo")
     assert all(lab.owns_netns(n) for n in ("demo-ul", "demo-n1", "demo-n12", "demo-p-web-1"))
-    assert not any(lab.owns_netns(n) for n in ("demo2-ul", "demox-n1", "demo-other", "demo-nx", "ddemo-ul"))
+    assert not any(lab.owns_netns(n) for n in ("demo2-ul", "demox-n1", "demo-other", "demo-nx", "ddemo-ul",
+                                                "demo-n1\n"))
 
 
 def test_lab_state_reads_back_exactly_what_was_written():

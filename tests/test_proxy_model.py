@@ -287,6 +287,7 @@ MALFORMED_SERVICES = {
     "spec-not-an-object": None,
     "cluster-ip-with-a-lone-surrogate": {"clusterIP": "10.96.0.\udfff", "clusterIPs": None},
     "external-ip-with-a-nul": {"externalIPs": ["10.0.0.1\x00"]},
+    "port-name-ending-in-a-newline": {"ports": [{"name": "http\n", "port": 80}]},
 }
 
 

@@ -282,7 +282,7 @@ class EbpfBackend(Backend):
         cgroup: str = DEFAULT_CGROUP,
         pin_dir: str | None = None,
     ) -> None:
-        if not _NODE_NAME.match(node.node_name):
+        if not _NODE_NAME.fullmatch(node.node_name):
             raise ValueError(f"node name {node.node_name!r} cannot name a bpffs directory")
         super().__init__(node, family, netns)
         self.cgroup = cgroup

@@ -82,7 +82,7 @@ def service_ports(svc: Any, slices: list[ParsedSlice], node_name: str) -> list[S
     meta, spec = json_field(svc, "metadata"), json_field(svc, "spec")
     namespace, name = json_field(meta, "namespace") or "default", json_field(meta, "name") or ""
     for label in (namespace, name):
-        if not isinstance(label, str) or not _DNS_LABEL.match(label):
+        if not isinstance(label, str) or not _DNS_LABEL.fullmatch(label):
             raise InvalidService(f"invalid name {label!r}")
     if spec is not None and not _is_object(spec):
         raise InvalidService("spec is not an object")
@@ -127,7 +127,7 @@ def service_ports(svc: Any, slices: list[ParsedSlice], node_name: str) -> list[S
         if not _is_object(sp):
             raise InvalidService(f"port {sp!r} is not an object")
         port_name = _text(json_field(sp, "name"), "port name", InvalidService)
-        if port_name and not _PORT_NAME.match(port_name):
+        if port_name and not _PORT_NAME.fullmatch(port_name):
             raise InvalidService(f"invalid port name {port_name!r}")
         protocol = _text(json_field(sp, "protocol"), "protocol", InvalidService) or "TCP"
         if protocol not in PROTOCOLS:
