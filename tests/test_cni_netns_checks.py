@@ -9,7 +9,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_cni_support import CniNode, Outcome, compile_shim, make_node, running_service
+from test_cni_support import CniNode, Outcome, node_on_path
 
 from nodekit import netns
 
@@ -17,15 +17,9 @@ V4 = "10.73.0.0/24"
 PROMPTLY = 30.0  # seconds: a call that takes longer is taken as hanging
 
 
-@pytest.fixture(params=["exec", "agent"])
+@pytest.fixture(params=["exec", "shim"])
 def node(request, make_netns, tmp_path):
-    cni_node = make_node(make_netns, tmp_path)
-    if request.param == "exec":
-        yield cni_node
-        return
-    socket_path = os.path.join(str(tmp_path), "state", "cni.sock")
-    cni_node.plugin = [compile_shim(str(tmp_path), socket_path)]
-    with running_service(cni_node.name, socket_path):
+    with node_on_path(request.param, make_netns, tmp_path) as cni_node:
         yield cni_node
 
 

@@ -12,14 +12,7 @@ import os
 import socket
 
 import pytest
-from test_cni_support import (
-    CniNode,
-    compile_shim,
-    make_node,
-    ping,
-    running_service,
-    tcp_reaches,
-)
+from test_cni_support import CniNode, make_node, node_on_path, ping, tcp_reaches
 
 from nodekit import netns, nodestate
 
@@ -30,13 +23,7 @@ SMALL_POOL = {"subnet": "10.79.0.0/24", "rangeStart": "10.79.0.10"}
 
 @pytest.fixture(params=["exec", "shim"])
 def node(request, make_netns, tmp_path):
-    cni_node = make_node(make_netns, tmp_path)
-    if request.param == "exec":
-        yield cni_node
-        return
-    socket_path = os.path.join(str(tmp_path), "state", "cni.sock")
-    cni_node.plugin = [compile_shim(str(tmp_path), socket_path)]
-    with running_service(cni_node.name, socket_path):
+    with node_on_path(request.param, make_netns, tmp_path) as cni_node:
         yield cni_node
 
 

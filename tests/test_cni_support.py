@@ -174,6 +174,20 @@ def running_service(
         proc.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def node_on_path(path: str, make_netns, tmp_path) -> Iterator[CniNode]:
+    """A CNI node whose plugin is called as `path` says: "exec" (the Python plugin, as with no agent)
+    or "shim" (the compiled shim handing calls to a running CNI service, as with the agent)."""
+    cni_node = make_node(make_netns, tmp_path)
+    if path == "exec":
+        yield cni_node
+        return
+    socket_path = os.path.join(str(tmp_path), "state", "cni.sock")
+    cni_node.plugin = [compile_shim(str(tmp_path), socket_path)]
+    with running_service(cni_node.name, socket_path):
+        yield cni_node
+
+
 def compile_shim(directory: str, socket_path: str) -> str:
     shim = os.path.join(directory, "netagent")
     assert build_shim(shim, socket_path, FALLBACK_PLUGIN), "no C compiler"
