@@ -13,17 +13,14 @@ so a veth recreated afterwards by a new ADD under the same name (a new ifindex) 
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from cni import errors, ipam, links
+from cni import ipam, links
 from cni.config import IPAddress
-from cni.errors import CniError
 
 Owner = tuple[str, str]  # (container id, ifname)
 NOT_VALID = "not in cni.dev/valid-attachments"
@@ -158,10 +155,4 @@ def _veths(ipr: IPRoute, network_name: str, attachment_veths: set[str]) -> list[
 
 def _delete(ipr: IPRoute, veth: Veth) -> bool:
     """Delete by index, never by name (see the module docstring); False when it is already gone."""
-    try:
-        ipr.link("del", index=veth.index)
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return False
-        raise CniError(errors.KERNEL_FAILURE, f"cannot delete {veth.name}", str(e)) from None
-    return True
+    return links.delete_index(ipr, veth.index, veth.name)

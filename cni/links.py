@@ -250,10 +250,13 @@ def configure_pod_interface(
 def delete(ipr: IPRoute, name: str) -> bool:
     """Remove a link by name; False when it was already gone."""
     link = find(ipr, name)
-    if link is None:
-        return False
+    return link is not None and delete_index(ipr, link.index, name)
+
+
+def delete_index(ipr: IPRoute, index: int, name: str) -> bool:
+    """Remove the link with this index (named `name` in errors); False when it was already gone."""
     try:
-        ipr.link("del", index=link.index)
+        ipr.link("del", index=index)
     except NetlinkError as e:
         if e.code == errno.ENODEV:
             return False
