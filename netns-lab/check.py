@@ -170,7 +170,7 @@ def main(lab: Lab, out: Callable[[str], None]) -> bool:
         raise LabError(f"lab {lab.name!r} has no pods: create some with `netagent lab pod`")
     services = None
     if state.proxy != "none":
-        services = [t for t in kube.service_targets(kube.connect(lab.kubeconfig)) if t.backends]
+        services = [t for t in kube.service_targets(kube.connect(lab.kubeconfig)).targets if t.backends]
     report = run(state, services)
     out(render(report, {pod.name: pod.node for pod in state.pods.values()}))
     return report.passed

@@ -115,15 +115,17 @@ def status_cmd(name: str) -> None:
     click.echo("\n" + _table(rows))
     if state.api_url:
         try:
-            targets = kube.service_targets(kube.connect(lab.kubeconfig))
+            view = kube.service_targets(kube.connect(lab.kubeconfig))
         except LabError as e:
             click.echo(f"\nservices: {e}")
             sys.exit(1)
         rows = [("SERVICE", "CLUSTER-IP", "PORTS", "BACKENDS")]
         pod_at = {ip: pod.name for pod in state.pods.values() for ip in pod.ips}
         rows += [(t.service, t.cluster_ip, f"{t.port}/{t.protocol}",
-                  ",".join(sorted(pod_at.get(ip, ip) for ip in t.backends)) or "-") for t in targets]
+                  ",".join(sorted(pod_at.get(ip, ip) for ip in t.backends)) or "-") for t in view.targets]
         click.echo("\n" + _table(rows))
+        for skipped in view.skipped:
+            click.echo(f"malformed, not shown: {skipped}")
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

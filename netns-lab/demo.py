@@ -60,7 +60,7 @@ def _wait_for_service(lab: Lab, api: ApiClient, progress: Callable[[str], None])
     waiting = list({pod.node: pod for pod in state.pods.values()}.values())  # one pod per node
     deadline = time.monotonic() + SERVICE_READY_TIMEOUT
     while True:
-        targets = [t for t in kube.service_targets(api) if t.protocol == "TCP" and t.backends]
+        targets = [t for t in kube.service_targets(api).targets if t.protocol == "TCP" and t.backends]
         if targets:
             waiting = [pod for pod in waiting if not _answers(pod, targets[0])]
             if not waiting:
@@ -93,7 +93,7 @@ def _what_next(lab: Lab, api: ApiClient, passed: bool) -> str:
     lab_cmd = f"{_netagent_command()} lab"
     flag = "" if lab.name == "netagent" else f" --name {lab.name}"
     first, last = state.pods["web-1"], state.pods[f"web-{NODES * PODS_PER_NODE}"]
-    service = next((t for t in kube.service_targets(api) if t.protocol == "TCP"), None)
+    service = next((t for t in kube.service_targets(api).targets if t.protocol == "TCP"), None)
     verdict = "Every path works." if passed else "Some checks FAILED (details above)."
     lines = [
         "", f"{verdict} What next:",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -168,28 +169,99 @@ class ServiceTarget:
         return f"svc/{self.service}:{self.port}/{self.protocol.lower()}"
 
 
-def service_targets(api: k8s.ApiClient) -> list[ServiceTarget]:
+@dataclass(frozen=True)
+class ServiceView:
+    targets: list[ServiceTarget]
+    skipped: list[str]  # "service/NAME: why" for each object too malformed to read
+
+
+class _Malformed(Exception):
+    pass
+
+
+def service_targets(api: k8s.ApiClient) -> ServiceView:
     """Every port of every IPv4 ClusterIP service, with its ready endpoints' addresses (maybe none).
 
     Endpoints come from EndpointSlices, whether the lab's endpoints controller or `lab apply` made them.
+    Lists are read as JSON and each object on its own, so one malformed object (which the client's
+    typed models would refuse, failing the whole list) is named in `skipped` and the rest still shows.
     """
     with api_errors():
-        services = k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE).items
-        slices = k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(NAMESPACE).items
+        services = _items(k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE, _preload_content=False))
+        slices = _items(
+            k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(NAMESPACE, _preload_content=False))
+    skipped: list[str] = []
     backends: dict[str, set[str]] = {}
     for eps in slices:
-        service = (eps.metadata.labels or {}).get("kubernetes.io/service-name")
-        for endpoint in eps.endpoints or []:
-            ready = endpoint.conditions is None or endpoint.conditions.ready is not False
-            if service and ready:
-                backends.setdefault(service, set()).update(endpoint.addresses or [])
+        try:
+            service, addresses = _ready_addresses(eps)
+        except _Malformed as e:
+            skipped.append(f"endpointslice/{_name_of(eps)}: {e}")
+            continue
+        if service:
+            backends.setdefault(service, set()).update(addresses)
     targets = []
     for svc in services:
-        ip = svc.spec.cluster_ip
-        if not ip or ip == "None" or ipaddress.ip_address(ip).version != 4:
-            continue
-        for port in svc.spec.ports or []:
-            if port.protocol in ("TCP", "UDP"):
-                targets.append(ServiceTarget(svc.metadata.name, ip, port.port, port.protocol,
-                                             frozenset(backends.get(svc.metadata.name, ()))))
+        try:
+            targets += _targets_of(svc, backends)
+        except _Malformed as e:
+            skipped.append(f"service/{_name_of(svc)}: {e}")
+    return ServiceView(targets, skipped)
+
+
+def _items(response: urllib3.BaseHTTPResponse) -> list[Any]:
+    try:
+        items = json.loads(response.data).get("items")
+    except (ValueError, AttributeError):
+        raise LabError("the lab API server answered a list with something other than a JSON list") from None
+    return items if isinstance(items, list) else []
+
+
+def _name_of(obj: Any) -> str:
+    name = obj.get("metadata", {}).get("name") if isinstance(obj, dict) else None
+    return name if isinstance(name, str) else "?"
+
+
+def _field(obj: Any, key: str, kind: type, default: Any) -> Any:
+    """obj[key] if it is a `kind`, `default` if absent or null; anything else is malformed."""
+    if not isinstance(obj, dict):
+        raise _Malformed(f"{obj!r} is not an object")
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise _Malformed(f"{key} {value!r} is not a {kind.__name__}")
+    return value
+
+
+def _ready_addresses(eps: Any) -> tuple[str | None, list[str]]:
+    labels = _field(_field(eps, "metadata", dict, {}), "labels", dict, {})
+    service = _field(labels, "kubernetes.io/service-name", str, None)
+    addresses: list[str] = []
+    for endpoint in _field(eps, "endpoints", list, []):
+        ready = _field(_field(endpoint, "conditions", dict, {}), "ready", bool, True)
+        listed = _field(endpoint, "addresses", list, [])
+        if not all(isinstance(address, str) for address in listed):
+            raise _Malformed(f"addresses {listed!r} are not all strings")
+        if ready:
+            addresses += listed
+    return service, addresses
+
+
+def _targets_of(svc: Any, backends: dict[str, set[str]]) -> list[ServiceTarget]:
+    name = _field(_field(svc, "metadata", dict, {}), "name", str, "")
+    spec = _field(svc, "spec", dict, {})
+    ip = _field(spec, "clusterIP", str, "")
+    if not ip or ip == "None":
+        return []
+    try:
+        if ipaddress.ip_address(ip).version != 4:
+            return []
+    except ValueError:
+        raise _Malformed(f"clusterIP {ip!r} is not an address") from None
+    targets = []
+    for port in _field(spec, "ports", list, []):
+        number, protocol = _field(port, "port", int, 0), _field(port, "protocol", str, "TCP")
+        if protocol in ("TCP", "UDP"):
+            targets.append(ServiceTarget(name, ip, number, protocol, frozenset(backends.get(name, ()))))
     return targets

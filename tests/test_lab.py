@@ -331,3 +331,39 @@ def test_a_stopped_supervisor_stops_its_agent_and_no_ready_marker_outlives_it(tm
     assert (final.state, final.restarts, final.last_exit, final.pid) == ("stopped", 0, "exit code 0", None)
     assert not os.path.exists(marker) and not ProcRef(status.pid, status.start_time).alive()
     assert os.stat(status_file).st_mode & 0o777 == 0o600
+
+
+OF_WEB = {"kubernetes.io/service-name": "web"}
+MALFORMED_FOR_THE_CLIENTS_MODELS = [
+    ("endpointslices", {"metadata": {"name": "no-address-type", "labels": OF_WEB},
+                        "endpoints": [{"addresses": ["10.244.1.9"]}]}),
+    ("endpointslices", {"metadata": {"name": "numbers", "labels": OF_WEB},
+                        "addressType": "IPv4", "endpoints": [{"addresses": [5]}]}),
+    ("endpointslices", {"metadata": {"name": "yes", "labels": OF_WEB},
+                        "addressType": "IPv4",
+                        "endpoints": [{"addresses": ["10.244.1.8"], "conditions": {"ready": "yes"}}]}),
+    ("services", {"metadata": {"name": "odd"},
+                  "spec": {"clusterIP": "10.96.0.50", "ports": [{"port": "80"}]}}),
+    ("services", {"metadata": {"name": "odder"}, "spec": "x"}),
+]
+
+
+def test_lab_status_shows_every_service_it_can_read_and_names_the_malformed_ones(api_server, core):
+    """One object the client's typed models refuse (issue 11 item 1) no longer fails the whole listing
+    behind `lab status`, `lab check` and the demo."""
+    from netns_lab import kube
+
+    core.create_namespaced_service("default", {
+        "metadata": {"name": "web"}, "spec": {"clusterIP": "10.96.0.40", "ports": [{"port": 80}]}})
+    api_server.store.create("endpointslices", {
+        "metadata": {"name": "web-1", "namespace": "default", "labels": OF_WEB},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.7"], "conditions": {"ready": True}}]})
+    for resource, body in MALFORMED_FOR_THE_CLIENTS_MODELS:
+        api_server.store.create(resource, {**body, "metadata": {**body["metadata"], "namespace": "default"}})
+
+    view = kube.service_targets(core.api_client)
+
+    assert [(t.service, t.cluster_ip, t.port, t.backends) for t in view.targets] == [
+        ("web", "10.96.0.40", 80, frozenset({"10.244.1.7", "10.244.1.9"}))]
+    assert sorted(s.split(":")[0] for s in view.skipped) == [
+        "endpointslice/numbers", "endpointslice/yes", "service/odd", "service/odder"]
