@@ -90,15 +90,16 @@ def decoded(kind: str, version: str, obj: dict) -> dict:
 
 
 def _decode(value: object, schema: Schema, path: str, owner: str) -> object:
+    """`value` decoded as `schema` at `path` (JSON names from the root) inside the struct `owner`."""
     if isinstance(schema, Struct):
         if not isinstance(value, dict):
-            raise _type_error(value, f"v1.{schema.name}", path, owner)
+            raise _type_error(value, _go_type(schema), path, owner)
         return {key: _decode(item, schema.fields[key], f"{path}.{key}".lstrip("."), schema.name)
                 if key in schema.fields else item
                 for key, item in value.items() if item is not None or key not in schema.fields}
     if isinstance(schema, list):
         if not isinstance(value, list):
-            raise _type_error(value, f"[]{_go_type(schema[0])}", path, owner)
+            raise _type_error(value, _go_type(schema), path, owner)
         return [_zero(schema[0]) if item is None else _decode(item, schema[0], path, owner) for item in value]
     if schema == STRING_MAP:
         if not isinstance(value, dict):
