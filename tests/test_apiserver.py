@@ -210,7 +210,7 @@ def test_list_filters_pods_by_label_selector_and_spec_node_name(cluster):
     assert int(listed.metadata.resource_version) >= 3
 
 
-def raw_request(cluster: Cluster, method: str, path: str, body: bytes) -> tuple[int, dict]:
+def raw_request(cluster: Cluster, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
     """A request the typed client would refuse to send (it validates bodies itself)."""
     response = cluster.core.api_client.rest_client.pool_manager.request(
         method, cluster.server.url + path, body=body, headers=cluster.headers()
@@ -220,15 +220,16 @@ def raw_request(cluster: Cluster, method: str, path: str, body: bytes) -> tuple[
 
 def test_malformed_objects_are_refused_with_clear_statuses_and_the_server_keeps_serving(cluster):
     services = "/api/v1/namespaces/default/services"
-    bad_services = [
-        service("bad-port", ports=[{"port": "eighty"}]),
-        service("bad-protocol", ports=[{"port": 80, "protocol": "ICMP"}]),
-        {"metadata": {"name": "bad-labels", "labels": {"app": 5}}, "spec": {"ports": [{"port": 80}]}},
-        {"metadata": {"name": "bad-spec"}, "spec": ["not", "an", "object"]},
+    bad_services = [  # a value of the wrong JSON type fails decoding (400), a wrong value validation (422)
+        (service("bad-port", ports=[{"port": "eighty"}]), 400, "BadRequest"),
+        (service("bad-protocol", ports=[{"port": 80, "protocol": "ICMP"}]), 422, "Invalid"),
+        ({"metadata": {"name": "bad-labels", "labels": {"app": 5}}, "spec": {"ports": [{"port": 80}]}},
+         400, "BadRequest"),
+        ({"metadata": {"name": "bad-spec"}, "spec": ["not", "an", "object"]}, 400, "BadRequest"),
     ]
-    for body in bad_services:
+    for body, expected_code, reason in bad_services:
         code, status = raw_request(cluster, "POST", services, json.dumps(body).encode())
-        assert (code, status["kind"], status["reason"]) == (422, "Status", "Invalid"), body
+        assert (code, status["kind"], status["reason"]) == (expected_code, "Status", reason), body
         assert status["message"]
     code, status = raw_request(cluster, "POST", "/api/v1/nodes", b"{not json")
     assert (code, status["reason"]) == (400, "BadRequest")
@@ -237,13 +238,12 @@ def test_malformed_objects_are_refused_with_clear_statuses_and_the_server_keeps_
 
 
 SERVICES = "/api/v1/namespaces/default/services"
+SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 
 
 @pytest.mark.parametrize("spec, field, cause", [
     ({"clusterIP": "999.1.1.1"}, "spec.clusterIPs[0]", "FieldValueInvalid"),
     ({"clusterIP": "fd00::1"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # a family the cluster lacks
-    ({"clusterIP": 5}, "spec.clusterIP", "FieldValueInvalid"),
-    ({"clusterIPs": "10.96.0.50"}, "spec.clusterIPs", "FieldValueInvalid"),
     ({"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.51"]}, "spec.clusterIPs[0]", "FieldValueInvalid"),
     ({"clusterIP": "10.1.2.3"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # outside the service CIDR
     ({"clusterIP": "10.96.0.0"}, "spec.clusterIPs[0]", "FieldValueInvalid"),  # its network address
@@ -254,7 +254,24 @@ SERVICES = "/api/v1/namespaces/default/services"
      "FieldValueDuplicate"),
     ({"ports": [{"port": 80}, {"port": 81}]}, "spec.ports[0].name", "FieldValueRequired"),
     ({"ports": [{"name": "Not_A_Label", "port": 80}]}, "spec.ports[0].name", "FieldValueInvalid"),
-    ({"ports": [{"name": 5, "port": [80]}]}, "spec.ports[0].port", "FieldValueInvalid"),
+    ({"externalIPs": ["x"]}, "spec.externalIPs[0]", "FieldValueInvalid"),
+    ({"externalIPs": ["127.0.0.1"]}, "spec.externalIPs[0]", "FieldValueInvalid"),  # never leaves a host
+    ({"externalIPs": ["169.254.1.1"]}, "spec.externalIPs[0]", "FieldValueInvalid"),
+    ({"type": "Magic"}, "spec.type", "FieldValueNotSupported"),
+    ({"sessionAffinity": "Sticky"}, "spec.sessionAffinity", "FieldValueNotSupported"),
+    ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}},
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds", "FieldValueInvalid"),
+    ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}}},
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds", "FieldValueInvalid"),
+    ({"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}, "spec.sessionAffinityConfig",
+     "FieldValueInvalid"),  # with the default affinity, None
+    ({"type": "NodePort", "externalTrafficPolicy": "Nearest"}, "spec.externalTrafficPolicy",
+     "FieldValueNotSupported"),
+    ({"internalTrafficPolicy": "Nearest"}, "spec.internalTrafficPolicy", "FieldValueNotSupported"),
+    ({"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8", "not-a-cidr"]},
+     "spec.loadBalancerSourceRanges[1]", "FieldValueInvalid"),
+    ({"loadBalancerSourceRanges": ["10.0.0.0/8"]}, "spec.loadBalancerSourceRanges", "FieldValueForbidden"),
+    ({"type": "ExternalName"}, "spec.externalName", "FieldValueInvalid"),
 ])
 def test_services_the_real_api_server_refuses_are_422_invalid_naming_the_field(cluster, spec, field, cause):
     body = {"metadata": {"name": "bad"}, "spec": {"ports": [{"name": "http", "port": 80}], **spec}}
@@ -266,6 +283,117 @@ def test_services_the_real_api_server_refuses_are_422_invalid_naming_the_field(c
     assert {"field": field, "reason": cause} in [
         {"field": c["field"], "reason": c["reason"]} for c in status["details"]["causes"]]
     assert cluster.core.list_namespaced_service("default").items == []
+
+
+@pytest.mark.parametrize("path, body, field", [
+    (SERVICES, {"spec": {"ports": [{"port": 80, "name": 5}]}}, "ServicePort.spec.ports.name"),
+    (SERVICES, {"spec": {"ports": [{"port": 80.5}]}}, "ServicePort.spec.ports.port"),
+    (SERVICES, {"spec": {"ports": [{"port": True}]}}, "ServicePort.spec.ports.port"),
+    (SERVICES, {"spec": {"ports": [{"port": 2**31}]}}, "ServicePort.spec.ports.port"),
+    (SERVICES, {"spec": {"ports": [{"port": 80, "targetPort": [8080]}]}},
+     "ServicePort.spec.ports.targetPort"),
+    (SERVICES, {"spec": {"clusterIP": 5}}, "ServiceSpec.spec.clusterIP"),
+    (SERVICES, {"spec": {"clusterIPs": "10.96.0.50"}}, "ServiceSpec.spec.clusterIPs"),
+    (SERVICES, {"spec": {"externalIPs": "192.0.2.1"}}, "ServiceSpec.spec.externalIPs"),
+    (SERVICES, {"spec": {"externalIPs": [5]}}, "ServiceSpec.spec.externalIPs"),
+    (SERVICES, {"spec": {"sessionAffinityConfig": 5}}, "ServiceSpec.spec.sessionAffinityConfig"),
+    (SERVICES, {"spec": {"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": "60"}}}},
+     "ClientIPConfig.spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
+    (SERVICES, {"spec": {"publishNotReadyAddresses": "yes"}}, "ServiceSpec.spec.publishNotReadyAddresses"),
+    (SERVICES, {"spec": {"selector": {"app": 5}}}, "ServiceSpec.spec.selector"),
+    (SERVICES, {"metadata": {"name": 5}}, "ObjectMeta.metadata.name"),
+    (SERVICES, {"metadata": {"labels": ["app"]}}, "ObjectMeta.metadata.labels"),
+    (SERVICES, {"metadata": {"deletionTimestamp": "garbage"}}, "metadata.deletionTimestamp"),
+    (SERVICES, {"metadata": {"creationTimestamp": "2024-13-01T00:00:00Z"}}, "metadata.creationTimestamp"),
+    (SERVICES, {"metadata": {"creationTimestamp": 1700000000}}, "metadata.creationTimestamp"),
+    (SLICES, {"addressType": 4}, "EndpointSlice.addressType"),
+    (SLICES, {"endpoints": [{"addresses": [5]}]}, "Endpoint.endpoints.addresses"),
+    (SLICES, {"endpoints": [{"addresses": "10.0.0.1"}]}, "Endpoint.endpoints.addresses"),
+    (SLICES, {"endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": "yes"}}]},
+     "EndpointConditions.endpoints.conditions.ready"),
+    (SLICES, {"endpoints": [{"addresses": ["10.0.0.1"], "conditions": True}]},
+     "Endpoint.endpoints.conditions"),
+    (SLICES, {"ports": [{"port": "80"}]}, "EndpointPort.ports.port"),
+    (SLICES, {"ports": [{"port": 80, "name": 5}]}, "EndpointPort.ports.name"),
+])
+def test_a_value_of_the_wrong_json_type_fails_decoding_with_400_naming_the_field(cluster, path, body, field):
+    """As the real apiserver decodes a body into the API's Go types before validating it: a string
+    where a number belongs (or a time that is not RFC 3339) never becomes an object, so it is 400, not
+    422; nothing is stored, so no watcher ever sees it."""
+    if path == SERVICES:
+        body = {**body, "spec": {"ports": [{"port": 80}], **body.get("spec", {})}}
+    else:
+        body = {"addressType": "IPv4", **body}
+    body = {**body, "metadata": {"name": "bad", **body.get("metadata", {})}}
+    code, status = raw_request(cluster, "POST", path, json.dumps(body).encode())
+
+    kind = "Service" if path == SERVICES else "EndpointSlice"
+    assert (code, status["kind"], status["reason"], status["code"]) == (400, "Status", "BadRequest", 400)
+    assert status["message"].startswith(f'{kind} in version "v1" cannot be handled as a {kind}: ')
+    assert field in status["message"]
+    listed = raw_request(cluster, "GET", path)[1]["items"]
+    assert listed == []
+
+
+def test_a_deletion_timestamp_sent_on_create_is_dropped_as_only_a_delete_sets_it(cluster):
+    body = service("not-terminating")
+    body["metadata"] |= {"deletionTimestamp": "2024-01-01T00:00:00Z", "deletionGracePeriodSeconds": 30}
+    created = cluster.core.create_namespaced_service("default", body)
+
+    assert created.metadata.deletion_timestamp is None
+    assert created.metadata.deletion_grace_period_seconds is None
+
+
+@pytest.mark.parametrize("slice_fields, field, cause", [
+    ({"addressType": None}, "addressType", "FieldValueRequired"),
+    ({"addressType": "IPv5"}, "addressType", "FieldValueNotSupported"),
+    ({"endpoints": [{"addresses": ["fd00::1"]}]}, "endpoints[0].addresses[0]", "FieldValueInvalid"),
+    ({"endpoints": [{"addresses": ["not-an-ip"]}]}, "endpoints[0].addresses[0]", "FieldValueInvalid"),
+    ({"endpoints": [{"addresses": ["10.0.0.1", "10.0.0.256"]}]}, "endpoints[0].addresses[1]",
+     "FieldValueInvalid"),
+    ({"endpoints": [{"addresses": ["127.0.0.1"]}]}, "endpoints[0].addresses[0]", "FieldValueInvalid"),
+    ({"endpoints": [{"addresses": ["0.0.0.0"]}]}, "endpoints[0].addresses[0]", "FieldValueInvalid"),
+    ({"addressType": "IPv6", "endpoints": [{"addresses": ["10.0.0.1"]}]}, "endpoints[0].addresses[0]",
+     "FieldValueInvalid"),
+    ({"addressType": "FQDN", "endpoints": [{"addresses": ["single-label"]}]}, "endpoints[0].addresses[0]",
+     "FieldValueInvalid"),
+    ({"endpoints": [{"addresses": []}]}, "endpoints[0].addresses", "FieldValueRequired"),
+    ({"endpoints": [{"addresses": ["10.0.0.1"], "hostname": "Not_A_Label"}]}, "endpoints[0].hostname",
+     "FieldValueInvalid"),
+    ({"endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "n1/../x"}]}, "endpoints[0].nodeName",
+     "FieldValueInvalid"),
+    ({"ports": [{"name": "Not_A_Label", "port": 80}]}, "ports[0].name", "FieldValueInvalid"),
+    ({"ports": [{"name": "http", "port": 80, "protocol": "ICMP"}]}, "ports[0].protocol",
+     "FieldValueNotSupported"),
+    ({"ports": [{"name": "http", "port": 80}, {"name": "http", "port": 81}]}, "ports[1].name",
+     "FieldValueDuplicate"),
+    ({"ports": [{"port": 80}, {"port": 81}]}, "ports[1].name", "FieldValueDuplicate"),  # both named ""
+])
+def test_endpoint_slices_the_real_api_server_refuses_are_422_invalid_naming_the_field(
+        cluster, slice_fields, field, cause):
+    """Every address must be one of the slice's addressType (the agent programs each into the kernel
+    as such), every port named once with a known protocol."""
+    body = {"metadata": {"name": "bad"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.5"]}], "ports": [{"name": "http", "port": 80}]}
+    body |= slice_fields
+    code, status = raw_request(cluster, "POST", SLICES, json.dumps(body).encode())
+
+    assert (code, status["kind"], status["reason"], status["code"]) == (422, "Status", "Invalid", 422)
+    assert status["message"].startswith('EndpointSlice "bad" is invalid: ')
+    assert {"field": field, "reason": cause} in [
+        {"field": c["field"], "reason": c["reason"]} for c in status["details"]["causes"]]
+    assert cluster.discovery.list_namespaced_endpoint_slice("default").items == []
+
+
+def test_valid_endpoint_slices_of_each_address_type_are_accepted(cluster):
+    for name, address_type, address in (("v4", "IPv4", "10.244.1.5"), ("v6", "IPv6", "fd00:244::5"),
+                                        ("dns", "FQDN", "backend.example.com")):
+        body = {"metadata": {"name": name}, "addressType": address_type,
+                "endpoints": [{"addresses": [address], "conditions": {"ready": True}, "hostname": "b-0",
+                               "nodeName": "n1"}],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53,
+                                                                             "protocol": "UDP"}]}
+        assert raw_request(cluster, "POST", SLICES, json.dumps(body).encode())[0] == 201, name
 
 
 def test_an_endpoint_slice_over_the_apis_size_limits_is_422_too_many(cluster):

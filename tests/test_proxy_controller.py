@@ -130,9 +130,7 @@ def test_malformed_service_is_logged_and_skipped_while_others_sync(
     api: Api, node: Node, controller: ProxyController, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="netagent.proxy.snapshot_builder")
-    api.core.create_namespaced_service(
-        "default", service("bad", cluster_ip="10.96.0.20", externalIPs=["not-an-ip"])
-    )
+    store_past_validation(api, "services", service("bad", cluster_ip="10.96.0.20", externalIPs=["not-an-ip"]))
     api.core.create_namespaced_service("default", service())
     api.put_slice(endpoint_slice("web", [endpoint("p0")]))
     eventually(lambda: reached(node, tries=3) == {"p0"})

@@ -10,6 +10,9 @@ What it does as the real control plane does:
   stream of ADDED/MODIFIED/DELETED (+ BOOKMARK with allowWatchBookmarks), resumable from a resourceVersion
   inside a bounded history window; older -> an ERROR event with a 410 `Expired` Status; timeoutSeconds.
 - create/update/patch (merge, strategic-merge, JSON patch)/delete with Status objects, 404/409/422 codes,
+  a body first decoded into the API's types as the real server does (a wrong JSON type or a timestamp
+  not RFC 3339 is 400; nulls are zero values), then Services and EndpointSlices validated to the real
+  rules (validation.py; 422 naming each field), a deletionTimestamp sent on create dropped,
   uid/creationTimestamp/resourceVersion/generation filled in, optimistic locking on resourceVersion,
   `/status` subresources (the main resource ignores status changes; create keeps the status given, a lab
   convenience since no kubelet fills it in).

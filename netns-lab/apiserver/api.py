@@ -18,7 +18,7 @@ from netns_lab.apiserver.object_selectors import object_filter
 from netns_lab.apiserver.patches import PATCHERS
 from netns_lab.apiserver.resources import Resource
 from netns_lab.apiserver.store import ApiError, Event, ObjectStore, not_found
-from netns_lab.apiserver.validation import validate_endpoint_slice, validate_metadata
+from netns_lab.apiserver.validation import decoded, validate_endpoint_slice
 
 DEFAULT_WATCH_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system")
@@ -85,6 +85,8 @@ class Api:
 
     def create(self, t: Target, body: dict) -> dict:
         obj = self._identify(t, body, name_from_url=False)
+        for field in ("deletionTimestamp", "deletionGracePeriodSeconds"):  # only a delete sets these
+            obj["metadata"].pop(field, None)
         with self.store.lock:
             if t.resource.namespaced:
                 self._require_namespace(t.namespace)
@@ -208,12 +210,9 @@ class Api:
         """The body as an object of this resource, its kind, namespace and name checked against the URL."""
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON or YAML object")
-        obj = copy.deepcopy(body)
+        obj = decoded(t.resource.kind, t.resource.group_version.rpartition("/")[2], copy.deepcopy(body))
         obj["kind"], obj["apiVersion"] = t.resource.kind, t.resource.group_version
         meta = obj.setdefault("metadata", {})
-        if not isinstance(meta, dict):
-            raise bad_request("metadata must be an object")
-        validate_metadata(meta)
         if t.resource.namespaced:
             if meta.get("namespace") not in (None, "", t.namespace):
                 raise bad_request(

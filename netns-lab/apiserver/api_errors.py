@@ -47,7 +47,7 @@ class FieldError:
     """One field's problem, as a Status cause: field path, cause reason and the human message."""
 
     field: str
-    reason: str  # FieldValueInvalid, FieldValueDuplicate, FieldValueRequired, FieldValueTooMany
+    reason: str  # FieldValueInvalid, FieldValueDuplicate, FieldValueRequired, FieldValueTooMany, ...
     detail: str
 
     @classmethod
@@ -61,6 +61,16 @@ class FieldError:
     @classmethod
     def required(cls, field: str) -> FieldError:
         return cls(field, "FieldValueRequired", "Required value")
+
+    @classmethod
+    def not_supported(cls, field: str, value: object, supported: tuple[str, ...]) -> FieldError:
+        listed = ", ".join(f'"{s}"' for s in supported)
+        return cls(field, "FieldValueNotSupported",
+                   f"Unsupported value: {shown(value)}: supported values: {listed}")
+
+    @classmethod
+    def forbidden(cls, field: str, why: str) -> FieldError:
+        return cls(field, "FieldValueForbidden", f"Forbidden: {why}")
 
     @classmethod
     def too_many(cls, field: str, count: int, limit: int) -> FieldError:
