@@ -67,8 +67,9 @@ def delete(request: Request, conf: NetConf) -> None:
     """
     with links.node_iproute() as node_ipr:
         links.delete(node_ipr, links.host_veth_name(request.container_id, request.ifname))
-    when_emptied = (lambda: masq.remove(conf.name)) if conf.ip_masq else None
-    ipam.AllocationStore(conf.data_dir, conf.name).release(request.owner, when_emptied)
+    # whatever this call's ipMasq says: the ADDs may have had it on, and a network without attachments
+    # needs no masquerade (removing a table that is not there costs one netlink query)
+    ipam.AllocationStore(conf.data_dir, conf.name).release(request.owner, lambda: masq.remove(conf.name))
 
 
 def check(request: Request, conf: NetConf) -> None:

@@ -34,6 +34,8 @@ RANGE_KEYS = ("subnet", "rangeStart", "rangeEnd", "gateway")
 # The spec's rule for network names and container ids, matched with fullmatch: `$` would also
 # accept a trailing newline, and an id that is not the one DEL and GC are later given leaks its IP.
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+# the name is a directory under dataDir (at most 255 bytes) and part of every host veth's alias (256)
+MAX_NETWORK_NAME = 200
 # the spec's forbidden characters, plus NUL and "%", which the kernel expands ("eth%d" -> "eth0")
 _IFNAME_FORBIDDEN = re.compile(r"[/:\s\0%]")
 IFNAMSIZ = 15  # bytes, not characters: the kernel's limit
@@ -177,6 +179,9 @@ def parse_netconf(raw: Mapping[str, Any]) -> NetConf:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise CniError(errors.INVALID_CONFIG, f"name is missing or invalid: {name!r}")
+    if len(name) > MAX_NETWORK_NAME:
+        raise CniError(errors.INVALID_CONFIG, f"name is longer than {MAX_NETWORK_NAME} characters",
+                       name[:40] + "...")
     bridge = typed(raw, "bridge", str, DEFAULT_BRIDGE)
     if not valid_ifname(bridge):
         raise CniError(errors.INVALID_CONFIG, f"bridge is not a valid interface name: {bridge!r}")

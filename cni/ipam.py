@@ -86,12 +86,16 @@ class AllocationStore:
     def allocations(self) -> dict[IPAddress, Owner]:
         """Every allocation of this network (caller holds the lock)."""
         found: dict[IPAddress, Owner] = {}
-        absent = (FileNotFoundError, NotADirectoryError)  # a network no ADD wrote reads as empty
-        with contextlib.suppress(*absent), os.scandir(self.directory) as entries:
-            for entry in entries:
-                address = _address_or_none(entry.name)
-                if address is not None:
-                    found[address] = _read_owner(entry.path)
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    address = _address_or_none(entry.name)
+                    if address is not None:
+                        found[address] = _read_owner(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}  # a network no ADD wrote reads as empty
+        except OSError as e:
+            raise CniError(errors.IO_FAILURE, f"cannot read IPAM store {self.directory}", str(e)) from None
         return found
 
     def allocated_at(self, address: IPAddress) -> float | None:

@@ -101,7 +101,11 @@ def _exists(table: str, chain: str | None = None) -> bool:
     else:
         query, kind = nft_chain_msg(), NFT_MSG_GETCHAIN
         query["attrs"] = [("NFTA_CHAIN_TABLE", table), ("NFTA_CHAIN_NAME", chain)]
-    with NFTables(nfgen_family=NFPROTO_INET) as nft:
+    try:
+        socket = NFTables(nfgen_family=NFPROTO_INET)
+    except OSError:  # a kernel without nf_tables holds no table of ours
+        return False
+    with socket as nft:
         try:
             return len(nft.request_get(query, kind, msg_flags=NLM_F_REQUEST)) > 0
         except NetlinkError as e:

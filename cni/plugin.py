@@ -78,13 +78,12 @@ def _gc(conf: NetConf) -> None:
         raise CniError(errors.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the network config")
     report = gc.collect(conf.name, conf.data_dir, conf.valid_attachments)
     log.info("GC %s released %s, deleted %s", conf.name, report.released, report.deleted_links)
-    if conf.ip_masq:  # as after the network's last DEL
-        from cni import ipam, masq
+    from cni import ipam, masq  # as after the network's last DEL, whatever this call's ipMasq says
 
-        store = ipam.AllocationStore(conf.data_dir, conf.name)
-        with store.locked_if_exists():
-            if not store.allocations():
-                masq.remove(conf.name)
+    store = ipam.AllocationStore(conf.data_dir, conf.name)
+    with store.locked_if_exists():
+        if not store.allocations():
+            masq.remove(conf.name)
 
 
 def _status(conf: NetConf) -> None:

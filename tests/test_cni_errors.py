@@ -87,6 +87,7 @@ def test_bad_cni_environment_is_reported_with_its_code(exec_node, make_netns, en
         (json.dumps({**GOOD, "ipam": {"subnets": ["10.1.0.0/24", "10.2.0.0/24"]}}).encode(), 7),
         (json.dumps({**GOOD, "ipam": {"subnet": "10.76.0.0/24", "rangeStart": "10.9.0.1"}}).encode(), 7),
         (json.dumps({**GOOD, "ipam": {"type": "host-local", "subnet": "10.76.0.0/24"}}).encode(), 2),
+        (json.dumps({**GOOD, "name": "n" * 201}).encode(), 7),
     ],
     ids=[
         "undecodable",
@@ -101,6 +102,7 @@ def test_bad_cni_environment_is_reported_with_its_code(exec_node, make_netns, en
         "two-ipv4-subnets",
         "range-outside-subnet",
         "foreign-ipam",
+        "name-too-long-for-a-directory",
     ],
 )
 def test_bad_network_config_is_reported_with_its_code(exec_node, make_netns, stdin, code):
@@ -392,3 +394,9 @@ def test_calls_about_a_network_never_added_create_nothing(exec_node, make_netns,
     else:
         assert outcome.code == 0, outcome
     assert not os.path.exists(exec_node.data_dir)
+
+
+def test_an_ipam_store_that_cannot_be_read_is_an_io_failure_not_an_internal_error(exec_node):
+    conf = exec_node.conf(["10.76.0.0/24"], ipam={"dataDir": "/tmp/" + "d" * 300})  # ENAMETOOLONG
+    outcome = exec_node.call("GC", {**conf, "cni.dev/valid-attachments": []})
+    assert_cni_error(outcome, errors.IO_FAILURE)

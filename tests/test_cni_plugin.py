@@ -316,6 +316,19 @@ def test_the_masquerade_table_goes_with_the_last_attachment_of_its_network(exec_
     assert netns.run(exec_node.name, table, check=False).returncode != 0
 
 
+@pytest.mark.parametrize("last_call", ["DEL", "GC"])
+def test_the_masquerade_table_goes_even_when_the_last_call_has_ipmasq_off(exec_node, make_netns, last_call):
+    """An operator who turns ipMasq off in the conflist must not be left with the table for ever."""
+    conf = exec_node.conf([V4], ipMasq=True, clusterCIDR="10.77.0.0/16")
+    pod = make_netns("a")
+    exec_node.add(conf, "ctr-a", pod)
+    turned_off = {**conf, "ipMasq": False, "cni.dev/valid-attachments": []}
+
+    assert exec_node.call(last_call, turned_off, "ctr-a" if last_call == "DEL" else "", pod).code == 0
+    table = ["nft", "list", "table", "inet", "netagent_testnet"]
+    assert netns.run(exec_node.name, table, check=False).returncode != 0
+
+
 def test_networks_whose_names_spell_alike_have_their_own_masquerade_tables(exec_node, make_netns):
     dotted = exec_node.conf([V4], name="net.a", bridge="na1", ipMasq=True)
     underscored = exec_node.conf(["10.78.0.0/24"], name="net_a", bridge="na2", ipMasq=True)
