@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -28,9 +29,22 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except LabError as e:
             raise click.ClickException(str(e)) from None
+        except BrokenPipeError as e:
+            if _stdout_open():
+                raise click.ClickException(f"unexpected {type(e).__name__}: {e}") from None
+            # the reader left (`lab status | head`): stop quietly, as other Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except Exception as e:  # a bug or an unexpected environment: still one line, not a traceback
             raise click.ClickException(f"unexpected {type(e).__name__}: {e}") from None
     return wrapper
+
+
+def _stdout_open() -> bool:
+    """False once the reader of a piped stdout has gone (the kernel reports POLLERR on the write end)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return not any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def interrupt_on_sigterm() -> None:

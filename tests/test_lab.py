@@ -130,6 +130,18 @@ def test_lab_exec_runs_the_command_in_the_pod_namespace(lab_name: str):
     assert pod_ip in addresses
 
 
+def test_lab_status_piped_into_a_reader_that_stops_early_says_nothing_on_stderr(lab_name: str):
+    """`lab status | head -1` is what operators type: the reader leaving is not an error to report."""
+    lab_cmd(lab_name, "up", "--nodes", "1", "--network", "routes")
+    lab_cmd(lab_name, "pod", "p1", "--node", "n1")
+    status = subprocess.Popen([*NETAGENT, "lab", "status", "--name", lab_name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert status.stdout is not None and status.stdout.read(10)
+    status.stdout.close()  # the reader leaves before the command has written everything
+    _, stderr = status.communicate(timeout=60)
+    assert stderr == b""
+
+
 def test_down_after_an_up_killed_half_way_leaves_nothing(lab_name: str):
     lab = Lab(lab_name)
     up = subprocess.Popen([*NETAGENT, "lab", "up", "--name", lab_name, "--nodes", "3"],
