@@ -9,7 +9,6 @@ import ipaddress
 
 from netns_lab.apiserver.api_errors import FieldError, invalid, invalid_object
 from netns_lab.apiserver.store import ApiError, Event
-from netns_lab.apiserver.validation import validate_service
 
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 NODE_PORT_RANGE = range(30000, 32768)
@@ -62,7 +61,6 @@ class ServiceAllocator:
         """Fill in a Service's defaults and allocations in place; Invalid if what it asks for is taken."""
         owner = (svc["metadata"]["namespace"], svc["metadata"]["name"])
         spec = svc.setdefault("spec", {})
-        validate_service(svc)
         old_spec = (old or {}).get("spec") or {}
         spec.setdefault("type", "ClusterIP")
         spec.setdefault("sessionAffinity", "None")

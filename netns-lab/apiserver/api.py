@@ -18,10 +18,11 @@ from netns_lab.apiserver.object_selectors import object_filter
 from netns_lab.apiserver.patches import PATCHERS
 from netns_lab.apiserver.resources import Resource
 from netns_lab.apiserver.store import ApiError, Event, ObjectStore, not_found
-from netns_lab.apiserver.validation import decoded, validate_endpoint_slice
+from netns_lab.apiserver.validation import decoded, validate_endpoint_slice, validate_service
 
 DEFAULT_WATCH_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system")
+DELETION_FIELDS = ("deletionTimestamp", "deletionGracePeriodSeconds")  # only a delete sets these
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Api:
 
     def create(self, t: Target, body: dict) -> dict:
         obj = self._identify(t, body, name_from_url=False)
-        for field in ("deletionTimestamp", "deletionGracePeriodSeconds"):  # only a delete sets these
+        for field in DELETION_FIELDS:
             obj["metadata"].pop(field, None)
         with self.store.lock:
             if t.resource.namespaced:
@@ -120,7 +121,7 @@ class Api:
             return self._write_update(t, self._identify(t, patched, name_from_url=True), current)
 
     def _write_update(self, t: Target, obj: dict, current: dict) -> dict:
-        for field in ("deletionTimestamp", "deletionGracePeriodSeconds"):
+        for field in DELETION_FIELDS:
             if field in current["metadata"]:
                 obj["metadata"][field] = current["metadata"][field]
             else:
@@ -235,6 +236,8 @@ class Api:
 
     def _admit(self, resource: Resource, obj: dict, old: dict | None) -> None:
         if resource.name == "services":
+            obj.setdefault("spec", {})
+            validate_service(obj)
             self.allocator.admit(obj, old)
         elif resource.name == "endpointslices":
             validate_endpoint_slice(obj)

@@ -36,7 +36,8 @@ log = logging.getLogger("netns_lab.apiserver")
 
 # What anyone may read without credentials, as the real apiserver's system:public-info-viewer role
 # allows: health and version. Everything else, discovery included, needs the token.
-PUBLIC_PATHS = ("/healthz", "/readyz", "/livez", "/version")
+HEALTH_PATHS = ("/healthz", "/readyz", "/livez")
+PUBLIC_PATHS = (*HEALTH_PATHS, "/version")
 MAX_BODY = 3 * 1024 * 1024
 # A client that went away: over TLS a write after its close_notify is an SSLError, not a ConnectionError.
 HUNG_UP = (ConnectionError, ssl.SSLError)
@@ -97,15 +98,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
+        path = url.path.rstrip("/")
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
             raw_body = self._read_raw_body()  # read even when refused, so the connection stays usable
-            if not (method == "GET" and url.path.rstrip("/") in PUBLIC_PATHS) and not self._authenticated():
+            if not (method == "GET" and path in PUBLIC_PATHS) and not self._authenticated():
                 raise unauthorized()
             body = self._parse_body(raw_body)
-            if method == "GET" and url.path.rstrip("/") in DISCOVERY:
-                return self._send(200, DISCOVERY[url.path.rstrip("/")])
-            if method == "GET" and url.path in ("/healthz", "/readyz", "/livez"):
+            if method == "GET" and path in DISCOVERY:
+                return self._send(200, DISCOVERY[path])
+            if method == "GET" and path in HEALTH_PATHS:
                 return self._send_raw(200, b"ok", "text/plain")
             if "dryRun" in query:
                 raise bad_request("dryRun is not supported by the lab API server")
