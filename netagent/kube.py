@@ -282,7 +282,7 @@ class Informer:
     def _relist(self) -> str:
         response = self._list_func(_request_timeout=(10, LIST_TIMEOUT), _preload_content=False,
                                    **self._list_kwargs)
-        document = _json_body(response, f"the {self.kind} list")
+        document = json_body(response, f"the {self.kind} list")
         items, resource_version = document.get("items"), _path(document, "metadata", "resourceVersion")
         if not isinstance(items, list) or not isinstance(resource_version, str):
             raise ValueError(f"the {self.kind} list has no items or no resourceVersion")
@@ -397,7 +397,7 @@ def _path(obj: Any, *keys: str) -> Any:
     return obj
 
 
-def _json_body(response: Any, what: str) -> dict[str, Any]:
+def json_body(response: Any, what: str) -> dict[str, Any]:
     """The JSON object of an undecoded client response (_preload_content=False); ApiException for an
     error status, as the client would raise."""
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,8 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 from netns_lab.responder import DEFAULT_PORT as RESPONDER_PORT
 from netns_lab.state import LabError, PodInfo
+
+from netagent.kube import json_body
 
 NAMESPACE = "default"
 
@@ -187,9 +188,10 @@ def service_targets(api: k8s.ApiClient) -> ServiceView:
     typed models would refuse, failing the whole list) is named in `skipped` and the rest still shows.
     """
     with api_errors():
-        services = _items(k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE, _preload_content=False))
-        slices = _items(
-            k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(NAMESPACE, _preload_content=False))
+        services = _items(k8s.CoreV1Api(api).list_namespaced_service(NAMESPACE, _preload_content=False),
+                          "the Service list")
+        slices = _items(k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+            NAMESPACE, _preload_content=False), "the EndpointSlice list")
     skipped: list[str] = []
     backends: dict[str, set[str]] = {}
     for eps in slices:
@@ -209,11 +211,11 @@ def service_targets(api: k8s.ApiClient) -> ServiceView:
     return ServiceView(targets, skipped)
 
 
-def _items(response: urllib3.BaseHTTPResponse) -> list[Any]:
+def _items(response: urllib3.BaseHTTPResponse, what: str) -> list[Any]:
     try:
-        items = json.loads(response.data).get("items")
-    except (ValueError, AttributeError):
-        raise LabError("the lab API server answered a list with something other than a JSON list") from None
+        items = json_body(response, what).get("items")
+    except ValueError:
+        raise LabError(f"the lab API server answered {what} with something other than a JSON list") from None
     return items if isinstance(items, list) else []
 
 
