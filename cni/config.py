@@ -280,14 +280,14 @@ def _unzoned(text: Any, what: str) -> str:
     return text
 
 
-def _network(text: Any, what: str) -> IPNetwork:
+def parse_network(text: Any, what: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(_unzoned(text, what), strict=False)
     except ValueError:
         raise CniError(errors.INVALID_CONFIG, f"{what} is not a CIDR: {text!r}") from None
 
 
-def _address(text: Any, what: str) -> IPAddress:
+def parse_address(text: Any, what: str) -> IPAddress:
     try:  # ip_address(5) would be 0.0.0.5: only text is an address here
         return ipaddress.ip_address(_unzoned(text, what))
     except ValueError:
@@ -301,7 +301,7 @@ def _cluster_cidrs(value: Any) -> tuple[IPNetwork, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list):
         raise CniError(errors.INVALID_CONFIG, f"clusterCIDR must be a string or a list, got {value!r}")
-    return tuple(_network(_text(item, "clusterCIDR").strip(), "clusterCIDR") for item in items)
+    return tuple(parse_network(_text(item, "clusterCIDR").strip(), "clusterCIDR") for item in items)
 
 
 def _ranges(ipam: Mapping[str, Any]) -> tuple[IpRange, ...]:
@@ -320,16 +320,17 @@ def _ranges(ipam: Mapping[str, Any]) -> tuple[IpRange, ...]:
 def _range_from(spec: Any, where: str) -> IpRange:
     if not isinstance(spec, dict):
         raise CniError(errors.INVALID_CONFIG, f"{where}: a subnet must be a CIDR string or an object")
-    subnet = _network(spec.get("subnet"), f"{where} subnet")
+    subnet = parse_network(spec.get("subnet"), f"{where} subnet")
     if subnet.num_addresses < 4:
         raise CniError(errors.INVALID_CONFIG, f"{where} subnet {subnet} is too small for pods")
     reserved = next((net for net in _NEVER_POD_ADDRESSES if subnet.overlaps(net)), None)
     if reserved is not None:
         msg = f"{where} subnet {subnet} cannot hold pods: it overlaps {reserved}"
         raise CniError(errors.INVALID_CONFIG, msg)
-    gateway = _address(spec["gateway"], "gateway") if "gateway" in spec else subnet.network_address + 1
-    start = _address(spec["rangeStart"], "rangeStart") if "rangeStart" in spec else subnet.network_address + 1
-    end = _address(spec["rangeEnd"], "rangeEnd") if "rangeEnd" in spec else subnet.broadcast_address - 1
+    first, last = subnet.network_address + 1, subnet.broadcast_address - 1
+    gateway = parse_address(spec["gateway"], "gateway") if "gateway" in spec else first
+    start = parse_address(spec["rangeStart"], "rangeStart") if "rangeStart" in spec else first
+    end = parse_address(spec["rangeEnd"], "rangeEnd") if "rangeEnd" in spec else last
     for label, addr in (("gateway", gateway), ("rangeStart", start), ("rangeEnd", end)):
         if addr not in subnet or addr in (subnet.network_address, subnet.broadcast_address):
             raise CniError(errors.INVALID_CONFIG, f"{label} {addr} is not a usable address of {subnet}")

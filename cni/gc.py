@@ -75,7 +75,12 @@ AttachmentJudge = Callable[[Attachment], str | None]
 VethJudge = Callable[[Veth], str | None]
 
 
-def collect(network_name: str, data_dir: str, valid: frozenset[Owner]) -> GcReport:
+def collect(
+    network_name: str,
+    data_dir: str,
+    valid: frozenset[Owner],
+    when_emptied: Callable[[], object] | None = None,
+) -> GcReport:
     """The CNI GC verb: release allocations and host veths of `network_name` not named in `valid`."""
     keep_veths = {links.host_veth_name(container_id, ifname) for container_id, ifname in valid}
     return sweep(
@@ -83,6 +88,7 @@ def collect(network_name: str, data_dir: str, valid: frozenset[Owner]) -> GcRepo
         data_dir,
         judge_attachment=lambda attachment: None if attachment.owner in valid else NOT_VALID,
         judge_orphan_veth=lambda veth: None if veth.name in keep_veths else NOT_VALID,
+        when_emptied=when_emptied,
     )
 
 
@@ -92,11 +98,13 @@ def sweep(
     judge_attachment: AttachmentJudge,
     judge_orphan_veth: VethJudge,
     dry_run: bool = False,
+    when_emptied: Callable[[], object] | None = None,
 ) -> GcReport:
     """Collect what the judges condemn: an attachment's addresses and its veth, and orphan veths.
 
     Every attachment is judged before any orphan veth. Host veths are looked up in the calling
-    thread's netns, which must be the node's.
+    thread's netns, which must be the node's. when_emptied runs, under the IPAM lock, when the
+    network is left without any allocation.
     """
     store = ipam.AllocationStore(data_dir, network_name)
     releases: list[Release] = []
@@ -112,6 +120,8 @@ def sweep(
                             store.drop(address)
                         releases.append(Release("allocation", str(address), attachment.owner,
                                                 condemned[attachment.owner]))
+            if when_emptied is not None and not dry_run and len(condemned) == len(attachments):
+                when_emptied()  # under the lock, as after a network's last DEL (AllocationStore.release)
         owner_of_veth = {a.veth_name: a.owner for a in attachments}
         for veth in veths:
             owner = owner_of_veth.get(veth.name)

@@ -59,12 +59,20 @@ class AllocationStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the network's allocation lock (an flock: released by the kernel if the holder dies)."""
+        lock_path = os.path.join(self.directory, LOCK_FILE)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
-            os.makedirs(self.directory, mode=DIRECTORY_MODE, exist_ok=True)
-            if os.stat(self.directory).st_mode & 0o777 != DIRECTORY_MODE:
-                os.chmod(self.directory, DIRECTORY_MODE)
-            lock_path = os.path.join(self.directory, LOCK_FILE)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:  # the directory exists on every call but a network's first: try the lock first
+                fd = os.open(lock_path, flags, FILE_MODE)
+            except FileNotFoundError:
+                os.makedirs(self.directory, mode=DIRECTORY_MODE, exist_ok=True)
+                fd = os.open(lock_path, flags, FILE_MODE)
+            try:
+                if os.stat(self.directory).st_mode & 0o777 != DIRECTORY_MODE:
+                    os.chmod(self.directory, DIRECTORY_MODE)
+            except OSError:
+                os.close(fd)
+                raise
         except OSError as e:
             raise CniError(errors.IO_FAILURE, f"cannot open IPAM store {self.directory}", str(e)) from None
         try:

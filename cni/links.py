@@ -31,7 +31,6 @@ from nodekit import netns
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02  # pod and gateway addresses are unique by IPAM: skip IPv6 duplicate detection delay
 ALIAS_PREFIX = "netagent/"
-NODE_NAMESPACE = "/proc/thread-self/ns/net"  # where the plugin runs: the node's own netns
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def node_iproute() -> Iterator[IPRoute]:
     socket of another namespace): the agent serves ADDs from long-lived worker threads, and opening
     a pyroute2 socket costs about as much as a netlink request.
     """
-    netns_inode = os.stat("/proc/thread-self/ns/net").st_ino
+    netns_inode = os.stat(netns.THREAD_NAMESPACE).st_ino
     sockets: dict[int, IPRoute] = _per_thread.__dict__.setdefault("sockets", {})
     if netns_inode not in sockets:
         sockets[netns_inode] = _iproute()
@@ -126,7 +125,7 @@ def _open_pod_netns(netns_path: str) -> int:
         raise CniError(errors.UNKNOWN_CONTAINER, f"CNI_NETNS: {e}") from None
     except OSError as e:
         raise CniError(errors.UNKNOWN_CONTAINER, f"cannot open netns {netns_path}", str(e)) from None
-    if netns.same(fd, NODE_NAMESPACE):
+    if netns.same(fd, netns.THREAD_NAMESPACE):
         os.close(fd)
         msg = f"CNI_NETNS {netns_path} is the node's own network namespace, not a pod's"
         raise CniError(errors.INVALID_ENV, msg)
@@ -158,33 +157,30 @@ def ensure_bridge(ipr: IPRoute, name: str, mtu: int, gateways: list[tuple[IPAddr
     created = False
     if message is None:
         # a fixed MAC: otherwise the bridge takes its lowest port's MAC, which changes as pods come and go
-        with _kernel(f"create bridge {name}"):
-            try:
-                ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=random_mac())
-                created = True
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:  # a concurrent ADD may win the race
-                    raise
+        with _kernel(f"create bridge {name}"), _unless_exists():  # a concurrent ADD may win the race
+            ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=random_mac())
+            created = True
         message = _get_link(ipr, name)
         if message is None:
             raise CniError(errors.KERNEL_FAILURE, f"bridge {name} vanished right after creation")
     kind = message.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
     if kind != "bridge":
         raise CniError(errors.INVALID_CONFIG, f"{name} exists and is a {kind}, not a bridge")
-    bridge = Bridge(_link(name, message), created, ())
+    link = _link(name, message)
+    added: list[tuple[IPAddress, int]] = []
     try:
         with _kernel(f"configure bridge {name}"):
             if not message["flags"] & IFF_UP:
-                ipr.link("set", index=bridge.link.index, state="up")
+                ipr.link("set", index=link.index, state="up")
             for address, prefixlen in gateways:
                 if not _is_local(address):
                     with _unless_exists():
-                        _add_address(ipr, bridge.link.index, address, prefixlen)
-                        bridge = Bridge(bridge.link, created, (*bridge.added, (address, prefixlen)))
+                        _add_address(ipr, link.index, address, prefixlen)
+                        added.append((address, prefixlen))
     except BaseException:
-        unmake_bridge(ipr, bridge)
+        unmake_bridge(ipr, Bridge(link, created, tuple(added)))
         raise
-    return bridge
+    return Bridge(link, created, tuple(added))
 
 
 def unmake_bridge(ipr: IPRoute, bridge: Bridge) -> None:
@@ -192,7 +188,7 @@ def unmake_bridge(ipr: IPRoute, bridge: Bridge) -> None:
     if any(link.get_attr("IFLA_MASTER") == bridge.link.index for link in ipr.get_links()):
         return
     if bridge.created:
-        delete(ipr, bridge.link.name)
+        delete_index(ipr, bridge.link.index, bridge.link.name)
         return
     for address, prefixlen in bridge.added:
         with contextlib.suppress(NetlinkError):  # already gone

@@ -47,11 +47,15 @@ def handle(env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
         return 1, CniError(errors.INTERNAL_ERROR, f"internal error: {e}", type(e).__name__).to_json(version)
 
 
+def answer_version(raw: Any) -> str:
+    """The version to answer in: the config's cniVersion if supported, else the latest."""
+    requested = raw.get("cniVersion") if isinstance(raw, dict) else None
+    return requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
+
+
 def _dispatch(command: str, request: Request, raw: dict[str, Any]) -> dict[str, Any] | None:
     if command == "VERSION":
-        requested = raw.get("cniVersion")
-        current = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
-        return {"cniVersion": current, "supportedVersions": list(SUPPORTED_VERSIONS)}
+        return {"cniVersion": answer_version(raw), "supportedVersions": list(SUPPORTED_VERSIONS)}
     conf = parse_netconf(raw)
     if command in ("GC", "STATUS") and conf.cni_version != "1.1.0":
         msg = f"{command} needs cniVersion 1.1.0, the config says {conf.cni_version}"
@@ -76,14 +80,11 @@ def _gc(conf: NetConf) -> None:
 
     if conf.valid_attachments is None:
         raise CniError(errors.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the network config")
-    report = gc.collect(conf.name, conf.data_dir, conf.valid_attachments)
-    log.info("GC %s released %s, deleted %s", conf.name, report.released, report.deleted_links)
-    from cni import ipam, masq  # as after the network's last DEL, whatever this call's ipMasq says
+    from cni import masq
 
-    store = ipam.AllocationStore(conf.data_dir, conf.name)
-    with store.locked_if_exists():
-        if not store.allocations():
-            masq.remove(conf.name)
+    # the masquerade goes with the network's last attachment, whatever this call's ipMasq says
+    report = gc.collect(conf.name, conf.data_dir, conf.valid_attachments, lambda: masq.remove(conf.name))
+    log.info("GC %s released %s, deleted %s", conf.name, report.released, report.deleted_links)
 
 
 def _status(conf: NetConf) -> None:

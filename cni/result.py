@@ -4,12 +4,11 @@ read back as CHECK's prevResult."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cni import errors
-from cni.config import REQUIRED, IPAddress, IPNetwork, IpRange, typed
+from cni.config import REQUIRED, IPAddress, IPNetwork, IpRange, parse_address, parse_network, typed
 from cni.errors import CniError
 from cni.links import Link, default_route
 
@@ -86,15 +85,15 @@ def parse_prev_result(raw: dict[str, Any]) -> PrevResult:
     )
     ips = []
     for item in _objects(raw, "ips"):
-        address = _parsed(item, "ips[]", "address", ipaddress.ip_interface)
+        address = _interface(_field(item, "ips[]", "address", str), "prevResult ips[].address")
         index = _field(item, "ips[]", "interface", int, optional=True)
         if index is not None and not 0 <= index < len(interfaces):
             raise CniError(errors.INVALID_CONFIG, f"prevResult ips[].interface {index} names no interface")
         ips.append(PrevIp(address, POD if index is None else index))
     routes = tuple(
         PrevRoute(
-            _parsed(item, "routes[]", "dst", _network),
-            _parsed(item, "routes[]", "gw", ipaddress.ip_address, optional=True),
+            parse_network(_field(item, "routes[]", "dst", str), "prevResult routes[].dst"),
+            _optional_address(_field(item, "routes[]", "gw", str, optional=True), "prevResult routes[].gw"),
         )
         for item in _objects(raw, "routes")
     )
@@ -112,15 +111,12 @@ def _field(item: dict[str, Any], where: str, key: str, kind: type, optional: boo
     return typed(item, key, kind, None if optional else REQUIRED, where=f"prevResult {where}.")
 
 
-def _parsed(
-    item: dict[str, Any], where: str, key: str, parse: Callable[[str], Any], optional: bool = False
-) -> Any:
-    text = _field(item, where, key, str, optional)
+def _optional_address(text: str | None, what: str) -> IPAddress | None:
+    return None if text is None else parse_address(text, what)
+
+
+def _interface(text: str, what: str) -> IPInterface:
     try:
-        return None if text is None else parse(text)
+        return ipaddress.ip_interface(text)
     except ValueError:
-        raise CniError(errors.INVALID_CONFIG, f"prevResult {where}.{key} is not valid: {text!r}") from None
-
-
-def _network(text: str) -> IPNetwork:
-    return ipaddress.ip_network(text, strict=False)
+        raise CniError(errors.INVALID_CONFIG, f"{what} is not an address with a prefix: {text!r}") from None

@@ -43,9 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from cni import errors
-from cni.config import SUPPORTED_VERSIONS
 from cni.errors import CniError
-from cni.plugin import LATEST_VERSION, handle
+from cni.plugin import LATEST_VERSION, answer_version, handle
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +97,21 @@ class WorkerPool:
         with self._lock:
             self._deadlines[key] = deadline
 
+        def forget() -> None:
+            with self._lock:
+                del self._deadlines[key]
+            self._free.release()
+
         def tracked() -> T:
             try:
                 return call()
             finally:
-                with self._lock:
-                    del self._deadlines[key]
-                self._free.release()
+                forget()
 
         try:
             future = self._threads.submit(tracked)
         except RuntimeError:  # shut down
-            with self._lock:
-                del self._deadlines[key]
-            self._free.release()
+            forget()
             raise Busy from None
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
 
@@ -267,10 +267,8 @@ def encode_request(env: dict[str, str], stdin: bytes) -> bytes:
 
 def _requested_version(stdin: bytes) -> str:
     """The config's cniVersion for an error object written here (the latest when unreadable)."""
-    with contextlib.suppress(ValueError, RecursionError, AttributeError):
-        version = json.loads(stdin).get("cniVersion")
-        if version in SUPPORTED_VERSIONS:
-            return version
+    with contextlib.suppress(ValueError, RecursionError):
+        return answer_version(json.loads(stdin))
     return LATEST_VERSION
 
 

@@ -18,6 +18,7 @@ from pyroute2 import netns as _netns
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
+THREAD_NAMESPACE = "/proc/thread-self/ns/net"  # the calling thread's netns (a plugin's: the node's)
 NSFS_MAGIC = 0x6E736673  # statfs f_type of namespace files (nsfs)
 NS_GET_NSTYPE = 0xB703  # ioctl _IO(0xb7, 3): the CLONE_NEW* type of a namespace fd
 
@@ -88,7 +89,7 @@ def open_network(ns_path: str) -> int:
 
 
 def same(fd: int, ns_path: str) -> bool:
-    """Whether the namespace open as `fd` is the one at `ns_path` (e.g. /proc/thread-self/ns/net)."""
+    """Whether the namespace open as `fd` is the one at `ns_path` (e.g. THREAD_NAMESPACE)."""
     mine, other = os.fstat(fd), os.stat(ns_path)
     return (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino)
 
@@ -100,8 +101,8 @@ def entered(ns: str | int) -> Iterator[None]:
     setns() is per thread, so this is safe in a threaded agent as long as the block does not
     hand work to other threads. Sockets created inside stay in that namespace after leaving.
     """
-    target = open_network(ns) if isinstance(ns, str) else os.dup(ns)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = open_network(ns) if isinstance(ns, str) else ns
+    home = os.open(THREAD_NAMESPACE, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(target, f"setns({ns})")
         try:
@@ -110,7 +111,8 @@ def entered(ns: str | int) -> Iterator[None]:
             _setns(home, "setns back")
     finally:
         os.close(home)
-        os.close(target)
+        if isinstance(ns, str):  # an fd the caller passed stays the caller's
+            os.close(target)
 
 
 def _setns(fd: int, what: str) -> None:
